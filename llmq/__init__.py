@@ -1,0 +1,3 @@
+"""llmq: token-level Q-learning fine-tuning for language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""``llmq`` command line: train | generate | eval | models.
+
+Errors in the user's input (recipe keys, files, model names) end in one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from llmq import __version__
+from llmq.errors import UserError
+
+USAGE = """usage: llmq <command> [RECIPE] [--key value ...]
+
+commands:
+  train      fine-tune a model from a recipe (ShiQ), with optional data building and before/after benchmark
+  generate   sample K completions per question, score them with the task's verifier, save an HF dataset
+  eval       evaluate a model on a benchmark task (gsm8k, math500) with a pinned protocol
+  models     list the registered models, or prepare one: `llmq models list | prepare NAME`
+
+`llmq <command> --help` documents every option of a command. A recipe is a YAML file whose keys
+are those options; flags given on the command line override it.
+"""
+
+
+
+def _train(argv: Sequence[str]) -> int:
+    from llmq.pipeline import TrainRunConfig, run_training
+    from llmq.recipes import ModelConfig, parse_recipe
+    from llmq.trainers import ShiQConfig
+
+    model_args, training_args, run = parse_recipe(
+        (ModelConfig, ShiQConfig, TrainRunConfig),
+        argv,
+        prog="llmq train",
+        description="Fine-tune with ShiQ: optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
+    )
+    summary = run_training(model_args, training_args, run)
+    print(f"model saved to {training_args.output_dir}; summary: {training_args.output_dir}/summary.json (train loss {summary['train'].get('train_loss', float('nan')):.4f})")
+    return 0
+
+
+def _generate(argv: Sequence[str]) -> int:
+    from llmq.data.offline import GenerateConfig, build_offline_dataset
+    from llmq.recipes import ModelConfig, parse_recipe
+
+    model_args, config = parse_recipe(
+        (ModelConfig, GenerateConfig),
+        argv,
+        prog="llmq generate",
+        description="Sample num_completions answers per question of a task, score them with its verifier, and save an HF dataset of (prompt, completion, reward) rows.",
+    )
+    model, tokenizer = _load(model_args)
+    dataset = build_offline_dataset(model, tokenizer, config, model_name=model_args.model_name_or_path)
+    rewards = dataset["reward"]
+    print(f"{len(dataset)} completions, mean reward {sum(rewards) / len(rewards):.3f}, saved to {config.dataset_path}")
+    return 0
+
+
+def _load(model_args):
+    from llmq.models import load_model, load_tokenizer
+
+    model, tokenizer = _load(model_args)
+    return model, tokenizer
+
+
+def _eval(argv: Sequence[str]) -> int:
+    from llmq.evaluation.run import EvalConfig, evaluate, format_report
+    from llmq.recipes import ModelConfig, parse_recipe
+
+    model_args, eval_args = parse_recipe(
+        (ModelConfig, EvalConfig),
+        argv,
+        prog="llmq eval",
+        description="Evaluate a model on a benchmark task: accuracy with a bootstrap 95 percent interval, report.json and completions.jsonl in output_dir.",
+    )
+    model, tokenizer = _load(model_args)
+    report = evaluate(model, tokenizer, eval_args, model_name=model_args.model_name_or_path)
+    print(format_report(report))
+    print(f"report: {eval_args.output_dir}/report.json")
+    return 0
+
+
+def _models(argv: Sequence[str]) -> int:
+    from llmq.models import REGISTRY, prepare_model
+    from llmq.models.registry import is_prepared, model_directory
+
+    usage = "usage: llmq models list | llmq models prepare NAME\n\n  list     registered models, whether each is prepared, and its cache directory\n  prepare  build a registered model's HF directory in the cache (the embedded model: convert its GGUF once)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    if argv[0] == "list" and len(argv) == 1:
+        for name, entry in REGISTRY.items():
+            state = "prepared" if is_prepared(name) else "not prepared"
+            print(f"{name:24} {state:13} {entry.description}\n{'':24} {model_directory(name)}")
+        return 0
+    if argv[0] == "prepare" and len(argv) == 2:
+        print(prepare_model(argv[1]))
+        return 0
+    raise UserError(f"models: expected 'list' or 'prepare NAME', got {' '.join(argv)!r}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"llmq {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"train": _train, "generate": _generate, "eval": _eval, "models": _models}
+    try:
+        if command not in commands:
+            raise UserError(f"unknown command '{command}'; choose one of train, generate, eval, models")
+        return commands[command](rest)
+    except UserError as error:
+        print(f"llmq {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llmq {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Offline RL data: sample K completions per prompt, score them with a verifier, save an HF dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from llmq.data.tasks import load_task, load_task_rows, task_scorer
+from llmq.errors import UserError
+from llmq.rollout import HFEngine, SamplingParams
+
+SETTINGS_FILE = "llmq_generation.json"
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """What ``llmq generate`` samples and scores; every field is a recipe key or a ``--flag``."""
+
+    task: str = dataclasses.field(default="gsm8k", metadata={"help": "Task spec whose questions are the prompts and whose verifier gives the rewards (gsm8k, math500, or a YAML path)."})
+    split: str = dataclasses.field(default="train", metadata={"help": "Dataset split of the prompts."})
+    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "Folder with local dataset copies; default $LLMQ_DATA_DIR, else the Hub."})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "Use only the first LIMIT questions."})
+    prompt: str | None = dataclasses.field(default=None, metadata={"help": "Override the task's prompt template ({question} is replaced)."})
+    num_completions: int = dataclasses.field(default=4, metadata={"help": "Completions K sampled per prompt."})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy, then K must be 1)."})
+    top_p: float = dataclasses.field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Tokens per completion; default the task's. Longer answers are kept, marked truncated."})
+    batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
+    dataset_path: str = dataclasses.field(default="outputs/offline_data", metadata={"help": "Where the HF dataset is saved (datasets.load_from_disk reads it)."})
+
+    def __post_init__(self) -> None:
+        if self.num_completions < 1 or (self.limit is not None and self.limit < 1) or self.batch_size < 1:
+            raise UserError("keys 'num_completions', 'limit' and 'batch_size' must be at least 1")
+        if self.num_completions > 1 and self.temperature == 0:
+            raise UserError("key 'num_completions' > 1 needs 'temperature' > 0")
+        load_task(self.task)
+
+
+def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: str):
+    """Sample, score and save; returns the ``datasets.Dataset`` (also written to ``config.dataset_path``).
+
+    Rows are conversational: ``prompt`` (the user turn), ``completion`` (the assistant turn),
+    ``reward`` (0/1 from the task's verifier), ``truncated`` (cut at ``max_new_tokens``), plus the
+    question index, the gold answer and the extracted answer.  The sampling settings and summary
+    statistics are saved beside the data in ``llmq_generation.json``.
+    """
+    import datasets
+
+    task = load_task(config.task)
+    questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
+    template = config.prompt or task.prompt
+    sampling = SamplingParams(max_new_tokens=config.max_new_tokens or task.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=config.seed)
+    prompts = [[{"role": "user", "content": template.format(question=q["question"])}] for q in questions]
+    started = time.perf_counter()
+    outputs = HFEngine(model, tokenizer, batch_size=config.batch_size).generate(prompts, n=config.num_completions, sampling=sampling)
+    score = task_scorer(task)
+    rows = []
+    for question, prompt, completions in zip(questions, prompts, outputs):
+        for sample, completion in enumerate(completions):
+            reward, extracted = score(completion.text, question["answer"])
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "completion": [{"role": "assistant", "content": completion.text}],
+                    "reward": float(reward),
+                    "truncated": completion.finish_reason == "length",
+                    "question_index": question["index"],
+                    "sample": sample,
+                    "answer": question["answer"],
+                    "extracted": extracted,
+                }
+            )
+    if not rows:
+        raise UserError(f"task {task.name} split {config.split} gave no questions")
+    dataset = datasets.Dataset.from_list(rows)
+    rewards = [row["reward"] for row in rows]
+    settings = {
+        "model": model_name,
+        "generate_config": dataclasses.asdict(config),
+        "sampling": dataclasses.asdict(sampling),
+        "prompt_template": template,
+        "questions": len(questions),
+        "completions": len(rows),
+        "mean_reward": sum(rewards) / len(rewards),
+        "questions_with_a_correct_sample": len({r["question_index"] for r in rows if r["reward"] == 1.0}),
+        "truncated": sum(r["truncated"] for r in rows),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    dataset.info.description = json.dumps(settings)
+    dataset.save_to_disk(config.dataset_path)
+    (Path(config.dataset_path) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return dataset
+
+
+def load_training_dataset(path: str):
+    """A dataset saved by ``llmq generate`` / ``save_to_disk``, a ``.jsonl``/``.json`` file, or a Hub id."""
+    import datasets
+
+    location = Path(path)
+    if location.is_dir():
+        try:
+            return datasets.load_from_disk(str(location))
+        except FileNotFoundError:
+            raise UserError(f"dataset_path '{path}' is a folder but not a saved HF dataset") from None
+    if location.suffix in (".jsonl", ".json"):
+        if not location.is_file():
+            raise UserError(f"dataset_path '{path}' does not exist")
+        return datasets.Dataset.from_json(str(location))
+    if location.exists() or path.startswith((".", "/")) or "/" not in path:
+        raise UserError(f"dataset_path '{path}' is neither a saved dataset folder, a .jsonl/.json file, nor a Hub id")
+    return datasets.load_dataset(path, split="train")

