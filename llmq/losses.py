@@ -1,0 +1,122 @@
+"""Pure loss functions: tensors in, ``(loss, metrics)`` out — no model, no I/O.
+
+They work on a transformer's logits and on a tabular "LM" (``llmq.testing``) alike, which is how
+the oracle tests prove their fixed points.  Equation numbers refer to ``ALGORITHMS.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from llmq.mdp import last_action_positions, reverse_discounted_cumsum, token_logprobs
+
+
+def _next_action_values(values: torch.Tensor, act_mask: torch.Tensor) -> torch.Tensor:
+    """``values`` at the next action position after each position (0 where there is none)."""
+    length = act_mask.shape[1]
+    positions = torch.arange(length, device=act_mask.device).expand_as(act_mask)
+    action_positions = torch.where(act_mask, positions, length)
+    # Reverse running minimum of action positions strictly after p.
+    after = torch.cat([action_positions[:, 1:], action_positions.new_full((act_mask.shape[0], 1), length)], dim=1)
+    next_position = after.flip(1).cummin(1).values.flip(1)
+    gathered = values.gather(1, next_position.clamp(max=length - 1))
+    return torch.where(next_position < length, gathered, torch.zeros_like(gathered))
+
+
+def shiq_loss(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    *,
+    input_ids: torch.Tensor,
+    act_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    gamma: float = 1.0,
+    ref_logp: torch.Tensor | None = None,
+    ref_lse: torch.Tensor | None = None,
+    truncated: torch.Tensor | None = None,
+    loss_type: Literal["multistep", "one_step"] = "multistep",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """ShiQ: squared Bellman residuals on the LM's own logits (ALGORITHMS.md §2.3–2.4).
+
+    With ``ρ = log π_θ − log π_ref`` and the logit value shift ``u = LSE ℓ_θ − LSE ℓ_ref``, the
+    multi-step residual at every action token ``t`` of a trajectory is (S3)
+
+        δ_t = β·u(s_t) + β·Σ_{k≥t} γ^{k−t} ρ(s_k, a_k) − Σ_{k≥t} γ^{k−t} r_k
+
+    and the loss is the mean of ``δ_t²`` over action tokens.  Its zero is the KL-regularised
+    optimum: ``ℓ_θ − ℓ_ref = Q*/β`` and ``π_θ = π*``.  ``loss_type="one_step"`` uses (S2) instead:
+    ``δ_t = β·ρ_t + β·u(s_t) − r_t − γ·β·sg[u(s_{t+1})]`` with ``s_{t+1}`` the next agent state.
+
+    Args:
+        logits: ``[B, L, V]`` policy logits, HF convention (row ``p − 1`` scores token ``p``).
+        ref_logits: ``[B, L, V]`` reference logits; or pass ``ref_logp`` and ``ref_lse`` instead.
+        input_ids: ``[B, L]`` tokens of the trajectories.
+        act_mask: ``[B, L]`` 1 on agent action tokens only (prompt, observations, padding are 0).
+        rewards: ``[B, L]`` reward on the token that earns it (a sequence reward on the last action).
+        beta: KL temperature β > 0.
+        gamma: discount, advanced on action tokens only.
+        ref_logp, ref_lse: ``[B, L]`` precomputed ``log π_ref(a_p | s_p)`` and ``LSE ℓ_ref(s_p)``
+            aligned like :func:`llmq.mdp.token_logprobs` (fp32).
+        truncated: ``[B]`` bool, rows cut before a terminal state.  Their residuals bootstrap with
+            ``γ^{T−t+1}·β·u(s_{T+1})`` read at the position after the last action (which must
+            exist: pad such rows by one token), under stop-gradient.
+        loss_type: ``"multistep"`` (S3, default) or ``"one_step"`` (S2).
+
+    Returns:
+        ``(loss, metrics)`` with metrics ``loss``, ``delta/abs_mean``, ``rho/mean``, ``u/mean``,
+        ``kl`` (mean per-sequence Σρ on the data: a KL estimate when the data are on-policy),
+        ``rewards/mean`` and ``rewards/std`` (per-sequence returns).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in ("multistep", "one_step"):
+        raise ValueError(f"loss_type must be 'multistep' or 'one_step', got {loss_type!r}")
+    logp, lse = token_logprobs(logits, input_ids)
+    if ref_logits is not None:
+        ref_logp, ref_lse = token_logprobs(ref_logits.detach(), input_ids)
+    elif ref_logp is None or ref_lse is None:
+        raise ValueError("shiq_loss needs ref_logits, or both ref_logp and ref_lse")
+    mask = act_mask.bool()
+    rewards = rewards.float()
+    u_all = lse - ref_lse  # the value shift of every state, action or not (used to bootstrap)
+    rho = torch.where(mask, logp - ref_logp, 0.0)
+    u = torch.where(mask, u_all, 0.0)
+
+    bootstrap = torch.zeros_like(u_all[:, 0])
+    if truncated is not None and truncated.any():
+        after_last = last_action_positions(mask) + 1
+        if (after_last[truncated] >= u_all.shape[1]).any():
+            raise ValueError("a truncated row needs one position after its last action token (pad it) to read u(s_{T+1})")
+        bootstrap = torch.where(truncated, u_all.gather(1, after_last.clamp(max=u_all.shape[1] - 1)[:, None]).squeeze(1), 0.0).detach()
+
+    if loss_type == "multistep":
+        returns = reverse_discounted_cumsum(rewards, gamma, mask)
+        ratio_sums = reverse_discounted_cumsum(rho, gamma, mask)
+        # Actions from t to T inclusive: the power of γ that carries the bootstrap back to t.
+        remaining = reverse_discounted_cumsum(mask.float(), 1.0, mask)
+        delta = beta * u + beta * ratio_sums - returns - gamma**remaining * beta * bootstrap[:, None]  # (S3)
+    else:
+        next_u = _next_action_values(u.detach(), mask)
+        is_last = torch.arange(mask.shape[1], device=mask.device)[None, :] == last_action_positions(mask)[:, None]
+        next_u = torch.where(is_last, bootstrap[:, None], next_u)
+        delta = beta * rho + beta * u - rewards - gamma * beta * next_u  # (S2)
+
+    delta = torch.where(mask, delta, 0.0)
+    count = mask.sum().clamp(min=1)
+    loss = delta.pow(2).sum() / count
+
+    with torch.no_grad():
+        returns_per_row = torch.where(mask, rewards, 0.0).sum(1)
+        metrics = {
+            "loss": loss.item(),
+            "delta/abs_mean": (delta.abs().sum() / count).item(),
+            "rho/mean": (rho.sum() / count).item(),
+            "u/mean": (u.sum() / count).item(),
+            "kl": rho.sum(1).mean().item(),
+            "rewards/mean": returns_per_row.mean().item(),
+            "rewards/std": returns_per_row.std().item() if returns_per_row.numel() > 1 else 0.0,
+        }
+    return loss, metrics

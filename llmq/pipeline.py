@@ -1,0 +1,126 @@
+"""``llmq train``: (build offline data) → benchmark before → train → save → benchmark after."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from llmq.data.offline import GenerateConfig, build_offline_dataset, load_training_dataset
+from llmq.errors import UserError
+from llmq.evaluation.run import EvalConfig, bootstrap_interval, evaluate, format_report
+
+
+@dataclasses.dataclass
+class TrainRunConfig:
+    """The run around the trainer: where the data come from and how the model is benchmarked."""
+
+    method: str = dataclasses.field(default="shiq", metadata={"help": "Training method.", "choices": ["shiq"]})
+    dataset_path: str = dataclasses.field(
+        default="outputs/offline_data",
+        metadata={"help": "Training data: a folder saved by `llmq generate`, a .jsonl/.json file, or a Hub id. Built first from build_task when missing."},
+    )
+    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "Folder with local GSM8K / MATH-500 copies; default $LLMQ_DATA_DIR, else the Hub."})
+    build_task: str | None = dataclasses.field(default=None, metadata={"help": "When dataset_path is missing: sample it from the initial model on this task's questions."})
+    build_split: str = dataclasses.field(default="train", metadata={"help": "Split of build_task's questions."})
+    build_limit: int | None = dataclasses.field(default=None, metadata={"help": "First N questions of build_task."})
+    build_num_completions: int = dataclasses.field(default=4, metadata={"help": "Completions sampled per question."})
+    build_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature of the data."})
+    build_max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Tokens per sampled completion; default the task's."})
+    benchmark_task: str | None = dataclasses.field(default=None, metadata={"help": "Evaluate greedily on this task before and after training (none: skip)."})
+    benchmark_split: str = dataclasses.field(default="test", metadata={"help": "Split of the benchmark."})
+    benchmark_limit: int | None = dataclasses.field(default=None, metadata={"help": "First N benchmark questions (a fixed subset)."})
+    benchmark_max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Tokens per benchmark answer; default the task's."})
+    generation_batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call when building data and benchmarking."})
+
+    def build_config(self) -> GenerateConfig:
+        return GenerateConfig(
+            task=self.build_task,
+            split=self.build_split,
+            data_dir=self.data_dir,
+            limit=self.build_limit,
+            num_completions=self.build_num_completions,
+            temperature=self.build_temperature,
+            max_new_tokens=self.build_max_new_tokens,
+            batch_size=self.generation_batch_size,
+            dataset_path=self.dataset_path,
+        )
+
+    def benchmark_config(self, output_dir: Path) -> EvalConfig:
+        return EvalConfig(
+            task=self.benchmark_task,
+            split=self.benchmark_split,
+            data_dir=self.data_dir,
+            limit=self.benchmark_limit,
+            max_new_tokens=self.benchmark_max_new_tokens,
+            batch_size=self.generation_batch_size,
+            output_dir=str(output_dir),
+        )
+
+    def __post_init__(self) -> None:
+        local = "/" not in self.dataset_path or self.dataset_path.startswith((".", "/"))
+        if self.build_task is None and local and not Path(self.dataset_path).exists():
+            raise UserError(f"key 'dataset_path': '{self.dataset_path}' does not exist; create it with `llmq generate` or set build_task to build it first")
+        if self.build_task is not None:
+            self.build_config()  # validates the build keys now, before any model is loaded
+        if self.benchmark_task is not None:
+            self.benchmark_config(Path("."))
+
+
+def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
+    """Run a training recipe end to end and return the summary written to ``output_dir/summary.json``."""
+    from trl import get_peft_config
+
+    from llmq.models import load_model, load_tokenizer
+    from llmq.trainers import ShiQTrainer
+
+    output_dir = Path(training_args.output_dir)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype,
+        trust_remote_code=model_args.trust_remote_code,
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+    )
+    device = "cpu" if training_args.use_cpu else training_args.device
+    model.to(device)
+    summary: dict = {"model": model_args.model_name_or_path, "method": run.method}
+
+    def benchmark(stage: str) -> dict:
+        model.eval()
+        report = evaluate(model, tokenizer, run.benchmark_config(output_dir / f"benchmark_{stage}"), model_name=f"{model_args.model_name_or_path} ({stage} {run.method})")
+        print(format_report(report), flush=True)
+        return report
+
+    if run.benchmark_task:
+        summary["before"] = benchmark("before")
+    if Path(run.dataset_path).exists() or run.build_task is None:
+        dataset = load_training_dataset(run.dataset_path)
+    else:
+        model.eval()
+        dataset = build_offline_dataset(model, tokenizer, run.build_config(), model_name=model_args.model_name_or_path)
+        rewards = np.asarray(dataset["reward"])
+        print(f"offline data: {len(dataset)} completions, mean reward {rewards.mean():.3f} → {run.dataset_path}", flush=True)
+    summary["train_rows"] = len(dataset)
+
+    model.train()
+    trainer = ShiQTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(str(output_dir))
+    summary["train"] = {key: value for key, value in result.metrics.items()}
+
+    if run.benchmark_task:
+        model = trainer.model
+        summary["after"] = benchmark("after")
+        before = np.asarray(summary["before"]["correct"], dtype=float)
+        after = np.asarray(summary["after"]["correct"], dtype=float)
+        low, high = bootstrap_interval(after - before, seed=training_args.seed)
+        summary["change"] = {"accuracy": float((after - before).mean()), "ci95_paired": [low, high]}
+        print(f"change after {run.method}: {100 * summary['change']['accuracy']:+.1f} points (paired 95% CI {100 * low:+.1f} to {100 * high:+.1f})", flush=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+

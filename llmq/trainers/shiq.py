@@ -1,0 +1,185 @@
+"""ShiQ trainer: Q-learning on the LM's own logits, off-policy, no value head, no target network.
+
+    trainer = ShiQTrainer(model="smollm2-135m-instruct", args=ShiQConfig(output_dir="out", beta=0.1),
+                          train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+The loss is :func:`llmq.losses.shiq_loss` (ALGORITHMS.md §2); the datasets are described in
+:mod:`llmq.data.trajectories`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
+from llmq.errors import UserError
+from llmq.losses import shiq_loss
+from llmq.mdp import token_logprobs
+from llmq.models import load_model
+
+
+@dataclass
+class ShiQConfig(TrainingArguments):
+    """Arguments of :class:`ShiQTrainer`: every ``TrainingArguments`` field plus the ones below.
+
+    Parameters:
+        beta: KL temperature β. Only ``reward / β`` matters for the optimal policy: with 0/1
+            rewards, β = 0.1 lets the policy move a token's probability by up to e^10.
+        gamma: discount γ, advanced on action tokens only (1 for single-turn LLM tasks).
+        loss_type: ``multistep`` — the residual (S3) from every action token to the end of the
+            trajectory (default, propagates sparse rewards at once); ``one_step`` — (S2).
+        max_length: longest tokenized trajectory; longer rows are an error naming the row.
+        precompute_ref_log_probs: run the reference model once over the dataset before training
+            and store ``log π_ref`` and ``LSE ℓ_ref`` per token (fp32), so no reference model is
+            kept in memory during training.
+    """
+
+    beta: float = field(default=0.1, metadata={"help": "KL temperature beta > 0; only reward/beta matters for the optimal policy."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount, advanced on action tokens only."})
+    loss_type: str = field(default="multistep", metadata={"help": "multistep (S3 residuals to the end of the trajectory) or one_step (S2).", "choices": ["multistep", "one_step"]})
+    max_length: int = field(default=1024, metadata={"help": "Longest tokenized trajectory; longer rows are an error naming the row."})
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Compute the reference log-probs and log-sum-exps once before training instead of keeping a live reference model."}
+    )
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the trajectory columns (llmq's collator needs them)."})
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        super().__post_init__()
+
+
+class ShiQTrainer(Trainer):
+    """``transformers.Trainer`` that minimises the ShiQ loss on offline trajectories.
+
+    Args:
+        model: a causal LM, or a registered name / local path / Hub id to load.
+        ref_model: the frozen reference. ``None`` means: the model with its adapters disabled
+            (with ``peft_config``), a frozen copy of the initial model, or nothing at all when
+            ``args.precompute_ref_log_probs`` is set.
+        args: :class:`ShiQConfig`.
+        train_dataset, eval_dataset: HF datasets in a format of :mod:`llmq.data.trajectories`.
+        processing_class: the tokenizer (chat template used for conversational rows).
+        peft_config: a PEFT config (e.g. ``LoraConfig``) to train adapters instead of all weights.
+    """
+
+    _tag_names = ["llmq", "shiq"]
+
+    def __init__(self, model, ref_model=None, args: ShiQConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
+        if args is None:
+            raise UserError("ShiQTrainer needs args=ShiQConfig(...)")
+        if processing_class is None:
+            raise UserError("ShiQTrainer needs processing_class=<the tokenizer>")
+        if isinstance(model, str):
+            model = load_model(model, dtype="auto")
+        self.uses_peft = peft_config is not None
+        if self.uses_peft:
+            from peft import get_peft_model
+
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+            model = get_peft_model(model, peft_config)
+            if ref_model is not None:
+                raise UserError("give either ref_model or peft_config: with PEFT the reference is the model with its adapters disabled")
+        elif ref_model is None and not args.precompute_ref_log_probs:
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+        self.ref_model = ref_model
+
+        tokenize = lambda row, index: tokenize_trajectory(row, processing_class, args.max_length, index)  # noqa: E731
+        train_dataset = train_dataset.map(tokenize, with_indices=True, remove_columns=train_dataset.column_names, desc="tokenize")
+        if eval_dataset is not None:
+            eval_dataset = eval_dataset.map(tokenize, with_indices=True, remove_columns=eval_dataset.column_names, desc="tokenize")
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=TrajectoryCollator(processing_class.pad_token_id),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self.ref_model is not None:
+            self.ref_model.to(self.accelerator.device)
+        if args.precompute_ref_log_probs:
+            self.train_dataset = self._with_reference_statistics(self.train_dataset)
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_statistics(self.eval_dataset)
+
+    def _reference_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if self.uses_peft:
+                with self.accelerator.unwrap_model(self.model).disable_adapter():
+                    return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Only reached by the precompute pass, before any update: the model is the reference.
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def _with_reference_statistics(self, dataset):
+        """One pass of the reference over ``dataset``: per-token ``ref_logp`` / ``ref_lse`` columns.
+
+        Each row keeps one value more than its tokens: the state after its last token, which a
+        truncated row bootstraps from.
+        """
+        collate = self.data_collator
+        batch_size = self.args.per_device_eval_batch_size
+        logps, lses = [], []
+        self.model.eval()
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(self.accelerator.device) for k, v in collate(rows).items()}
+            logp, lse = token_logprobs(self._reference_logits(batch), batch["input_ids"])
+            for row, row_logp, row_lse in zip(rows, logp.cpu(), lse.cpu()):
+                logps.append(row_logp[: len(row["input_ids"]) + 1].tolist())
+                lses.append(row_lse[: len(row["input_ids"]) + 1].tolist())
+        return dataset.add_column("ref_logp", logps).add_column("ref_lse", lses)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        if "ref_logp" in inputs:
+            reference = {"ref_logp": inputs["ref_logp"], "ref_lse": inputs["ref_lse"]}
+        else:
+            reference = {"ref_logits": self._reference_logits(inputs)}
+        loss, metrics = shiq_loss(
+            logits,
+            input_ids=inputs["input_ids"],
+            act_mask=inputs["act_mask"],
+            rewards=inputs["rewards"],
+            beta=self.args.beta,
+            gamma=self.args.gamma,
+            truncated=inputs["truncated"],
+            loss_type=self.args.loss_type,
+            **reference,
+        )
+        mode = "train" if model.training else "eval"
+        for name, value in metrics.items():
+            if name != "loss":
+                self._metrics[mode][name].append(value)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            logs[prefix + name] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)

@@ -1,0 +1,151 @@
+"""ShiQTrainer and its data path on a tiny random Llama."""
+
+import json
+import math
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig
+
+from llmq.cli import main
+from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
+from llmq.errors import UserError
+from llmq.losses import shiq_loss
+from llmq.models import load_model, load_tokenizer
+from llmq.trainers import ShiQConfig, ShiQTrainer
+
+ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}." if i % 2 else " No idea", "reward": float(i % 2)} for i in range(8)]
+CONVERSATION = {
+    "messages": [
+        {"role": "user", "content": "Find x."},
+        {"role": "assistant", "content": "search(x)"},
+        {"role": "tool", "content": "x=3"},
+        {"role": "assistant", "content": "x is 3"},
+    ],
+    "turn_rewards": [0.25, 1.0],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer("tiny-llama")
+
+
+def make_trainer(tokenizer, tmp_path, rows=ROWS, peft_config=None, **overrides):
+    options = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", use_cpu=True, seed=0)
+    options.update(overrides)
+    return ShiQTrainer(
+        model=load_model("tiny-llama", dtype="float32"),
+        args=ShiQConfig(**options),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def test_a_few_steps_change_the_parameters_and_log_finite_metrics(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == len(before)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:
+        for name in ("loss", "delta/abs_mean", "rho/mean", "u/mean", "kl", "rewards/mean", "rewards/std", "grad_norm"):
+            assert math.isfinite(entry[name]), (name, entry)
+    assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+@pytest.mark.parametrize("reward", [0.0, 1.0, -2.0])
+def test_first_loss_at_the_reference_is_reward_squared(tokenizer, tmp_path, reward):
+    # At θ = θ_ref, ρ = u = 0 so δ_t = −R on every action token: zero reward ⇒ loss exactly 0.
+    rows = [dict(row, reward=reward) for row in ROWS]
+    trainer = make_trainer(tokenizer, tmp_path, rows=rows, max_steps=1)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == reward**2
+
+
+def test_precomputed_reference_gives_the_same_losses_as_a_live_one(tokenizer, tmp_path):
+    live = make_trainer(tokenizer, tmp_path / "live")
+    precomputed = make_trainer(tokenizer, tmp_path / "pre", precompute_ref_log_probs=True)
+    assert precomputed.ref_model is None and "ref_lse" in precomputed.train_dataset.column_names
+    live.train()
+    precomputed.train()
+    losses = lambda t: [entry["loss"] for entry in t.state.log_history if "loss" in entry]  # noqa: E731
+    assert losses(live) == pytest.approx(losses(precomputed), abs=1e-6)
+
+
+def test_lora_trains_adapters_only_and_its_reference_is_the_base_model(tokenizer, tmp_path):
+    rows = [dict(row, reward=1.0) for row in ROWS]
+    trainer = make_trainer(tokenizer, tmp_path, rows=rows, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert trainer.ref_model is None
+    base = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_" not in name}
+    trainer.train()
+    assert all(torch.equal(p, base[name]) for name, p in trainer.model.named_parameters() if "lora_" not in name)
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at 0, so training moved it
+    assert trainer.state.log_history[0]["loss"] == 1.0  # adapters start as a no-op: the model is the reference
+
+
+def test_multi_turn_masks_observations_and_places_turn_rewards(tokenizer):
+    row = tokenize_trajectory(CONVERSATION, tokenizer, max_length=512, index=0)
+    ids, mask, rewards = row["input_ids"], row["act_mask"], row["rewards"]
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "search(x)<|im_end|>x is 3<|im_end|>"
+    rewarded = [(tokenizer.decode([ids[p]]), r) for p, r in enumerate(rewards) if r]
+    assert rewarded == [("<|im_end|>", 0.25), ("<|im_end|>", 1.0)]
+    # The loss ignores what the model predicts at observation tokens.
+    batch = TrajectoryCollator(tokenizer.pad_token_id)([row])
+    logits = torch.randn(1, batch["input_ids"].shape[1], len(tokenizer))
+    ref_logits = torch.randn_like(logits)
+    kwargs = dict(input_ids=batch["input_ids"], act_mask=batch["act_mask"], rewards=batch["rewards"], beta=0.5)
+    loss, _ = shiq_loss(logits, ref_logits, **kwargs)
+    observation_rows = (~batch["act_mask"][0, 1:]).nonzero().flatten()  # row p-1 scores token p
+    perturbed = logits.clone()
+    perturbed[0, observation_rows] += torch.randn(len(observation_rows), len(tokenizer))
+    assert shiq_loss(perturbed, ref_logits, **kwargs)[0] == loss
+
+
+def test_truncated_rows_end_without_an_end_of_turn_action(tokenizer):
+    standard = tokenize_trajectory({"prompt": "Q", "completion": " abc", "reward": 0.0, "truncated": True}, tokenizer, 512, 0)
+    assert tokenizer.eos_token_id not in standard["input_ids"]
+    chat = {"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "abc"}], "reward": 0.0, "truncated": True}
+    row = tokenize_trajectory(chat, tokenizer, 512, 0)
+    assert tokenizer.decode([i for i, m in zip(row["input_ids"], row["act_mask"]) if m]) == "abc"
+    assert row["truncated"] and tokenizer.decode(row["input_ids"]).endswith("assistant\nabc")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "Q", "completion": " a", "reward": "high"}, "row 3: reward must be a finite number"),
+        ({"prompt": "Q", "completion": " a", "reward": float("nan")}, "row 3: reward must be a finite number"),
+        ({"prompt": "", "completion": " a", "reward": 1.0}, "row 3: 'prompt' must be a non-empty string"),
+        ({"prompt": "Q", "completion": " a"}, "row 3: needs 'reward', 'token_rewards' or 'turn_rewards'"),
+        ({"prompt": "Q", "completion": " a", "token_rewards": [1.0]}, "row 3: 'token_rewards' needs one number per action token (3)"),
+        ({"prompt": "Q" * 600, "completion": " a", "reward": 1.0}, "row 3: 603 tokens exceed max_length=512"),
+        (dict(CONVERSATION, turn_rewards=[1.0]), "row 3: 'turn_rewards' needs one number per assistant turn (2)"),
+        ({"messages": [{"role": "user", "content": "hi"}], "reward": 1.0}, "row 3: no assistant message"),
+    ],
+)
+def test_malformed_rows_name_their_index(tokenizer, row, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tokenize_trajectory(row, tokenizer, max_length=512, index=3)
+
+
+def test_llmq_train_cli_end_to_end(tmp_path, capsys, tiny_model_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"# llmq train {recipe}\nmodel_name_or_path: tiny-llama\ndataset_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
+        "max_steps: 2\nper_device_train_batch_size: 4\nlearning_rate: 0.01\nuse_cpu: true\nsave_strategy: 'no'\nbeta: 0.5\n"
+    )
+    assert main(["train", str(recipe), "--loss_type", "one_step"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train_rows"] == 8 and math.isfinite(summary["train"]["train_loss"])
+    reloaded = load_model(str(tmp_path / "out"), dtype="float32")
+    assert sum(p.numel() for p in reloaded.parameters()) > 0
+    assert main(["train", str(recipe), "--dataset_path", str(tmp_path / "missing")]) == 2
+    assert "key 'dataset_path'" in capsys.readouterr().err
