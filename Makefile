@@ -29,7 +29,7 @@ install: $(BIN)/.installed
 
 quickstart: install
 	$(BIN)/llmq models prepare smollm2-135m-instruct
-	$(BIN)/llmq eval recipes/quickstart.yaml
+	$(BIN)/llmq train recipes/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -69,6 +69,7 @@ def test_embedded_model_matches_its_gguf_and_answers_through_the_chat_template(e
 
     assert {"model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in embedded_model_dir.iterdir()}
     model = load_model("smollm2-135m-instruct", dtype="float32")
+    assert getattr(model.config, "quantization_config", None) is None  # a plain fp32 model that Trainer fine-tunes
     tokenizer = load_tokenizer("smollm2-135m-instruct")
 
     package_dir = next(iter(importlib.util.find_spec(EMBEDDED_PACKAGE).submodule_search_locations))

