@@ -60,9 +60,19 @@ def _generate(argv: Sequence[str]) -> int:
 
 
 def _load(model_args):
+    """Tokenizer and model of a ModelConfig, on the GPU when there is one, in eval mode."""
     from llmq.models import load_model, load_tokenizer
 
-    model, tokenizer = _load(model_args)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype,
+        trust_remote_code=model_args.trust_remote_code,
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        device="cuda" if _cuda() else None,
+    )
+    model.eval()
     return model, tokenizer
 
 

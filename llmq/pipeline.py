@@ -29,6 +29,7 @@ class TrainRunConfig:
     build_num_completions: int = dataclasses.field(default=4, metadata={"help": "Completions sampled per question."})
     build_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature of the data."})
     build_max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Tokens per sampled completion; default the task's."})
+    build_format_reward: float = dataclasses.field(default=0.0, metadata={"help": "Reward added when a sampled answer is stated in the task's format (see llmq generate --help)."})
     benchmark_task: str | None = dataclasses.field(default=None, metadata={"help": "Evaluate greedily on this task before and after training (none: skip)."})
     benchmark_split: str = dataclasses.field(default="test", metadata={"help": "Split of the benchmark."})
     benchmark_limit: int | None = dataclasses.field(default=None, metadata={"help": "First N benchmark questions (a fixed subset)."})
@@ -44,6 +45,7 @@ class TrainRunConfig:
             num_completions=self.build_num_completions,
             temperature=self.build_temperature,
             max_new_tokens=self.build_max_new_tokens,
+            format_reward=self.build_format_reward,
             batch_size=self.generation_batch_size,
             dataset_path=self.dataset_path,
         )
@@ -115,11 +117,12 @@ def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
     if run.benchmark_task:
         model = trainer.model
         summary["after"] = benchmark("after")
-        before = np.asarray(summary["before"]["correct"], dtype=float)
-        after = np.asarray(summary["after"]["correct"], dtype=float)
-        low, high = bootstrap_interval(after - before, seed=training_args.seed)
-        summary["change"] = {"accuracy": float((after - before).mean()), "ci95_paired": [low, high]}
-        print(f"change after {run.method}: {100 * summary['change']['accuracy']:+.1f} points (paired 95% CI {100 * low:+.1f} to {100 * high:+.1f})", flush=True)
+        summary["change"] = {}
+        for metric, before in summary["before"]["per_question"].items():
+            difference = np.asarray(summary["after"]["per_question"][metric], dtype=float) - np.asarray(before, dtype=float)
+            low, high = bootstrap_interval(difference, seed=training_args.seed)
+            summary["change"][metric] = {"mean": float(difference.mean()), "ci95_paired": [low, high]}
+            print(f"change after {run.method}, {metric}: {100 * difference.mean():+.1f} points (paired 95% CI {100 * low:+.1f} to {100 * high:+.1f})", flush=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -27,6 +27,10 @@ class GenerateConfig:
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy, then K must be 1)."})
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Tokens per completion; default the task's. Longer answers are kept, marked truncated."})
+    format_reward: float = dataclasses.field(
+        default=0.0,
+        metadata={"help": "Added to the 0/1 correctness reward when the answer is stated in the task's format (GSM8K: '#### N', MATH: boxed). A denser signal for models that rarely answer correctly."},
+    )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
     dataset_path: str = dataclasses.field(default="outputs/offline_data", metadata={"help": "Where the HF dataset is saved (datasets.load_from_disk reads it)."})
@@ -43,7 +47,8 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     """Sample, score and save; returns the ``datasets.Dataset`` (also written to ``config.dataset_path``).
 
     Rows are conversational: ``prompt`` (the user turn), ``completion`` (the assistant turn),
-    ``reward`` (0/1 from the task's verifier), ``truncated`` (cut at ``max_new_tokens``), plus the
+    ``reward`` (0/1 correctness from the task's verifier, plus ``format_reward`` when the answer is
+    stated in the task's format), ``correct``, ``formatted``, ``truncated`` (cut at ``max_new_tokens``), plus the
     question index, the gold answer and the extracted answer.  The sampling settings and summary
     statistics are saved beside the data in ``llmq_generation.json``.
     """
@@ -53,24 +58,26 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     template = config.prompt or task.prompt
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens or task.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=config.seed)
-    prompts = [[{"role": "user", "content": template.format(question=q["question"])}] for q in questions]
+    prompts = [[{"role": "user", "content": template.replace("{question}", q["question"])}] for q in questions]
     started = time.perf_counter()
     outputs = HFEngine(model, tokenizer, batch_size=config.batch_size).generate(prompts, n=config.num_completions, sampling=sampling)
     score = task_scorer(task)
     rows = []
     for question, prompt, completions in zip(questions, prompts, outputs):
         for sample, completion in enumerate(completions):
-            reward, extracted = score(completion.text, question["answer"])
+            verdict = score(completion.text, question["answer"])
             rows.append(
                 {
                     "prompt": prompt,
                     "completion": [{"role": "assistant", "content": completion.text}],
-                    "reward": float(reward),
+                    "reward": float(verdict.correct) + config.format_reward * verdict.formatted,
+                    "correct": verdict.correct,
+                    "formatted": verdict.formatted,
                     "truncated": completion.finish_reason == "length",
                     "question_index": question["index"],
                     "sample": sample,
                     "answer": question["answer"],
-                    "extracted": extracted,
+                    "extracted": verdict.answer,
                 }
             )
     if not rows:
@@ -85,7 +92,9 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
         "questions": len(questions),
         "completions": len(rows),
         "mean_reward": sum(rewards) / len(rewards),
-        "questions_with_a_correct_sample": len({r["question_index"] for r in rows if r["reward"] == 1.0}),
+        "correct": sum(r["correct"] for r in rows),
+        "formatted": sum(r["formatted"] for r in rows),
+        "questions_with_a_correct_sample": len({r["question_index"] for r in rows if r["correct"]}),
         "truncated": sum(r["truncated"] for r in rows),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }

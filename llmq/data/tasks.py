@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -82,14 +83,28 @@ def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = N
     return rows
 
 
-def task_scorer(task: TaskSpec) -> Callable[[str, str], tuple[float, str | None]]:
-    """The task's verifier: ``(completion text, raw gold field) → (reward 0/1, extracted answer)``."""
+class Verdict(NamedTuple):
+    correct: bool  # the final answer is equivalent to the gold one (math-verify)
+    answer: str | None  # the extracted final answer
+    formatted: bool  # the answer is stated in the task's format (GSM8K: '#### N'; MATH: \boxed{})
+
+
+def task_scorer(task: TaskSpec) -> Callable[[str, str], Verdict]:
+    """The task's verifier: ``(completion text, raw gold field) → Verdict``."""
     if task.scorer == "gsm8k":
-        from reward_models.gsm8k import extract_flexible, extract_strict, gold_answer, score_gsm8k
+        from reward_models.gsm8k import extract_strict, gold_answer, score_gsm8k
 
-        return lambda text, gold: (score_gsm8k(text, gold_answer(gold))["reward"], extract_strict(text) or extract_flexible(text))
+        def score(text: str, gold: str) -> Verdict:
+            result = score_gsm8k(text, gold_answer(gold))
+            return Verdict(result["reward"] == 1.0, result["answer"], extract_strict(text) is not None)
+
+        return score
     if task.scorer == "math":
-        from reward_models.math import last_boxed, score_math
+        from reward_models.math import score_math
 
-        return lambda text, gold: (score_math(text, gold)["reward"], last_boxed(text))
+        def score(text: str, gold: str) -> Verdict:
+            result = score_math(text, gold)
+            return Verdict(result["reward"] == 1.0, result["answer"], result["answer"] is not None)
+
+        return score
     raise UserError(f"task {task.name}: unknown scorer '{task.scorer}' (gsm8k, math)")

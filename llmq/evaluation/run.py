@@ -65,7 +65,7 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
         top_p=config.top_p,
         seed=config.seed,
     )
-    prompts = [[{"role": "user", "content": template.format(question=row["question"])}] for row in rows]
+    prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
     engine = HFEngine(model, tokenizer, batch_size=config.batch_size)
     started = time.perf_counter()
     outputs = engine.generate(prompts, n=config.num_samples, sampling=sampling)
@@ -74,21 +74,23 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
     score = task_scorer(task)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    correct, passed, majority, tokens = [], [], [], 0
+    correct, formatted, passed, majority, tokens = [], [], [], [], 0
     with open(output_dir / "completions.jsonl", "w") as records:
         for row, completions in zip(rows, outputs):
-            scored = [(reward == 1.0, answer) for reward, answer in (score(c.text, row["answer"]) for c in completions)]
+            verdicts = [score(c.text, row["answer"]) for c in completions]
             tokens += sum(len(c.token_ids) for c in completions)
-            correct.append(scored[0][0])
-            passed.append(any(ok for ok, _ in scored))
-            votes = Counter(answer for _, answer in scored if answer is not None)
-            majority.append(bool(votes) and dict((a, ok) for ok, a in scored)[votes.most_common(1)[0][0]])
-            records.write(json.dumps({**row, "completions": [c.text for c in completions], "correct": [ok for ok, _ in scored], "extracted": [a for _, a in scored]}) + "\n")
+            correct.append(verdicts[0].correct)
+            formatted.append(verdicts[0].formatted)
+            passed.append(any(v.correct for v in verdicts))
+            votes = Counter(v.answer for v in verdicts if v.answer is not None)
+            winner = votes.most_common(1)[0][0] if votes else None
+            majority.append(any(v.correct for v in verdicts if winner is not None and v.answer == winner))
+            records.write(json.dumps({**row, "completions": [c.text for c in completions], "verdicts": [v._asdict() for v in verdicts]}) + "\n")
 
     def summary(values: list[bool]) -> dict:
         array = np.asarray(values, dtype=float)
         low, high = bootstrap_interval(array, config.bootstrap_samples, config.seed)
-        return {"accuracy": float(array.mean()), "ci95": [low, high], "correct": int(array.sum())}
+        return {"mean": float(array.mean()), "ci95": [low, high], "count": int(array.sum())}
 
     report = {
         "protocol": {
@@ -102,9 +104,9 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
             "decoding": dataclasses.asdict(sampling) | {"num_samples": config.num_samples},
             "scorer": task.scorer,
         },
-        "metrics": {"first_sample": summary(correct)}
+        "metrics": {"first_sample": summary(correct), "answer_format": summary(formatted)}
         | ({f"pass@{config.num_samples}": summary(passed), f"maj@{config.num_samples}": summary(majority)} if config.num_samples > 1 else {}),
-        "correct": [int(c) for c in correct],
+        "per_question": {"first_sample": [int(c) for c in correct], "answer_format": [int(f) for f in formatted]},
         "generated_tokens": tokens,
         "wall_time_s": round(wall_time, 2),
     }
@@ -118,6 +120,6 @@ def format_report(report: dict) -> str:
              f"{'greedy' if protocol['decoding']['temperature'] == 0 else 'T=' + str(protocol['decoding']['temperature'])}"]
     for name, metric in report["metrics"].items():
         low, high = metric["ci95"]
-        lines.append(f"  {name:>12}: {100 * metric['accuracy']:5.1f}%  (95% CI {100 * low:.1f}–{100 * high:.1f}%, {metric['correct']}/{protocol['examples']})")
+        lines.append(f"  {name:>13}: {100 * metric['mean']:5.1f}%  (95% CI {100 * low:.1f}–{100 * high:.1f}%, {metric['count']}/{protocol['examples']})")
     lines.append(f"  {report['generated_tokens']} tokens generated in {report['wall_time_s']:.1f} s")
     return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""`llmq eval` and `llmq generate` end to end on real GSM8K rows, and the quickstart recipe on the embedded model."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+
+from llmq.cli import main
+from llmq.evaluation import bootstrap_interval
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = np.array([1.0] * 30 + [0.0] * 70)
+    low, high = bootstrap_interval(values, samples=2000, seed=0)
+    assert low < 0.3 < high and 0.18 < low and high < 0.42
+    assert bootstrap_interval(np.zeros(10)) == (0.0, 0.0)
+
+
+def test_llmq_eval_writes_a_report_with_the_protocol(tmp_path, capsys, data_dir, tiny_model_dir):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "3", "--max_new_tokens", "8", "--output_dir", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["task"] == "gsm8k" and report["protocol"]["examples"] == 3
+    assert report["protocol"]["decoding"]["temperature"] == 0.0 and "{question}" in report["protocol"]["prompt"]
+    assert set(report["metrics"]) == {"first_sample", "answer_format"}
+    assert len(report["per_question"]["first_sample"]) == 3
+    records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2] and all(len(r["verdicts"]) == 1 for r in records)
+    assert "first_sample" in capsys.readouterr().out
+
+
+def test_llmq_eval_with_samples_reports_pass_and_majority(tmp_path, data_dir, tiny_model_dir):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--task", "math500", "--limit", "2",
+            "--max_new_tokens", "6", "--num_samples", "3", "--temperature", "1.0", "--output_dir", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    assert {"pass@3", "maj@3"} <= set(metrics)
+    assert metrics["pass@3"]["mean"] >= metrics["first_sample"]["mean"]
+
+
+def test_llmq_generate_saves_a_scored_dataset_with_its_settings(tmp_path, data_dir, tiny_model_dir):
+    path = tmp_path / "data"
+    argv = ["generate", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--num_completions", "3",
+            "--max_new_tokens", "6", "--format_reward", "0.5", "--dataset_path", str(path)]
+    assert main(argv) == 0
+    dataset = datasets.load_from_disk(str(path))
+    assert len(dataset) == 6 and dataset["question_index"] == [0, 0, 0, 1, 1, 1]
+    assert dataset[0]["prompt"][0]["role"] == "user" and dataset[0]["completion"][0]["role"] == "assistant"
+    assert all(r["reward"] == float(r["correct"]) + 0.5 * r["formatted"] for r in dataset)
+    assert all(r["truncated"] for r in dataset)  # 6 tokens cut every answer of a random model
+    settings = json.loads((path / "llmq_generation.json").read_text())
+    assert settings["sampling"]["max_new_tokens"] == 6 and settings["completions"] == 6 and settings["model"] == "tiny-llama"
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsys, data_dir, embedded_model_dir):
+    out = tmp_path / "quickstart"
+    argv = ["train", "recipes/quickstart.yaml", "--data_dir", str(data_dir), "--output_dir", str(out), "--dataset_path", str(out / "data"),
+            "--build_limit", "2", "--build_num_completions", "2", "--build_max_new_tokens", "24", "--benchmark_limit", "2",
+            "--benchmark_max_new_tokens", "24", "--per_device_train_batch_size", "2"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_rows"] == 4 and set(summary["change"]) == {"first_sample", "answer_format"}
+    assert (out / "model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "(before shiq)" in printed and "(after shiq)" in printed and "change after shiq" in printed
