@@ -47,7 +47,9 @@ def shiq_loss(
         δ_t = β·u(s_t) + β·Σ_{k≥t} γ^{k−t} ρ(s_k, a_k) − Σ_{k≥t} γ^{k−t} r_k
 
     and the loss is the mean of ``δ_t²`` over action tokens.  Its zero is the KL-regularised
-    optimum: ``ℓ_θ − ℓ_ref = Q*/β`` and ``π_θ = π*``.  ``loss_type="one_step"`` uses (S2) instead:
+    optimum: ``ℓ_θ − ℓ_ref = Q*/β`` and ``π_θ = π*``, provided transitions are deterministic: with
+    random observations (a stochastic tool or user) a squared sampled residual is biased, its
+    minimum is not zero and its minimiser is not exactly π* (fine for near-deterministic tools).  ``loss_type="one_step"`` uses (S2) instead:
     ``δ_t = β·ρ_t + β·u(s_t) − r_t − γ·β·sg[u(s_{t+1})]`` with ``s_{t+1}`` the next agent state.
 
     Args:
@@ -80,7 +82,7 @@ def shiq_loss(
     elif ref_logp is None or ref_lse is None:
         raise ValueError("shiq_loss needs ref_logits, or both ref_logp and ref_lse")
     mask = act_mask.bool()
-    rewards = rewards.float()
+    rewards = rewards.to(logp.dtype)
     u_all = lse - ref_lse  # the value shift of every state, action or not (used to bootstrap)
     rho = torch.where(mask, logp - ref_logp, 0.0)
     u = torch.where(mask, u_all, 0.0)

@@ -21,12 +21,13 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch
         input_ids: ``[B, L]`` token ids.
 
     Returns:
-        ``(logp, lse)``, both ``[B, L]`` fp32: ``logp[:, p] = log π(input_ids[:, p] | input_ids[:, :p])``
+        ``(logp, lse)``, both ``[B, L]`` in fp32 (fp64 for fp64 logits): ``logp[:, p] = log π(input_ids[:, p] | input_ids[:, :p])``
         and ``lse[:, p] = LSE ℓ(s_p)`` over the full vocabulary; column 0 is 0 in both.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} do not align as [B, L, V] / [B, L]")
-    scores = logits[:, :-1].float()
+    scores = logits[:, :-1]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
     lse = torch.logsumexp(scores, dim=-1)
     taken = scores.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     pad = lse.new_zeros(lse.shape[0], 1)
