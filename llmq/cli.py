@@ -15,7 +15,7 @@ from llmq.errors import UserError
 USAGE = """usage: llmq <command> [RECIPE] [--key value ...]
 
 commands:
-  train      fine-tune a model from a recipe (ShiQ), with optional data building and before/after benchmark
+  train      fine-tune a model from a recipe (ShiQ or DPO), with optional data building and before/after benchmark
   generate   sample K completions per question, score them with the task's verifier, save an HF dataset
   eval       evaluate a model on a benchmark task (gsm8k, math500) with a pinned protocol
   models     list the registered models, or prepare one: `llmq models list | prepare NAME`
@@ -28,14 +28,22 @@ are those options; flags given on the command line override it.
 
 def _train(argv: Sequence[str]) -> int:
     from llmq.pipeline import TrainRunConfig, run_training
-    from llmq.recipes import ModelConfig, parse_recipe
+    from llmq.recipes import ModelConfig, load_recipe_file, parse_recipe
     from llmq.trainers import ShiQConfig
 
+    # The method picks the trainer's config class, so read it before parsing everything else.
+    method = load_recipe_file(argv[0]).get("method", "shiq") if argv and not argv[0].startswith("-") else "shiq"
+    if "--method" in argv[:-1]:
+        method = argv[argv.index("--method") + 1]
+    if method == "dpo":
+        from trl import DPOConfig as TrainerConfig
+    else:  # an unknown method is reported by the parser, against TrainRunConfig's choices
+        TrainerConfig = ShiQConfig
     model_args, training_args, run = parse_recipe(
-        (ModelConfig, ShiQConfig, TrainRunConfig),
+        (ModelConfig, TrainerConfig, TrainRunConfig),
         argv,
         prog="llmq train",
-        description="Fine-tune with ShiQ: optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
+        description="Fine-tune with ShiQ (method: shiq) or DPO (method: dpo): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
     )
     summary = run_training(model_args, training_args, run)
     print(f"model saved to {training_args.output_dir}; summary: {training_args.output_dir}/summary.json (train loss {summary['train'].get('train_loss', float('nan')):.4f})")

@@ -1,4 +1,4 @@
-"""``llmq train``: (build offline data) → benchmark before → train → save → benchmark after."""
+"""``llmq train``: (build offline data) → benchmark before → train (ShiQ or DPO) → save → benchmark after."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmq.data.offline import GenerateConfig, build_offline_dataset, load_training_dataset
+from llmq.data.offline import GenerateConfig, build_offline_dataset, load_training_dataset, preference_pairs
 from llmq.errors import UserError
 from llmq.evaluation.run import EvalConfig, bootstrap_interval, evaluate, format_report
 
@@ -17,7 +17,10 @@ from llmq.evaluation.run import EvalConfig, bootstrap_interval, evaluate, format
 class TrainRunConfig:
     """The run around the trainer: where the data come from and how the model is benchmarked."""
 
-    method: str = dataclasses.field(default="shiq", metadata={"help": "Training method.", "choices": ["shiq"]})
+    method: str = dataclasses.field(
+        default="shiq",
+        metadata={"help": "shiq (ShiQTrainer on rewarded completions) or dpo (TRL's DPOTrainer on best-vs-worst pairs of the same data).", "choices": ["shiq", "dpo"]},
+    )
     dataset_path: str = dataclasses.field(
         default="outputs/offline_data",
         metadata={"help": "Training data: a folder saved by `llmq generate`, a .jsonl/.json file, or a Hub id. Built first from build_task when missing."},
@@ -109,7 +112,16 @@ def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
     summary["train_rows"] = len(dataset)
 
     model.train()
-    trainer = ShiQTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    if run.method == "dpo":
+        from trl import DPOTrainer
+
+        if "reward" in dataset.column_names:
+            dataset = preference_pairs(dataset)
+            summary["preference_pairs"] = len(dataset)
+        dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
+        trainer = DPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    else:
+        trainer = ShiQTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     summary["train"] = {key: value for key, value in result.metrics.items()}

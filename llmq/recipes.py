@@ -72,6 +72,9 @@ def make_parser(dataclass_types: Sequence[type], prog: str, description: str) ->
         prog=prog,
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # A field defined by two dataclasses (TRL's DPOConfig and ModelConfig both have
+        # trust_remote_code) becomes one option whose value both receive.
+        conflict_handler="resolve",
     )
     parser.add_argument("recipe", nargs="?", help="YAML recipe; its keys are the options below, and flags given here override it")
     return parser

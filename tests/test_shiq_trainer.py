@@ -149,3 +149,53 @@ def test_llmq_train_cli_end_to_end(tmp_path, capsys, tiny_model_dir):
     assert sum(p.numel() for p in reloaded.parameters()) > 0
     assert main(["train", str(recipe), "--dataset_path", str(tmp_path / "missing")]) == 2
     assert "key 'dataset_path'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_first_steps(tokenizer, tmp_path, use_lora):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
+    plain = make_trainer(tokenizer, tmp_path / "plain", peft_config=lora, max_steps=2)
+    checkpointed = make_trainer(tokenizer, tmp_path / "ckpt", peft_config=lora, max_steps=2, gradient_checkpointing=True)
+    plain.train()
+    checkpointed.train()
+    losses = lambda t: [entry["loss"] for entry in t.state.log_history if "loss" in entry]  # noqa: E731
+    assert losses(plain) == pytest.approx(losses(checkpointed), abs=1e-5)
+
+
+def test_conversational_prompt_completion_rows_train(tokenizer, tmp_path):
+    rows = [
+        {"prompt": [{"role": "user", "content": row["prompt"]}], "completion": [{"role": "assistant", "content": row["completion"]}], "reward": row["reward"]}
+        for row in ROWS
+    ]
+    trainer = make_trainer(tokenizer, tmp_path, rows=rows, max_steps=2)
+    first = trainer.train_dataset[0]
+    actions = tokenizer.decode([i for i, m in zip(first["input_ids"], first["act_mask"]) if m])
+    assert actions == ROWS[0]["completion"] + "<|im_end|>" and tokenizer.decode(first["input_ids"]).startswith("<|im_start|>user\n")
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_preference_pairs_take_best_and_worst_per_question():
+    from llmq.data.offline import preference_pairs
+
+    def row(question, reward, text):
+        return {"prompt": [{"role": "user", "content": f"q{question}"}], "completion": [{"role": "assistant", "content": text}], "reward": reward, "question_index": question}
+
+    scored = datasets.Dataset.from_list([row(0, 0.0, "a"), row(0, 1.0, "b"), row(0, 0.5, "c"), row(1, 0.0, "d"), row(1, 0.0, "e"), row(2, 1.5, "f"), row(2, 0.5, "g")])
+    pairs = preference_pairs(scored)
+    assert pairs["question_index"] == [0, 2]  # question 1 has no preference
+    assert [p[0]["content"] for p in pairs["chosen"]] == ["b", "f"] and [p[0]["content"] for p in pairs["rejected"]] == ["a", "g"]
+    with pytest.raises(UserError, match="no question has completions with different rewards"):
+        preference_pairs(scored.select([3, 4]))
+
+
+def test_llmq_train_dpo_method_on_scored_data(tmp_path, tiny_model_dir):
+    data = tmp_path / "scored.jsonl"
+    rows = [dict(row, question_index=i // 2) for i, row in enumerate(ROWS)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["train", "--method", "dpo", "--model_name_or_path", "tiny-llama", "--dataset_path", str(data), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none",
+            "--gradient_checkpointing", "false", "--beta", "0.1"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["method"] == "dpo" and summary["preference_pairs"] == 4 and math.isfinite(summary["train"]["train_loss"])

@@ -34,6 +34,9 @@ class GenerateConfig:
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
     dataset_path: str = dataclasses.field(default="outputs/offline_data", metadata={"help": "Where the HF dataset is saved (datasets.load_from_disk reads it)."})
+    pairs_path: str | None = dataclasses.field(
+        default=None, metadata={"help": "Also save preference pairs here: per question, the best vs the worst scored completion (prompt, chosen, rejected), for DPO."}
+    )
 
     def __post_init__(self) -> None:
         if self.num_completions < 1 or (self.limit is not None and self.limit < 1) or self.batch_size < 1:
@@ -101,7 +104,43 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     dataset.info.description = json.dumps(settings)
     dataset.save_to_disk(config.dataset_path)
     (Path(config.dataset_path) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    if config.pairs_path:
+        pairs = preference_pairs(dataset)
+        pairs.save_to_disk(config.pairs_path)
+        (Path(config.pairs_path) / SETTINGS_FILE).write_text(json.dumps(settings | {"pairs": len(pairs)}, indent=2) + "\n")
     return dataset
+
+
+def preference_pairs(scored):
+    """Best vs worst completion of each question (``prompt``, ``chosen``, ``rejected``, both rewards).
+
+    Questions whose completions all have the same reward carry no preference and are dropped.
+    Both responses start from the same prompt and end in terminal states, as DPO's Bradley–Terry
+    model requires (ALGORITHMS.md §3.3).
+    """
+    import datasets
+
+    groups: dict[int, list[dict]] = {}
+    for row in scored:
+        groups.setdefault(row["question_index"], []).append(row)
+    pairs = []
+    for question_index, rows in groups.items():
+        best = max(rows, key=lambda row: row["reward"])
+        worst = min(rows, key=lambda row: row["reward"])
+        if best["reward"] > worst["reward"]:
+            pairs.append(
+                {
+                    "prompt": best["prompt"],
+                    "chosen": best["completion"],
+                    "rejected": worst["completion"],
+                    "chosen_reward": best["reward"],
+                    "rejected_reward": worst["reward"],
+                    "question_index": question_index,
+                }
+            )
+    if not pairs:
+        raise UserError("no question has completions with different rewards: there is no preference to learn (sample more completions or questions)")
+    return datasets.Dataset.from_list(pairs)
 
 
 def load_training_dataset(path: str):

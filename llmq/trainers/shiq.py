@@ -85,7 +85,9 @@ class ShiQTrainer(Trainer):
         self.uses_peft = peft_config is not None
         if self.uses_peft:
             from peft import get_peft_model
+            from transformers import set_seed
 
+            set_seed(args.seed)  # LoRA's A matrices are random: make the adapters reproducible
             if args.gradient_checkpointing:
                 model.enable_input_require_grads()
             model = get_peft_model(model, peft_config)
