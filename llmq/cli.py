@@ -18,6 +18,7 @@ commands:
   train      fine-tune a model from a recipe (ShiQ or DPO), with optional data building and before/after benchmark
   generate   sample K completions per question, score them with the task's verifier, save an HF dataset
   eval       evaluate a model on a benchmark task (gsm8k, math500) with a pinned protocol
+  explain    credit map of a response: per-token implicit rewards of a policy vs its reference (HTML + PNG)
   models     list the registered models, or prepare one: `llmq models list | prepare NAME`
 
 `llmq <command> --help` documents every option of a command. A recipe is a YAML file whose keys
@@ -84,6 +85,23 @@ def _load(model_args):
     return model, tokenizer
 
 
+def _explain(argv: Sequence[str]) -> int:
+    from llmq.explain import ExplainConfig, explain, format_summary
+    from llmq.recipes import ModelConfig, parse_recipe
+
+    model_args, config = parse_recipe(
+        (ModelConfig, ExplainConfig),
+        argv,
+        prog="llmq explain",
+        description="Credit map of one response: the per-token implicit reward beta*log(pi/pi_ref) of the policy (model_name_or_path) against its reference, as HTML, PNG and JSON.",
+    )
+    model, tokenizer = _load(model_args)
+    record = explain(model, tokenizer, config, model_name=model_args.model_name_or_path, dtype=model_args.dtype)
+    print(format_summary(record))
+    print(f"credit map: {config.output_dir}/credit_map.html and credit_map.png")
+    return 0
+
+
 def _eval(argv: Sequence[str]) -> int:
     from llmq.evaluation.run import EvalConfig, evaluate, format_report
     from llmq.recipes import ModelConfig, parse_recipe
@@ -135,10 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmq {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "generate": _generate, "eval": _eval, "models": _models}
+    commands = {"train": _train, "generate": _generate, "eval": _eval, "explain": _explain, "models": _models}
     try:
         if command not in commands:
-            raise UserError(f"unknown command '{command}'; choose one of train, generate, eval, models")
+            raise UserError(f"unknown command '{command}'; choose one of train, generate, eval, explain, models")
         return commands[command](rest)
     except UserError as error:
         print(f"llmq {command}: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from llmq.mdp import last_action_positions, reverse_discounted_cumsum, token_logprobs
 
@@ -122,3 +123,72 @@ def shiq_loss(
             "rewards/std": returns_per_row.std().item() if returns_per_row.numel() > 1 else 0.0,
         }
     return loss, metrics
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float | torch.Tensor = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sigmoid DPO: Bradley–Terry maximum likelihood of the implicit reward (ALGORITHMS.md §3.3).
+
+    With the sequence-level implicit rewards ``r_w = β log π_θ(y^w|x)/π_ref(y^w|x)`` and
+    ``r_l = β log π_θ(y^l|x)/π_ref(y^l|x)`` — each the sum over the response's action tokens of the
+    token-level ``r_θ = β log π_θ/π_ref`` (R2), so ``V*(x)`` cancels between them — the loss is
+
+        L_DPO = − E[ (1 − ε) log σ(r_w − r_l) + ε log σ(r_l − r_w) ]
+
+    ``ε = 0`` is L_DPO of §3.3; ``ε > 0`` is conservative DPO: each label is flipped with
+    probability ε.  A per-pair tensor ``ε = σ(R_l − R_w)`` turns the hard labels into the soft
+    Bradley–Terry labels of a known reward, whose minimiser is exact (the population oracle).
+    TRL 1.16's ``"sigmoid"`` loss ignores its ``label_smoothing``; at ``ε = 0`` the two agree.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` ``log π_θ(y|x)``, summed over the
+            response's action tokens (prompt and padding excluded, EOS included when generated).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under π_ref.
+        beta: KL temperature β > 0.
+        label_smoothing: ε in [0, 1], a float or a ``[B]`` tensor.
+
+    Returns:
+        ``(loss, metrics)``: the mean over pairs, and the metrics under the names TRL's
+        ``DPOTrainer`` logs: ``rewards/chosen``, ``rewards/rejected`` (mean ``r_w``, ``r_l``),
+        ``rewards/accuracies`` (fraction with ``r_w > r_l``), ``rewards/margins`` (mean ``r_w − r_l``),
+        ``logps/chosen``, ``logps/rejected`` (mean policy log-probs), plus ``loss``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    smoothing = torch.as_tensor(label_smoothing, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
+    if (smoothing < 0).any() or (smoothing > 1).any():
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    margins = chosen_rewards - rejected_rewards
+    loss = (-(1 - smoothing) * F.logsigmoid(margins) - smoothing * F.logsigmoid(-margins)).mean()  # L_DPO (§3.3)
+
+    with torch.no_grad():
+        metrics = {
+            "loss": loss.item(),
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margins": margins.mean().item(),
+            "logps/chosen": policy_chosen_logps.mean().item(),
+            "logps/rejected": policy_rejected_logps.mean().item(),
+        }
+    return loss, metrics
+
+
+def implicit_token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, act_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token implicit reward ``r_θ(s_t, a_t) = β(log π_θ(a_t|s_t) − log π_ref(a_t|s_t))`` (§3.5), ``[B, L]``.
+
+    ``logp`` and ``ref_logp`` are aligned like :func:`llmq.mdp.token_logprobs`; the result is 0
+    off ``act_mask`` (prompt, observations, padding).  For a DPO-trained policy it is the optimal
+    soft advantage ``A*`` of the preference reward's class (E1), and its sum over a response is
+    the sequence reward ``r_w`` of :func:`dpo_loss`: ``Σ_t r_θ = R(y) − V*(x)`` at the optimum (R2).
+    """
+    return torch.where(act_mask.bool(), beta * (logp - ref_logp), torch.zeros_like(logp))

@@ -34,6 +34,17 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch
     return torch.cat([pad, taken - lse], dim=1), torch.cat([pad, lse], dim=1)
 
 
+def state_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, L, V]`` re-aligned so that row ``p`` scores the actions of state ``input_ids[:, :p]``.
+
+    The shift of :func:`token_logprobs`, kept for the whole vocabulary (row 0 is zeros), in fp32
+    or wider.  It copies the logits, so training losses use :func:`token_logprobs` instead; the
+    Q-function views and decoders, which need every token's score, use this.
+    """
+    scores = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.cat([scores.new_zeros(scores.shape[0], 1, scores.shape[2]), scores], dim=1)
+
+
 def action_mask_from_spans(spans: Sequence[Sequence[tuple[int, int]]], seq_len: int) -> torch.Tensor:
     """Action mask ``[B, seq_len]`` (bool) that is 1 on the half-open token spans ``[start, end)``.
 
