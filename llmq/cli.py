@@ -30,16 +30,14 @@ are those options; flags given on the command line override it.
 def _train(argv: Sequence[str]) -> int:
     from llmq.pipeline import TrainRunConfig, run_training
     from llmq.recipes import ModelConfig, load_recipe_file, parse_recipe
-    from llmq.trainers import ShiQConfig
+    from llmq.trainers import DPOConfig, ShiQConfig
 
     # The method picks the trainer's config class, so read it before parsing everything else.
     method = load_recipe_file(argv[0]).get("method", "shiq") if argv and not argv[0].startswith("-") else "shiq"
     if "--method" in argv[:-1]:
         method = argv[argv.index("--method") + 1]
-    if method == "dpo":
-        from trl import DPOConfig as TrainerConfig
-    else:  # an unknown method is reported by the parser, against TrainRunConfig's choices
-        TrainerConfig = ShiQConfig
+    # An unknown method is reported by the parser, against TrainRunConfig's choices.
+    TrainerConfig = DPOConfig if method == "dpo" else ShiQConfig
     model_args, training_args, run = parse_recipe(
         (ModelConfig, TrainerConfig, TrainRunConfig),
         argv,

@@ -166,3 +166,17 @@ def test_reverse_discounted_cumsum_gradients(gamma, weights):
     values = MULTI_TURN_VALUES.clone().requires_grad_()
     reverse_discounted_cumsum(values, gamma, MULTI_TURN_MASK)[:, 1].sum().backward()
     torch.testing.assert_close(values.grad, torch.tensor([weights]), rtol=0, atol=1e-6)
+
+
+def test_state_scores_row_p_scores_the_state_before_token_p() -> None:
+    from llmq.mdp import state_scores
+
+    logits = torch.randn(2, 4, 5, dtype=torch.bfloat16)
+    scores = state_scores(logits)
+    assert scores.shape == (2, 4, 5) and scores.dtype == torch.float32
+    assert torch.equal(scores[:, 0], torch.zeros(2, 5))
+    assert torch.equal(scores[:, 1:], logits[:, :-1].float())
+    ids = torch.randint(0, 5, (2, 4))
+    logp, lse = token_logprobs(logits, ids)
+    torch.testing.assert_close(torch.log_softmax(scores[:, 1:], -1).gather(-1, ids[:, 1:, None]).squeeze(-1), logp[:, 1:])
+    torch.testing.assert_close(torch.logsumexp(scores[:, 1:], -1), lse[:, 1:])

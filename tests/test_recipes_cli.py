@@ -58,10 +58,12 @@ def test_every_shipped_recipe_parses_and_starts_with_its_command():
             parse_recipe((ModelConfig, EvalConfig), [str(path)])
         else:
             from llmq.pipeline import TrainRunConfig
-            from llmq.trainers import ShiQConfig
+            from llmq.recipes import load_recipe_file
+            from llmq.trainers import DPOConfig, ShiQConfig
 
             assert " train " in command, path
-            parse_recipe((ModelConfig, ShiQConfig, TrainRunConfig), [str(path)])
+            trainer_config = DPOConfig if load_recipe_file(path).get("method") == "dpo" else ShiQConfig
+            parse_recipe((ModelConfig, trainer_config, TrainRunConfig), [str(path)])
 
 
 @pytest.mark.parametrize(
