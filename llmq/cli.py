@@ -67,18 +67,12 @@ def _generate(argv: Sequence[str]) -> int:
 
 
 def _load(model_args):
-    """Tokenizer and model of a ModelConfig, on the GPU when there is one, in eval mode."""
-    from llmq.models import load_model, load_tokenizer
+    """Model (on the GPU when there is one, in eval mode) and tokenizer of a ModelConfig."""
+    import torch
 
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype,
-        trust_remote_code=model_args.trust_remote_code,
-        revision=model_args.model_revision,
-        attn_implementation=model_args.attn_implementation,
-        device="cuda" if _cuda() else None,
-    )
+    from llmq.models import load_from_config
+
+    model, tokenizer = load_from_config(model_args, device="cuda" if torch.cuda.is_available() else None)
     model.eval()
     return model, tokenizer
 
@@ -134,12 +128,6 @@ def _models(argv: Sequence[str]) -> int:
         print(prepare_model(argv[1]))
         return 0
     raise UserError(f"models: expected 'list' or 'prepare NAME', got {' '.join(argv)!r}")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,20 +78,11 @@ def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
     """Run a training recipe end to end and return the summary written to ``output_dir/summary.json``."""
     from trl import get_peft_config
 
-    from llmq.models import load_model, load_tokenizer
+    from llmq.models import load_from_config
     from llmq.trainers import ShiQTrainer
 
     output_dir = Path(training_args.output_dir)
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype,
-        trust_remote_code=model_args.trust_remote_code,
-        revision=model_args.model_revision,
-        attn_implementation=model_args.attn_implementation,
-    )
-    device = "cpu" if training_args.use_cpu else training_args.device
-    model.to(device)
+    model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
     summary: dict = {"model": model_args.model_name_or_path, "method": run.method}
 
     def benchmark(stage: str) -> dict:

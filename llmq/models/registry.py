@@ -176,3 +176,18 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def load_from_config(model_args, device: str | torch.device | None = None):
+    """``(model, tokenizer)`` of a recipe's :class:`llmq.recipes.ModelConfig` (name, dtype, revision,
+    remote-code and attention settings), the model moved to ``device``."""
+    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype,
+        trust_remote_code=model_args.trust_remote_code,
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        device=device,
+    )
+    return model, tokenizer
