@@ -7,19 +7,28 @@ from typing import Any
 
 from reward_models.common import completion_text, math_equal
 
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# Not followed by a letter: "\\boxedx" would be another macro, while "\\boxed5" is "\\boxed{5}".
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
+# The brace-less "\\boxed 5" takes one token; some MATH solutions write "$\\boxed 5$".
+_BARE_ARGUMENT = re.compile(r"[^\s$]+")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched), stripped.
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched) or ``\\boxed 5``, stripped.
 
     None when there is none, or when the last one is unbalanced (a truncated completion).
     Escaped braces ``\\{`` ``\\}`` do not count.
     """
-    starts = [match.end() for match in _BOX.finditer(text)]
-    if not starts:
+    boxes = list(_BOX.finditer(text))
+    if not boxes:
         return None
-    depth, index = 1, starts[-1]
+    start = boxes[-1].end()
+    if not text.startswith("{", start):
+        bare = _BARE_ARGUMENT.match(text, start)
+        # "\\boxed 42." ends a sentence: the period is not part of the answer.
+        answer = bare.group().rstrip(".,;:") if bare else ""
+        return answer or None
+    depth, index = 1, start + 1
     while index < len(text):
         char = text[index]
         if char == "\\":
@@ -30,7 +39,7 @@ def last_boxed(text: str) -> str | None:
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return text[starts[-1] : index].strip()
+                return text[start + 1 : index].strip()
         index += 1
     return None
 

@@ -17,7 +17,7 @@ from reward_models import (
     score_gsm8k,
     score_math,
 )
-from reward_models.verify import math_equal
+from reward_models.common import math_equal
 
 
 def read_jsonl(path):
