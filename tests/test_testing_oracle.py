@@ -343,6 +343,9 @@ def test_reference_tabular_lm(mdp):
             if state in mdp.state_index:
                 assert (logits[b, p, mdp.n_actions :] == NON_ACTION_LOGIT).all()
                 torch.testing.assert_close(logits[b, p, : mdp.n_actions], ref.state_logits(state))
+                # Non-action ids add exactly nothing to the LSE over the full vocabulary, in fp64 and fp32.
+                for row in (logits[b, p], logits[b, p].float()):
+                    assert torch.logsumexp(row, 0) == torch.logsumexp(row[: mdp.n_actions], 0)
             else:  # after an action that an observation follows, terminal, padding
                 assert rows[b, p] == -1 and (logits[b, p] == 0).all()
 
