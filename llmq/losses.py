@@ -88,9 +88,10 @@ def shiq_loss(
     rho = torch.where(mask, logp - ref_logp, 0.0)
     u = torch.where(mask, u_all, 0.0)
 
+    last = last_action_positions(mask)
     bootstrap = torch.zeros_like(u_all[:, 0])
     if truncated is not None and truncated.any():
-        after_last = last_action_positions(mask) + 1
+        after_last = last + 1
         if (after_last[truncated] >= u_all.shape[1]).any():
             raise ValueError("a truncated row needs one position after its last action token (pad it) to read u(s_{T+1})")
         bootstrap = torch.where(truncated, u_all.gather(1, after_last.clamp(max=u_all.shape[1] - 1)[:, None]).squeeze(1), 0.0).detach()
@@ -103,7 +104,7 @@ def shiq_loss(
         delta = beta * u + beta * ratio_sums - returns - gamma**remaining * beta * bootstrap[:, None]  # (S3)
     else:
         next_u = _next_action_values(u.detach(), mask)
-        is_last = torch.arange(mask.shape[1], device=mask.device)[None, :] == last_action_positions(mask)[:, None]
+        is_last = torch.arange(mask.shape[1], device=mask.device)[None, :] == last[:, None]
         next_u = torch.where(is_last, bootstrap[:, None], next_u)
         delta = beta * rho + beta * u - rewards - gamma * beta * next_u  # (S2)
 

@@ -62,8 +62,12 @@ class HFEngine:
             torch.manual_seed(seed)
             output = self.model.generate(**encoded, **options)
         new_tokens = output.sequences[:, encoded["input_ids"].shape[1] :]
-        logits = torch.stack(output.logits, dim=1).float()  # raw logits, before temperature / top-p
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+        # Raw logits (before temperature / top-p), one step at a time: stacking them all and taking
+        # a full log_softmax would copy every step's [B, V] scores twice more.
+        logprobs = torch.stack(
+            [step.float().gather(-1, new_tokens[:, t, None]).squeeze(-1) - torch.logsumexp(step.float(), dim=-1) for t, step in enumerate(output.logits)],
+            dim=1,
+        )
         eos_ids = self.model.generation_config.eos_token_id
         eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
 
