@@ -1,4 +1,4 @@
-"""``llmq`` command line: train | generate | eval | models.
+"""``llmq`` command line: train | generate | eval | explain | models.
 
 Errors in the user's input (recipe keys, files, model names) end in one line on stderr and exit
 code 2, never a traceback.
@@ -16,7 +16,7 @@ USAGE = """usage: llmq <command> [RECIPE] [--key value ...]
 
 commands:
   train      fine-tune a model from a recipe (ShiQ or DPO), with optional data building and before/after benchmark
-  generate   sample K completions per question, score them with the task's verifier, save an HF dataset
+  generate   K completions per question (sampling, beam or Q-guided decoding), scored by the task's verifier, saved as an HF dataset
   eval       evaluate a model on a benchmark task (gsm8k, math500) with a pinned protocol
   explain    credit map of a response: per-token implicit rewards of a policy vs its reference (HTML + PNG)
   models     list the registered models, or prepare one: `llmq models list | prepare NAME`
@@ -57,7 +57,7 @@ def _generate(argv: Sequence[str]) -> int:
         (ModelConfig, GenerateConfig),
         argv,
         prog="llmq generate",
-        description="Sample num_completions answers per question of a task, score them with its verifier, and save an HF dataset of (prompt, completion, reward) rows.",
+        description="Sample num_completions answers per question of a task (sampling, greedy, beam search, or Q-guided decoding), score them with its verifier, and save an HF dataset of (prompt, completion, reward) rows.",
     )
     model, tokenizer = _load(model_args)
     dataset = build_offline_dataset(model, tokenizer, config, model_name=model_args.model_name_or_path)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from llmq.data.tasks import load_task, load_task_rows, task_scorer
 from llmq.errors import UserError
-from llmq.rollout import HFEngine, SamplingParams
+from llmq.decoding.options import DecodingOptions
+from llmq.rollout import HFEngine
 
 SETTINGS_FILE = "llmq_generation.json"
 
 
 @dataclasses.dataclass
-class GenerateConfig:
+class GenerateConfig(DecodingOptions):
     """What ``llmq generate`` samples and scores; every field is a recipe key or a ``--flag``."""
 
     task: str = dataclasses.field(default="gsm8k", metadata={"help": "Task spec whose questions are the prompts and whose verifier gives the rewards (gsm8k, math500, or a YAML path)."})
@@ -41,8 +42,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.num_completions < 1 or (self.limit is not None and self.limit < 1) or self.batch_size < 1:
             raise UserError("keys 'num_completions', 'limit' and 'batch_size' must be at least 1")
-        if self.num_completions > 1 and self.temperature == 0:
-            raise UserError("key 'num_completions' > 1 needs 'temperature' > 0")
+        self.check_decoding(self.num_completions, "num_completions")
         load_task(self.task)
 
 
@@ -60,10 +60,11 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     task = load_task(config.task)
     questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     template = config.prompt or task.prompt
-    sampling = SamplingParams(max_new_tokens=config.max_new_tokens or task.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=config.seed)
+    sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", q["question"])}] for q in questions]
+    engine = HFEngine(model, tokenizer, batch_size=config.batch_size, logits_processor=config.logits_processors(model, tokenizer))
     started = time.perf_counter()
-    outputs = HFEngine(model, tokenizer, batch_size=config.batch_size).generate(prompts, n=config.num_completions, sampling=sampling)
+    outputs = engine.generate(prompts, n=config.num_completions, sampling=sampling)
     score = task_scorer(task)
     rows = []
     for question, prompt, completions in zip(questions, prompts, outputs):

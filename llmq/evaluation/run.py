@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from llmq.data.tasks import load_task, load_task_rows, task_scorer
+from llmq.decoding.options import DecodingOptions
 from llmq.errors import UserError
-from llmq.rollout import HFEngine, SamplingParams
+from llmq.rollout import HFEngine
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class EvalConfig(DecodingOptions):
     """What to evaluate and how; every field can be a recipe key or a ``--flag``."""
 
     task: str = dataclasses.field(default="gsm8k", metadata={"help": "Task spec: a name in eval/ (gsm8k, math500) or a path to a task YAML."})
@@ -41,8 +42,7 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"key '{name}' must be at least 1, got {value}")
-        if self.num_samples > 1 and self.temperature == 0:
-            raise UserError("key 'num_samples' > 1 needs 'temperature' > 0 (greedy answers would all be identical)")
+        self.check_decoding(self.num_samples, "num_samples")
         load_task(self.task)  # an unknown task is an error before any model is loaded
 
 
@@ -59,14 +59,9 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
     task = load_task(config.task)
     rows = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     template = config.prompt or task.prompt
-    sampling = SamplingParams(
-        max_new_tokens=config.max_new_tokens or task.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        seed=config.seed,
-    )
+    sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
-    engine = HFEngine(model, tokenizer, batch_size=config.batch_size)
+    engine = HFEngine(model, tokenizer, batch_size=config.batch_size, logits_processor=config.logits_processors(model, tokenizer))
     started = time.perf_counter()
     outputs = engine.generate(prompts, n=config.num_samples, sampling=sampling)
     wall_time = time.perf_counter() - started
@@ -101,7 +96,7 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
             "prompt": template,
             "chat_template": True,
             "shots": 0,
-            "decoding": dataclasses.asdict(sampling) | {"num_samples": config.num_samples},
+            "decoding": dataclasses.asdict(sampling) | {"num_samples": config.num_samples} | config.decoding_record(),
             "scorer": task.scorer,
         },
         "metrics": {"first_sample": summary(correct), "answer_format": summary(formatted)}

@@ -11,7 +11,12 @@ Prompt = str | list[dict[str, str]]
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to sample: ``temperature == 0`` means greedy decoding."""
+    """How to decode: ``temperature == 0`` means greedy decoding; ``num_beams > 1`` means beam search.
+
+    Beam search ranks sequences by the plain sum of their token log-probs (no length
+    normalisation: on a DPO policy this sum is the implicit regularised return, ALGORITHMS.md §3.6)
+    and returns the best ``n <= num_beams`` of them; it ignores temperature, top-p and top-k.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -19,9 +24,10 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    num_beams: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.num_beams < 1:
             raise ValueError(f"invalid sampling settings: {self}")
 
 
