@@ -15,7 +15,7 @@ from llmq.errors import UserError
 USAGE = """usage: llmq <command> [RECIPE] [--key value ...]
 
 commands:
-  train      fine-tune a model from a recipe (ShiQ or DPO), with optional data building and before/after benchmark
+  train      fine-tune a model from a recipe (ShiQ, DPO, or SFT on best-of-N samples), with optional data building and before/after benchmark
   generate   K completions per question (sampling, beam or Q-guided decoding), scored by the task's verifier, saved as an HF dataset
   eval       evaluate a model on a benchmark task (gsm8k, math500) with a pinned protocol
   explain    credit map of a response: per-token implicit rewards of a policy vs its reference (HTML + PNG)
@@ -30,19 +30,19 @@ are those options; flags given on the command line override it.
 def _train(argv: Sequence[str]) -> int:
     from llmq.pipeline import TrainRunConfig, run_training
     from llmq.recipes import ModelConfig, load_recipe_file, parse_recipe
-    from llmq.trainers import DPOConfig, ShiQConfig
+    from llmq.trainers import DPOConfig, SFTConfig, ShiQConfig
 
     # The method picks the trainer's config class, so read it before parsing everything else.
     method = load_recipe_file(argv[0]).get("method", "shiq") if argv and not argv[0].startswith("-") else "shiq"
     if "--method" in argv[:-1]:
         method = argv[argv.index("--method") + 1]
     # An unknown method is reported by the parser, against TrainRunConfig's choices.
-    TrainerConfig = DPOConfig if method == "dpo" else ShiQConfig
+    TrainerConfig = {"dpo": DPOConfig, "sft": SFTConfig}.get(method, ShiQConfig)
     model_args, training_args, run = parse_recipe(
         (ModelConfig, TrainerConfig, TrainRunConfig),
         argv,
         prog="llmq train",
-        description="Fine-tune with ShiQ (method: shiq) or DPO (method: dpo): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
+        description="Fine-tune with ShiQ (method: shiq), DPO (method: dpo) or SFT on best-of-N extractions (method: sft): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
     )
     summary = run_training(model_args, training_args, run)
     print(f"model saved to {training_args.output_dir}; summary: {training_args.output_dir}/summary.json (train loss {summary['train'].get('train_loss', float('nan')):.4f})")

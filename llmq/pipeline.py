@@ -1,4 +1,4 @@
-"""``llmq train``: (build offline data) → benchmark before → train (ShiQ or DPO) → save → benchmark after."""
+"""``llmq train``: (build offline data) → benchmark before → train (ShiQ, DPO or SFT) → save → benchmark after."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ class TrainRunConfig:
 
     method: str = dataclasses.field(
         default="shiq",
-        metadata={"help": "shiq (ShiQTrainer on rewarded completions) or dpo (TRL's DPOTrainer on best-vs-worst pairs of the same data).", "choices": ["shiq", "dpo"]},
+        metadata={
+            "help": "shiq (ShiQTrainer on rewarded completions), dpo (TRL's DPOTrainer on best-vs-worst pairs of the same data), or sft "
+            "(TRL's SFTTrainer on best-of-N extracted completions: built data keep each question's best sample when the verifier accepts it).",
+            "choices": ["shiq", "dpo", "sft"],
+        },
     )
     dataset_path: str = dataclasses.field(
         default="outputs/offline_data",
@@ -33,6 +37,9 @@ class TrainRunConfig:
     build_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature of the data."})
     build_max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Tokens per sampled completion; default the task's."})
     build_format_reward: float = dataclasses.field(default=0.0, metadata={"help": "Reward added when a sampled answer is stated in the task's format (see llmq generate --help)."})
+    build_min_score: float = dataclasses.field(
+        default=1.0, metadata={"help": "method sft: a question's best sample (by the verifier) is kept only when it scores at least this (1: correct answers only)."}
+    )
     benchmark_task: str | None = dataclasses.field(default=None, metadata={"help": "Evaluate greedily on this task before and after training (none: skip)."})
     benchmark_split: str = dataclasses.field(default="test", metadata={"help": "Split of the benchmark."})
     benchmark_limit: int | None = dataclasses.field(default=None, metadata={"help": "First N benchmark questions (a fixed subset)."})
@@ -45,12 +52,14 @@ class TrainRunConfig:
             split=self.build_split,
             data_dir=self.data_dir,
             limit=self.build_limit,
-            num_completions=self.build_num_completions,
+            num_completions=1 if self.method == "sft" else self.build_num_completions,
             temperature=self.build_temperature,
             max_new_tokens=self.build_max_new_tokens,
             format_reward=self.build_format_reward,
             batch_size=self.generation_batch_size,
             dataset_path=self.dataset_path,
+            # SFT data are best-of-N extractions (rejection sampling); ShiQ and DPO keep every sample.
+            **(dict(decoding="best_of_n", num_candidates=self.build_num_completions, min_score=self.build_min_score) if self.method == "sft" else {}),
         )
 
     def benchmark_config(self, output_dir: Path) -> EvalConfig:
@@ -111,6 +120,11 @@ def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
             summary["preference_pairs"] = len(dataset)
         dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
         trainer = DPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    elif run.method == "sft":
+        from trl import SFTTrainer
+
+        dataset = dataset.select_columns(["prompt", "completion"])
+        trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
     else:
         trainer = ShiQTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -35,6 +35,10 @@ class GenerateConfig(DecodingOptions):
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
     dataset_path: str = dataclasses.field(default="outputs/offline_data", metadata={"help": "Where the HF dataset is saved (datasets.load_from_disk reads it)."})
+    min_score: float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "With decoding best_of_n: keep a question's kept completions only when their scorer score is at least this (rejection sampling: an SFT dataset of good answers)."},
+    )
     pairs_path: str | None = dataclasses.field(
         default=None, metadata={"help": "Also save preference pairs here: per question, the best vs the worst scored completion (prompt, chosen, rejected), for DPO."}
     )
@@ -43,6 +47,8 @@ class GenerateConfig(DecodingOptions):
         if self.num_completions < 1 or (self.limit is not None and self.limit < 1) or self.batch_size < 1:
             raise UserError("keys 'num_completions', 'limit' and 'batch_size' must be at least 1")
         self.check_decoding(self.num_completions, "num_completions")
+        if self.min_score is not None and self.decoding != "best_of_n":
+            raise UserError("key 'min_score' needs decoding best_of_n (it thresholds the scorer's scores)")
         load_task(self.task)
 
 
@@ -53,7 +59,9 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     ``reward`` (0/1 correctness from the task's verifier, plus ``format_reward`` when the answer is
     stated in the task's format), ``correct``, ``formatted``, ``truncated`` (cut at ``max_new_tokens``), plus the
     question index, the gold answer and the extracted answer.  The sampling settings and summary
-    statistics are saved beside the data in ``llmq_generation.json``.
+    statistics are saved beside the data in ``llmq_generation.json``.  With decoding best_of_n or
+    maj_at_n, ``num_candidates`` are sampled per question and the kept rows also carry their
+    ``score`` and the number of ``candidates``; ``min_score`` drops kept rows scoring below it.
     """
     import datasets
 
@@ -64,12 +72,17 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     prompts = [[{"role": "user", "content": template.replace("{question}", q["question"])}] for q in questions]
     engine = HFEngine(model, tokenizer, batch_size=config.batch_size, logits_processor=config.logits_processors(model, tokenizer))
     started = time.perf_counter()
-    outputs = engine.generate(prompts, n=config.num_completions, sampling=sampling)
+    outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_completions), sampling=sampling)
     score = task_scorer(task)
+    verdicts = [[score(c.text, q["answer"]) for c in group] for q, group in zip(questions, outputs)]
+    kept, scores = config.select(prompts, outputs, verdicts, model, tokenizer, answers=config.num_completions)
     rows = []
-    for question, prompt, completions in zip(questions, prompts, outputs):
-        for sample, completion in enumerate(completions):
-            verdict = score(completion.text, question["answer"])
+    for index, (question, prompt, completions) in enumerate(zip(questions, prompts, outputs)):
+        for sample in kept[index]:
+            completion, verdict = completions[sample], verdicts[index][sample]
+            if scores is not None and config.min_score is not None and scores[index][sample] < config.min_score:
+                continue
+            selection = {} if scores is None else {"score": scores[index][sample], "candidates": len(completions)}
             rows.append(
                 {
                     "prompt": prompt,
@@ -83,8 +96,11 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
                     "answer": question["answer"],
                     "extracted": verdict.answer,
                 }
+                | selection
             )
     if not rows:
+        if questions and config.min_score is not None:
+            raise UserError(f"no question's best candidate scored at least min_score {config.min_score}: the dataset would be empty")
         raise UserError(f"task {task.name} split {config.split} gave no questions")
     dataset = datasets.Dataset.from_list(rows)
     rewards = [row["reward"] for row in rows]
@@ -94,6 +110,7 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
         "sampling": dataclasses.asdict(sampling),
         "prompt_template": template,
         "questions": len(questions),
+        "candidates": sum(len(group) for group in outputs),
         "completions": len(rows),
         "mean_reward": sum(rewards) / len(rewards),
         "correct": sum(r["correct"] for r in rows),

@@ -18,14 +18,27 @@ class DecodingOptions:
         metadata={
             "help": "sample (temperature / top-p; temperature 0 is greedy), greedy, beam (beam search ranking by the summed log-probs: on a DPO policy, "
             "search on its implicit Q*, ALGORITHMS.md §3.6; with guide_model, on the guide's implicit reward), or guided (token-level sampling "
-            "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_beta) on the top guidance_top_k tokens; temperature 0: argmax).",
-            "choices": ["sample", "greedy", "beam", "guided"],
+            "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_beta) on the top guidance_top_k tokens; temperature 0: argmax), "
+            "best_of_n (sample num_candidates, keep the best by scorer), or maj_at_n (sample num_candidates, keep one with the most frequent final answer).",
+            "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n"],
+        },
+    )
+    num_candidates: int = dataclasses.field(default=8, metadata={"help": "Samples N per question for decoding best_of_n and maj_at_n."})
+    scorer: str = dataclasses.field(
+        default="verifier",
+        metadata={
+            "help": "Candidate scores for best_of_n (and maj_at_n ties): verifier (the task's verifier against the gold answer: an oracle at evaluation time), "
+            "implicit_reward (Σ β·log π_guide/π_model of guide_model), or likelihood (the model's summed log-probs).",
+            "choices": ["verifier", "implicit_reward", "likelihood"],
         },
     )
     num_beams: int = dataclasses.field(default=4, metadata={"help": "Beam width of decoding: beam; answers per question must not exceed it."})
     guide_model: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "Policy (trained by ShiQ or DPO against model_name_or_path, which then plays the reference) whose Q guides decoding: guided or beam."},
+        metadata={
+            "help": "Policy (trained by ShiQ or DPO against model_name_or_path, which then plays the reference) whose Q guides decoding "
+            "(guided, beam) or scores candidates (scorer implicit_reward)."
+        },
     )
     guide_beta: float = dataclasses.field(default=0.1, metadata={"help": "The β guide_model was trained with: its advantages are β·log π_guide/π_model."})
     guidance_beta: float | None = dataclasses.field(
@@ -35,22 +48,35 @@ class DecodingOptions:
 
     def check_decoding(self, answers: int, answers_key: str) -> None:
         """Consistency of the decoding keys with ``answers`` per question (recipe key ``answers_key``)."""
-        if answers > 1 and (self.decoding == "greedy" or (self.temperature == 0 and self.decoding != "beam")):
+        selecting = self.decoding in ("best_of_n", "maj_at_n")
+        if answers > 1 and (self.decoding == "greedy" or (self.temperature == 0 and self.decoding in ("sample", "guided"))):
             raise UserError(f"key '{answers_key}' > 1 needs 'temperature' > 0 with decoding sample or guided, or decoding beam (greedy answers would all be identical)")
         if self.decoding == "beam" and not 1 <= answers <= self.num_beams:
             raise UserError(f"key '{answers_key}' ({answers}) must not exceed 'num_beams' ({self.num_beams}) with decoding beam")
+        if selecting and (self.temperature == 0 or self.num_candidates < 2):
+            raise UserError(f"decoding {self.decoding} needs 'temperature' > 0 and 'num_candidates' >= 2")
+        if self.decoding == "best_of_n" and answers > self.num_candidates:
+            raise UserError(f"key '{answers_key}' ({answers}) must not exceed 'num_candidates' ({self.num_candidates}) with decoding best_of_n")
+        if self.decoding == "maj_at_n" and answers != 1:
+            raise UserError(f"key '{answers_key}' must be 1 with decoding maj_at_n (one majority answer per question)")
         if self.decoding == "guided" and self.guide_model is None:
             raise UserError("decoding guided needs key 'guide_model': the policy whose Q guides the model")
+        if selecting and self.scorer == "implicit_reward" and self.guide_model is None:
+            raise UserError("scorer implicit_reward needs key 'guide_model': the policy whose implicit reward scores the candidates")
         if self.guide_model is None:
             return
-        if self.decoding not in ("guided", "beam"):
-            raise UserError(f"key 'guide_model' is used by decoding guided or beam, not {self.decoding}")
+        if not (self.decoding in ("guided", "beam") or (selecting and self.scorer == "implicit_reward")):
+            raise UserError(f"key 'guide_model' is used by decoding guided or beam, or by scorer implicit_reward; not by decoding {self.decoding} with scorer {self.scorer}")
         if self.guide_beta <= 0 or (self.guidance_beta is not None and self.guidance_beta <= 0) or self.guidance_top_k < 0:
             raise UserError("keys 'guide_beta' and 'guidance_beta' must be > 0 and 'guidance_top_k' >= 0")
         try:
             check_model_reference(self.guide_model)
         except UserError as error:
             raise UserError(f"key 'guide_model': {error}") from None
+
+    def candidates_per_question(self, answers: int) -> int:
+        """How many completions the engine generates per question."""
+        return self.num_candidates if self.decoding in ("best_of_n", "maj_at_n") else answers
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -61,17 +87,43 @@ class DecodingOptions:
             num_beams=self.num_beams if self.decoding == "beam" else 1,
         )
 
-    def logits_processors(self, model, tokenizer) -> list:
-        """The Q-guidance processor when ``guide_model`` is set (loaded in ``model``'s dtype, on its device)."""
-        if self.guide_model is None:
-            return []
-        from llmq.decoding.guided import QGuidedLogitsProcessor
+    def load_guide(self, model, tokenizer):
+        """``guide_model`` in ``model``'s dtype, on its device, checked to share the tokenizer."""
         from llmq.models import load_model, load_tokenizer
 
         if load_tokenizer(self.guide_model).get_vocab() != tokenizer.get_vocab():
             raise UserError(f"key 'guide_model': the tokenizer of '{self.guide_model}' differs from the model's; a guide must share its reference's vocabulary")
-        guide = load_model(self.guide_model, dtype=str(model.dtype).removeprefix("torch."), device=model.device).eval()
+        return load_model(self.guide_model, dtype=str(model.dtype).removeprefix("torch."), device=model.device).eval()
+
+    def logits_processors(self, model, tokenizer, guide=None) -> list:
+        """The Q-guidance processor for decoding guided and beam with a guide (loaded unless given)."""
+        if self.guide_model is None or self.decoding not in ("guided", "beam"):
+            return []
+        from llmq.decoding.guided import QGuidedLogitsProcessor
+
+        guide = guide if guide is not None else self.load_guide(model, tokenizer)
         return [QGuidedLogitsProcessor(guide, beta=self.guide_beta, guidance_beta=self.guidance_beta, top_k=self.guidance_top_k, pad_token_id=tokenizer.pad_token_id)]
+
+    def select(self, prompts: list, candidates: list[list], verdicts: list[list], model, tokenizer, answers: int) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Which ``answers`` candidates of each question to keep (best_of_n / maj_at_n; others keep all).
+
+        ``verdicts[i][j]`` is the task verifier's verdict on candidate ``j`` of question ``i``
+        (its ``correct`` is the verifier score, its ``answer`` the vote).  Returns the kept
+        indices, best first, and every candidate's score (``None`` when nothing is selected).
+        """
+        if self.decoding not in ("best_of_n", "maj_at_n"):
+            return [list(range(len(group))) for group in candidates], None
+        from llmq.decoding.best_of_n import ImplicitRewardScorer, best_of_n, likelihood_scores, majority_vote
+
+        if self.scorer == "verifier":
+            scores = [[float(v.correct) for v in group] for group in verdicts]
+        elif self.scorer == "likelihood":
+            scores = likelihood_scores(prompts, candidates)
+        else:
+            scores = ImplicitRewardScorer(self.load_guide(model, tokenizer), model, self.guide_beta, tokenizer)(prompts, candidates)
+        if self.decoding == "best_of_n":
+            return [best_of_n(group_scores, keep=answers) for group_scores in scores], scores
+        return [[majority_vote([v.answer for v in group_verdicts], group_scores)] for group_verdicts, group_scores in zip(verdicts, scores)], scores
 
     def decoding_record(self) -> dict:
         """The decoding keys, for reports and dataset settings."""

@@ -63,24 +63,30 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
     engine = HFEngine(model, tokenizer, batch_size=config.batch_size, logits_processor=config.logits_processors(model, tokenizer))
     started = time.perf_counter()
-    outputs = engine.generate(prompts, n=config.num_samples, sampling=sampling)
+    outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_samples), sampling=sampling)
     wall_time = time.perf_counter() - started
 
     score = task_scorer(task)
+    verdicts = [[score(c.text, row["answer"]) for c in group] for row, group in zip(rows, outputs)]
+    kept, scores = config.select(prompts, outputs, verdicts, model, tokenizer, answers=config.num_samples)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    correct, formatted, passed, majority, tokens = [], [], [], [], 0
+    correct, formatted, passed, majority = [], [], [], []
+    tokens = sum(len(c.token_ids) for group in outputs for c in group)
     with open(output_dir / "completions.jsonl", "w") as records:
-        for row, completions in zip(rows, outputs):
-            verdicts = [score(c.text, row["answer"]) for c in completions]
-            tokens += sum(len(c.token_ids) for c in completions)
-            correct.append(verdicts[0].correct)
-            formatted.append(verdicts[0].formatted)
-            passed.append(any(v.correct for v in verdicts))
-            votes = Counter(v.answer for v in verdicts if v.answer is not None)
+        for index, row in enumerate(rows):
+            completions = [outputs[index][j] for j in kept[index]]
+            answers = [verdicts[index][j] for j in kept[index]]
+            correct.append(answers[0].correct)
+            formatted.append(answers[0].formatted)
+            passed.append(any(v.correct for v in answers))
+            votes = Counter(v.answer for v in answers if v.answer is not None)
             winner = votes.most_common(1)[0][0] if votes else None
-            majority.append(any(v.correct for v in verdicts if winner is not None and v.answer == winner))
-            records.write(json.dumps({**row, "completions": [c.text for c in completions], "verdicts": [v._asdict() for v in verdicts]}) + "\n")
+            majority.append(any(v.correct for v in answers if winner is not None and v.answer == winner))
+            record = {**row, "completions": [c.text for c in completions], "verdicts": [v._asdict() for v in answers]}
+            if scores is not None:
+                record["candidates"] = [{"text": c.text, "score": s, **v._asdict()} for c, s, v in zip(outputs[index], scores[index], verdicts[index])]
+            records.write(json.dumps(record) + "\n")
 
     def summary(values: list[bool]) -> dict:
         array = np.asarray(values, dtype=float)

@@ -1,6 +1,6 @@
 """One ``XTrainer(transformers.Trainer)`` + ``XConfig(TrainingArguments)`` pair per method."""
 
-from llmq.trainers.dpo import DPOConfig
 from llmq.trainers.shiq import ShiQConfig, ShiQTrainer
+from llmq.trainers.trl_configs import DPOConfig, SFTConfig
 
-__all__ = ["DPOConfig", "ShiQConfig", "ShiQTrainer"]
+__all__ = ["DPOConfig", "SFTConfig", "ShiQConfig", "ShiQTrainer"]

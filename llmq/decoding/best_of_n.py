@@ -1,0 +1,87 @@
+"""Best-of-N and maj@N over sampled candidates, with a pluggable scorer.
+
+Scorers give one number per candidate:
+
+* ``verifier`` — the task's verifier against the gold answer (training-time extraction; at
+  evaluation time it is an oracle, an upper bound);
+* ``implicit_reward`` — ``Σ_t β·log π_θ(a_t|s_t)/π_ref(a_t|s_t)`` of a policy π_θ (DPO or ShiQ)
+  against the generating model π_ref.  By (R2) it equals ``R(y) − V*(x)``, so among candidates
+  for one prompt it ranks exactly as the reward the policy learned;
+* ``likelihood`` — the generating model's own ``Σ_t log π(a_t|s_t)``;
+* any callable ``(prompts, candidates) -> scores`` for value heads or external reward models.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+
+from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
+from llmq.qfunctions import ImplicitQ
+from llmq.rollout import Completion, Prompt
+
+Scorer = Callable[[list[Prompt], list[list[Completion]]], list[list[float]]]
+
+
+def likelihood_scores(prompts: list[Prompt], candidates: list[list[Completion]]) -> list[list[float]]:
+    """The generating model's summed log-probs of each candidate (no extra forward pass)."""
+    return [[sum(c.logprobs) for c in group] for group in candidates]
+
+
+class ImplicitRewardScorer:
+    """``Σ_t r_θ`` of each candidate under ``ImplicitQ(policy, reference, beta)`` (ALGORITHMS.md §3.5, R2).
+
+    Args:
+        policy: π_θ, a causal LM trained against ``reference``.
+        reference: π_ref (usually the model that generated the candidates); ``None`` for a PEFT policy.
+        beta: the β the policy was trained with.
+        tokenizer: the shared tokenizer; chat prompts use its chat template, as in training.
+        batch_size: candidates per forward pass.
+    """
+
+    def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module | None, beta: float, tokenizer, batch_size: int = 8) -> None:
+        self.q = ImplicitQ(policy, reference, beta)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.collate = TrajectoryCollator(tokenizer.pad_token_id)
+
+    def __call__(self, prompts: list[Prompt], candidates: list[list[Completion]]) -> list[list[float]]:
+        rows = []
+        for prompt, group in zip(prompts, candidates):
+            for completion in group:
+                if isinstance(prompt, str):
+                    rows.append({"prompt": prompt, "completion": completion.text, "reward": 0.0})
+                else:
+                    rows.append({"prompt": list(prompt), "completion": [{"role": "assistant", "content": completion.text}], "reward": 0.0})
+        device = next(self.q.model.parameters()).device
+        totals: list[float] = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = self.collate([tokenize_trajectory(row, self.tokenizer, max_length=10**9, index=start + i) for i, row in enumerate(rows[start : start + self.batch_size])])
+            rewards = self.q.advantages(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            totals += (rewards.float().cpu() * batch["act_mask"]).sum(dim=-1).tolist()
+        sizes = [len(group) for group in candidates]
+        return [totals[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+
+
+def best_of_n(scores: Sequence[float], keep: int = 1) -> list[int]:
+    """Indices of the ``keep`` highest-scored candidates, best first (ties: the earlier sample)."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])[:keep]
+
+
+def majority_vote(answers: Sequence[str | None], scores: Sequence[float] | None = None) -> int:
+    """Index of the candidate that represents the most frequent extracted answer.
+
+    Among the candidates with that answer the highest-scored one is returned (the first without
+    scores); answer ties go to the answer whose candidates score more in total, then to the
+    answer seen first.  Candidates without an answer do not vote; if none has one, 0.
+    """
+    scores = [0.0] * len(answers) if scores is None else list(scores)
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return 0
+    totals = {a: sum(s for b, s in zip(answers, scores) if b == a) for a in votes}
+    first_seen = {a: answers.index(a) for a in votes}
+    winner = max(votes, key=lambda a: (votes[a], totals[a], -first_seen[a]))
+    return max((i for i, a in enumerate(answers) if a == winner), key=lambda i: (scores[i], -i))
