@@ -96,7 +96,8 @@ def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
 
     def benchmark(stage: str) -> dict:
         model.eval()
-        report = evaluate(model, tokenizer, run.benchmark_config(output_dir / f"benchmark_{stage}"), model_name=f"{model_args.model_name_or_path} ({stage} {run.method})")
+        config = run.benchmark_config(output_dir / f"benchmark_{stage}")
+        report = evaluate(model, tokenizer, config, model_name=f"{model_args.model_name_or_path} ({stage} {run.method})", restart_on_mismatch=True)
         print(format_report(report), flush=True)
         return report
 

@@ -104,12 +104,13 @@ class DecodingOptions:
         guide = guide if guide is not None else self.load_guide(model, tokenizer)
         return [QGuidedLogitsProcessor(guide, beta=self.guide_beta, guidance_beta=self.guidance_beta, top_k=self.guidance_top_k, pad_token_id=tokenizer.pad_token_id)]
 
-    def select(self, prompts: list, candidates: list[list], verdicts: list[list], model, tokenizer, answers: int) -> tuple[list[list[int]], list[list[float]] | None]:
+    def select(self, prompts: list, candidates: list[list], verdicts: list[list], model, tokenizer, answers: int, guide=None) -> tuple[list[list[int]], list[list[float]] | None]:
         """Which ``answers`` candidates of each question to keep (best_of_n / maj_at_n; others keep all).
 
         ``verdicts[i][j]`` is the task verifier's verdict on candidate ``j`` of question ``i``
         (its ``correct`` is the verifier score, its ``answer`` the vote).  Returns the kept
         indices, best first, and every candidate's score (``None`` when nothing is selected).
+        ``guide`` is the loaded ``guide_model`` (loaded here when needed and not given).
         """
         if self.decoding not in ("best_of_n", "maj_at_n"):
             return [list(range(len(group))) for group in candidates], None
@@ -120,7 +121,7 @@ class DecodingOptions:
         elif self.scorer == "likelihood":
             scores = likelihood_scores(prompts, candidates)
         else:
-            scores = ImplicitRewardScorer(self.load_guide(model, tokenizer), model, self.guide_beta, tokenizer)(prompts, candidates)
+            scores = ImplicitRewardScorer(guide if guide is not None else self.load_guide(model, tokenizer), model, self.guide_beta, tokenizer)(prompts, candidates)
         if self.decoding == "best_of_n":
             return [best_of_n(group_scores, keep=answers) for group_scores in scores], scores
         return [[majority_vote([v.answer for v in group_verdicts], group_scores)] for group_verdicts, group_scores in zip(verdicts, scores)], scores

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from llmq.data.tasks import load_task, load_task_rows, task_scorer
 from llmq.decoding.options import DecodingOptions
@@ -35,7 +36,13 @@ class EvalConfig(DecodingOptions):
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Questions per generate call."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Sampling and bootstrap seed."})
     bootstrap_samples: int = dataclasses.field(default=1000, metadata={"help": "Bootstrap resamples for the 95 percent interval."})
-    output_dir: str = dataclasses.field(default="outputs/eval", metadata={"help": "Where report.json and completions.jsonl are written."})
+    output_dir: str = dataclasses.field(
+        default="outputs/eval",
+        metadata={"help": "Where completions.jsonl (appended as batches finish: a killed run resumes here), report.json, report.md and accuracy_vs_tokens.png are written."},
+    )
+    compare_with: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "Output folders of other evaluations (e.g. other decodings) to include in report.md and the plot."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("limit", "max_new_tokens", "num_samples", "batch_size", "bootstrap_samples"):
@@ -43,6 +50,9 @@ class EvalConfig(DecodingOptions):
             if value is not None and value < 1:
                 raise UserError(f"key '{name}' must be at least 1, got {value}")
         self.check_decoding(self.num_samples, "num_samples")
+        for other in self.compare_with:
+            if not (Path(other) / "report.json").is_file():
+                raise UserError(f"key 'compare_with': '{other}' holds no report.json")
         load_task(self.task)  # an unknown task is an error before any model is loaded
 
 
@@ -54,39 +64,111 @@ def bootstrap_interval(values: np.ndarray, samples: int = 1000, seed: int = 0, l
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
-    """Generate answers for the task's rows, score them, write ``report.json`` + ``completions.jsonl``."""
+def weights_checksum(model) -> float:
+    """Sum of every parameter in fp64: tells two sets of weights apart, so a cache of one model's
+    completions is never reused for another (retrained) model saved under the same name."""
+    import torch
+
+    with torch.no_grad():
+        return float(sum(parameter.double().sum() for parameter in model.parameters()))
+
+
+def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool) -> dict[int, dict]:
+    """The completions a previous run of the same protocol left in ``output_dir`` (by question index)."""
+    protocol_file, cache = output_dir / "protocol.json", output_dir / "completions.jsonl"
+    if protocol_file.is_file():
+        previous = json.loads(protocol_file.read_text())
+        if previous != protocol:
+            if not restart_on_mismatch:
+                differing = sorted(key for key in protocol.keys() | previous.keys() if previous.get(key) != protocol.get(key))
+                raise UserError(f"output_dir '{output_dir}' holds completions of another evaluation (differs in: {', '.join(differing)}); use another output_dir or delete it")
+            cache.unlink(missing_ok=True)
+    protocol_file.write_text(json.dumps(protocol, indent=2) + "\n")
+    records: dict[int, dict] = {}
+    if cache.is_file():
+        text = cache.read_text()
+        if not text.endswith("\n"):  # a kill in the middle of a write: drop the cut line before appending
+            text = text[: text.rfind("\n") + 1]
+            cache.write_text(text)
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                records[record["index"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise UserError(f"{cache}, line {number}: not a completion record ({error!r}); delete the file to start over") from None
+    return records
+
+
+def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_mismatch: bool = False) -> dict:
+    """Generate answers for the task's rows, score them, write ``report.json``, ``report.md`` and a plot.
+
+    Resumable: each batch of questions is appended to ``completions.jsonl`` as it finishes, and a
+    run in an ``output_dir`` that already holds completions of the same protocol (``protocol.json``:
+    model and its weights, task, prompt, decoding) generates only the missing questions, with the
+    same per-batch seeds, so the report equals that of an uninterrupted run.  Another protocol in
+    the same folder is an error, or with ``restart_on_mismatch`` the old completions are discarded.
+    """
     task = load_task(config.task)
     rows = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     template = config.prompt or task.prompt
     sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
-    engine = HFEngine(model, tokenizer, batch_size=config.batch_size, logits_processor=config.logits_processors(model, tokenizer))
-    started = time.perf_counter()
-    outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_samples), sampling=sampling)
-    wall_time = time.perf_counter() - started
-
-    score = task_scorer(task)
-    verdicts = [[score(c.text, row["answer"]) for c in group] for row, group in zip(rows, outputs)]
-    kept, scores = config.select(prompts, outputs, verdicts, model, tokenizer, answers=config.num_samples)
+    protocol = {
+        "model": model_name,
+        "weights_checksum": weights_checksum(model),
+        "task": task.name,
+        "split": config.split,
+        "examples": len(rows),
+        "prompt": template,
+        "chat_template": True,
+        "shots": 0,
+        "decoding": dataclasses.asdict(sampling) | {"num_samples": config.num_samples, "batch_size": config.batch_size} | config.decoding_record(),
+        "scorer": task.scorer,
+    }
+    protocol = json.loads(json.dumps(protocol))  # as protocol.json will hold it (tuples become lists)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    records = _cached_records(output_dir, protocol, restart_on_mismatch)
+
+    guide = config.load_guide(model, tokenizer) if config.guide_model else None
+    engine = HFEngine(model, tokenizer, batch_size=config.batch_size, progress=False, logits_processor=config.logits_processors(model, tokenizer, guide))
+    score = task_scorer(task)
+    batches = [list(range(start, min(start + config.batch_size, len(rows)))) for start in range(0, len(rows), config.batch_size)]
+    todo = [(number, batch) for number, batch in enumerate(batches) if any(rows[i]["index"] not in records for i in batch)]
+    done = len(rows) - sum(len(batch) for _, batch in todo)
+    with open(output_dir / "completions.jsonl", "a") as cache, tqdm(total=len(rows), initial=done, desc=f"eval {task.name}", unit="question") as progress:
+        for number, batch in todo:
+            started = time.perf_counter()
+            # The seed depends on the batch's place in the task, not on what was resumed.
+            outputs = engine.generate([prompts[i] for i in batch], n=config.candidates_per_question(config.num_samples), sampling=dataclasses.replace(sampling, seed=sampling.seed + number))
+            verdicts = [[score(c.text, rows[i]["answer"]) for c in group] for i, group in zip(batch, outputs)]
+            kept, scores = config.select([prompts[i] for i in batch], outputs, verdicts, model, tokenizer, answers=config.num_samples, guide=guide)
+            seconds = (time.perf_counter() - started) / len(batch)
+            for k, i in enumerate(batch):
+                record = {
+                    **rows[i],
+                    "completions": [outputs[k][j].text for j in kept[k]],
+                    "verdicts": [verdicts[k][j]._asdict() for j in kept[k]],
+                    "generated_tokens": sum(len(c.token_ids) for c in outputs[k]),
+                    "seconds": seconds,
+                }
+                if scores is not None:
+                    record["candidates"] = [{"text": c.text, "score": s, **v._asdict()} for c, s, v in zip(outputs[k], scores[k], verdicts[k])]
+                records[rows[i]["index"]] = record
+                cache.write(json.dumps(record) + "\n")
+            cache.flush()
+            progress.update(len(batch))
+
+    ordered = [records[row["index"]] for row in rows]
     correct, formatted, passed, majority = [], [], [], []
-    tokens = sum(len(c.token_ids) for group in outputs for c in group)
-    with open(output_dir / "completions.jsonl", "w") as records:
-        for index, row in enumerate(rows):
-            completions = [outputs[index][j] for j in kept[index]]
-            answers = [verdicts[index][j] for j in kept[index]]
-            correct.append(answers[0].correct)
-            formatted.append(answers[0].formatted)
-            passed.append(any(v.correct for v in answers))
-            votes = Counter(v.answer for v in answers if v.answer is not None)
-            winner = votes.most_common(1)[0][0] if votes else None
-            majority.append(any(v.correct for v in answers if winner is not None and v.answer == winner))
-            record = {**row, "completions": [c.text for c in completions], "verdicts": [v._asdict() for v in answers]}
-            if scores is not None:
-                record["candidates"] = [{"text": c.text, "score": s, **v._asdict()} for c, s, v in zip(outputs[index], scores[index], verdicts[index])]
-            records.write(json.dumps(record) + "\n")
+    for record in ordered:
+        answers = record["verdicts"]
+        correct.append(answers[0]["correct"])
+        formatted.append(answers[0]["formatted"])
+        passed.append(any(v["correct"] for v in answers))
+        votes = Counter(v["answer"] for v in answers if v["answer"] is not None)
+        winner = votes.most_common(1)[0][0] if votes else None
+        majority.append(any(v["correct"] for v in answers if winner is not None and v["answer"] == winner))
 
     def summary(values: list[bool]) -> dict:
         array = np.asarray(values, dtype=float)
@@ -94,25 +176,86 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str) -> dict:
         return {"mean": float(array.mean()), "ci95": [low, high], "count": int(array.sum())}
 
     report = {
-        "protocol": {
-            "model": model_name,
-            "task": task.name,
-            "split": config.split,
-            "examples": len(rows),
-            "prompt": template,
-            "chat_template": True,
-            "shots": 0,
-            "decoding": dataclasses.asdict(sampling) | {"num_samples": config.num_samples} | config.decoding_record(),
-            "scorer": task.scorer,
-        },
+        "protocol": protocol,
         "metrics": {"first_sample": summary(correct), "answer_format": summary(formatted)}
         | ({f"pass@{config.num_samples}": summary(passed), f"maj@{config.num_samples}": summary(majority)} if config.num_samples > 1 else {}),
         "per_question": {"first_sample": [int(c) for c in correct], "answer_format": [int(f) for f in formatted]},
-        "generated_tokens": tokens,
-        "wall_time_s": round(wall_time, 2),
+        "generated_tokens": sum(record["generated_tokens"] for record in ordered),
+        "wall_time_s": round(sum(record["seconds"] for record in ordered), 2),
     }
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    reports = [report] + [json.loads((Path(other) / "report.json").read_text()) for other in config.compare_with]
+    (output_dir / "report.md").write_text(format_markdown(reports))
+    plot_accuracy_vs_tokens(reports, output_dir / "accuracy_vs_tokens.png")
     return report
+
+
+def decoding_label(report: dict) -> str:
+    """A short name of a report's decoding, e.g. ``greedy``, ``T=0.7 ×8``, ``beam 4``, ``best_of_n 8 (implicit_reward)``."""
+    decoding = report["protocol"]["decoding"]
+    mode = decoding.get("decoding", "sample")
+    if mode == "beam":
+        label = f"beam {decoding['num_beams']}"
+    elif mode in ("best_of_n", "maj_at_n"):
+        label = f"{mode} {decoding['num_candidates']} ({decoding['scorer']})"
+    elif decoding["temperature"] == 0 or mode == "greedy":
+        label = "greedy"
+    else:
+        label = f"T={decoding['temperature']}"
+    if decoding.get("guide_model") and mode in ("guided", "beam"):
+        label += f", guided by {Path(decoding['guide_model']).name} (β_dec={decoding['guidance_beta'] or decoding['guide_beta']})"
+    if decoding["num_samples"] > 1:
+        label += f" ×{decoding['num_samples']}"
+    return label
+
+
+def format_markdown(reports: list[dict]) -> str:
+    """A Markdown summary: the protocol of the first report and one metrics row per report."""
+    protocol = reports[0]["protocol"]
+    lines = [
+        f"# {protocol['task']} {protocol['split']}: {protocol['model']}",
+        "",
+        f"{protocol['examples']} questions, 0-shot chat prompt, scorer `{protocol['scorer']}`, "
+        f"at most {protocol['decoding']['max_new_tokens']} new tokens.",
+        "",
+        "```",
+        protocol["prompt"],
+        "```",
+        "",
+        "| model | decoding | metric | accuracy | 95% CI | correct | tokens / question | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for report in reports:
+        examples = report["protocol"]["examples"]
+        for name, metric in report["metrics"].items():
+            low, high = metric["ci95"]
+            lines.append(
+                f"| {report['protocol']['model']} | {decoding_label(report)} | {name} | {100 * metric['mean']:.1f}% | {100 * low:.1f}–{100 * high:.1f}% "
+                f"| {metric['count']}/{examples} | {report['generated_tokens'] / examples:.0f} | {report['wall_time_s']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_tokens(reports: list[dict], path: Path) -> None:
+    """Accuracy (first sample, with its 95% interval) against tokens generated per question, one point per report."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axes = figure.add_subplot()
+    for report in reports:
+        metric, examples = report["metrics"]["first_sample"], report["protocol"]["examples"]
+        x, y = report["generated_tokens"] / examples, 100 * metric["mean"]
+        low, high = (100 * bound for bound in metric["ci95"])
+        axes.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=4, label=f"{report['protocol']['model']}: {decoding_label(report)}")
+    protocol = reports[0]["protocol"]
+    axes.set_xlabel("tokens generated per question (all samples)")
+    axes.set_ylabel("accuracy, first answer (%)")
+    axes.set_title(f"{protocol['task']} {protocol['split']}, {protocol['examples']} questions (95% bootstrap CI)", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    FigureCanvasAgg(figure).print_png(str(path))
 
 
 def format_report(report: dict) -> str:
@@ -122,5 +265,5 @@ def format_report(report: dict) -> str:
     for name, metric in report["metrics"].items():
         low, high = metric["ci95"]
         lines.append(f"  {name:>13}: {100 * metric['mean']:5.1f}%  (95% CI {100 * low:.1f}–{100 * high:.1f}%, {metric['count']}/{protocol['examples']})")
-    lines.append(f"  {report['generated_tokens']} tokens generated in {report['wall_time_s']:.1f} s")
+    lines.append(f"  {report['generated_tokens']} tokens generated in {report['wall_time_s']:.1f} s of generation")
     return "\n".join(lines)
