@@ -193,3 +193,66 @@ def implicit_token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, act_mask:
     the sequence reward ``r_w`` of :func:`dpo_loss`: ``Σ_t r_θ = R(y) − V*(x)`` at the optimum (R2).
     """
     return torch.where(act_mask.bool(), beta * (logp - ref_logp), torch.zeros_like(logp))
+
+
+def td_loss(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    target_q: torch.Tensor,
+    target_v_next: torch.Tensor,
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    gamma: float,
+    expectile: float | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Digi-Q's critic loss (ALGORITHMS.md §5.5): TD on the *logged* action, independent head chains.
+
+    Every argument but the scalars is ``[H, B]`` (H heads, usually 2) or ``[B]``:
+
+        y_Q,i = r + γ·(1 − done)·sg[V̄_i(s')]          Q_i(s, a) → y_Q,i
+        y_V,i = sg[Q̄_i(s, a)]                         V_i(s)    → y_V,i
+
+    with ``target_q`` = Q̄ (the target critic at the logged action) and ``target_v_next`` = V̄(s').
+    Plain MSE makes (Q, V) the behaviour policy's values Q^{π_b}, V^{π_b} (SARSA-style fitted
+    evaluation, §5.9); ``expectile`` τ ∈ (0.5, 1) weights V's residuals by |τ − 1[y_V < V]| (IQL),
+    moving V towards the best logged actions.  ``weights`` ``[B]`` weight the transitions (e.g.
+    exact behaviour probabilities in an oracle test); the loss is their weighted mean, summed over
+    heads and over the Q and V terms.
+
+    Returns the loss and metrics ``loss``, ``q/mean``, ``v/mean``, ``td_error/abs_mean`` (|y_Q − Q|).
+    """
+    if expectile is not None and not 0 < expectile < 1:
+        raise ValueError(f"expectile must be in (0, 1), got {expectile}")
+    weights = torch.ones_like(rewards) if weights is None else weights
+    weights = weights / weights.sum()
+    y_q = rewards + gamma * (1 - dones.to(rewards.dtype)) * target_v_next.detach()
+    y_v = target_q.detach()
+    q_error, v_error = y_q - q, y_v - v
+    v_weight = torch.ones_like(v_error) if expectile is None else torch.abs(expectile - (v_error < 0).to(v_error.dtype))
+    loss = (weights * q_error.pow(2)).sum() + (weights * v_weight * v_error.pow(2)).sum()
+    metrics = {
+        "loss": loss.detach(),
+        "q/mean": (weights * q.detach()).sum(-1).mean(),
+        "v/mean": (weights * v.detach()).sum(-1).mean(),
+        "td_error/abs_mean": (weights * q_error.detach().abs()).sum(-1).mean(),
+    }
+    return loss, metrics
+
+
+def best_of_n_advantages(q: torch.Tensor, v: torch.Tensor, *, threshold: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Digi-Q's Best-of-N policy extraction (§5.6): which candidate action to imitate, and whether.
+
+    ``q`` ``[H, B, N]`` are the heads' Q-values of N candidate actions per state, ``v`` ``[H, B]``
+    the heads' state values.  ``A_j = max_i Q_i(s, a_j) − max_i V_i(s)`` (invalid candidates get
+    ``A = 0``, as in the released code); the best candidate ``j* = argmax_j A_j`` is imitated
+    when ``A_{j*} > threshold``.
+
+    Returns ``(best [B] long, advantage [B], weight [B] ∈ {0, 1})``.
+    """
+    advantages = q.max(dim=0).values - v.max(dim=0).values[:, None]
+    if valid is not None:
+        advantages = torch.where(valid.bool(), advantages, torch.zeros_like(advantages))
+    advantage, best = advantages.max(dim=-1)
+    return best, advantage, (advantage > threshold).to(advantages.dtype)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from llmq.data.tasks import load_task, load_task_rows, task_scorer
 from llmq.decoding.options import DecodingOptions
 from llmq.errors import UserError
+from llmq.models.features import weights_checksum
 from llmq.rollout import HFEngine
 
 
@@ -62,15 +63,6 @@ def bootstrap_interval(values: np.ndarray, samples: int = 1000, seed: int = 0, l
     means = rng.choice(values, size=(samples, len(values)), replace=True).mean(axis=1)
     tail = (1 - level) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
-
-
-def weights_checksum(model) -> float:
-    """Sum of every parameter in fp64: tells two sets of weights apart, so a cache of one model's
-    completions is never reused for another (retrained) model saved under the same name."""
-    import torch
-
-    with torch.no_grad():
-        return float(sum(parameter.double().sum() for parameter in model.parameters()))
 
 
 def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool) -> dict[int, dict]:

@@ -1,0 +1,102 @@
+"""Frozen backbone features for value heads (Digi-Q, ALGORITHMS.md §5.4–5.5), computed once and cached.
+
+Training small heads on a frozen backbone only pays off if the backbone runs once per text, not
+once per epoch: :func:`extract_features` stores the pooled hidden states in a safetensors file
+keyed by the backbone's weights, the layer, the pooling and the texts, and reads it back on the
+next call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """Sum of every parameter in fp64: tells two sets of weights apart (a retrained model saved
+    under the same name), so nothing computed from one is reused for the other."""
+    with torch.no_grad():
+        return float(sum(parameter.double().sum() for parameter in model.parameters()))
+
+
+def feature_layer(model: torch.nn.Module, layer: int | None) -> int:
+    """Index into ``hidden_states`` (0 = embeddings, L = last layer); ``None`` → the middle layer.
+
+    Digi-Q reads *intermediate* features: the middle of the network keeps more of the input than
+    the last layer, which is shaped for next-token prediction.
+    """
+    count = model.config.num_hidden_layers
+    index = count // 2 if layer is None else (layer if layer >= 0 else count + 1 + layer)
+    if not 0 <= index <= count:
+        raise ValueError(f"layer {layer} is outside 0..{count} (or -1..-{count + 1}) for this {count}-layer model")
+    return index
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str],
+    *,
+    layer: int | None = None,
+    pooling: Literal["last", "mean"] = "last",
+    batch_size: int = 8,
+    max_length: int = 1024,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Pooled hidden states ``[len(texts), hidden]`` (fp32, on the CPU) of a causal LM.
+
+    Args:
+        model: a HF causal LM (or a VLM's language model); it runs in eval mode, without gradients.
+        tokenizer: its tokenizer; texts are encoded as they are (render chat templates first).
+        texts: one string per state or (state, action) pair.
+        layer: hidden-state index (see :func:`feature_layer`); default the middle layer.
+        pooling: ``last`` — the last real token (in a causal LM it has read the whole text);
+            ``mean`` — the mean over real tokens.
+        batch_size: texts per forward pass (right padding; the pooling skips padding).
+        max_length: longer texts keep their last ``max_length`` tokens (the most recent context).
+        cache_dir: where to keep ``<key>.safetensors``; ``None`` disables the cache.
+        progress: show a progress bar over batches.
+    """
+    from safetensors.torch import load_file, save_file
+
+    index = feature_layer(model, layer)
+    cache_file = None
+    if cache_dir is not None:
+        texts_digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        key = json.dumps({"model": type(model).__name__, "weights": weights_checksum(model), "layer": index, "pooling": pooling, "max_length": max_length, "texts": texts_digest})
+        cache_file = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        if cache_file.is_file():
+            return load_file(str(cache_file))["features"]
+
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    device = next(model.parameters()).device
+    batches = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch", disable=not progress):
+        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        hidden = model(**encoded, output_hidden_states=True, use_cache=False).hidden_states[index].float()
+        mask = encoded["attention_mask"]
+        if pooling == "last":
+            pooled = hidden[torch.arange(len(hidden), device=device), mask.sum(-1) - 1]
+        elif pooling == "mean":
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(-1, keepdim=True)
+        else:
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        batches.append(pooled.cpu())
+    model.train(was_training)
+    features = torch.cat(batches) if batches else torch.zeros(0, model.config.hidden_size)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        save_file({"features": features.contiguous()}, str(partial))
+        partial.replace(cache_file)  # atomic: a killed run never leaves a half-written cache entry
+    return features

@@ -1,0 +1,141 @@
+"""Digi-Q critic: double Q/V heads on frozen features, trained by offline TD (ALGORITHMS.md §5.5).
+
+The backbone never runs here: :func:`llmq.models.features.extract_features` computes the features
+once, and this trainer fits :class:`llmq.models.value_heads.CriticHeads` to them with
+:func:`llmq.losses.td_loss`, moving a Polyak target copy after every ``target_update_steps``
+optimizer steps.  The policy is improved afterwards by Best-of-N extraction
+(:func:`llmq.losses.best_of_n_advantages`) and supervised fine-tuning on the chosen actions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from llmq.losses import td_loss
+from llmq.models.value_heads import CriticHeads, DigiQCritic
+
+FEATURE_COLUMNS = ("state_features", "action_features", "next_state_features")
+
+
+@dataclass
+class DigiQConfig(TrainingArguments):
+    """Training arguments of :class:`DigiQCriticTrainer` (everything else as in ``TrainingArguments``).
+
+    Args:
+        gamma: discount per environment step (Digi-Q: 0.95).
+        target_update_rate: Polyak rate τ of the target heads, ``θ̄ ← (1 − τ)θ̄ + τθ`` (Digi-Q: 0.1).
+        target_update_steps: optimizer steps between target updates (Digi-Q: once per critic epoch).
+        expectile: ``None`` for Digi-Q's plain MSE on V (behaviour values); τ ∈ (0.5, 1) for an
+            IQL-style expectile V that leans towards the best logged actions.
+        hidden_size: width of the heads' hidden layers.
+        num_layers: hidden layers per head (0: linear heads).
+        num_heads: Q heads and V heads (each Q_i backs up from its own V_i).
+    """
+
+    gamma: float = field(default=0.95, metadata={"help": "Discount per environment step."})
+    target_update_rate: float = field(default=0.1, metadata={"help": "Polyak rate of the target heads (1 copies them)."})
+    target_update_steps: int = field(default=1, metadata={"help": "Optimizer steps between target updates."})
+    expectile: float | None = field(default=None, metadata={"help": "None: MSE value regression (behaviour values); in (0.5, 1): expectile (IQL)."})
+    hidden_size: int = field(default=256, metadata={"help": "Width of the heads' hidden layers."})
+    num_layers: int = field(default=2, metadata={"help": "Hidden layers per head (0: linear heads)."})
+    num_heads: int = field(default=2, metadata={"help": "Q heads and V heads."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate of the heads."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the feature columns (the critic's collator needs them)."})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not 0 < self.target_update_rate <= 1 or self.target_update_steps < 1:
+            raise ValueError("target_update_rate must be in (0, 1] and target_update_steps >= 1")
+        if self.expectile is not None and not 0 < self.expectile < 1:
+            raise ValueError(f"expectile must be in (0, 1), got {self.expectile}")
+        super().__post_init__()
+
+
+def collate_transitions(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Rows with ``state_features``, ``action_features``, ``next_state_features``, ``reward``, ``done``
+    (and optionally ``weight``, e.g. importance weights) → tensors."""
+    for index, row in enumerate(rows):
+        missing = [key for key in (*FEATURE_COLUMNS, "reward", "done") if key not in row]
+        if missing:
+            raise ValueError(f"transition row {index} lacks {missing}; build rows with llmq.models.features.extract_features")
+    batch = {key: torch.tensor([row[key] for row in rows], dtype=torch.float32) for key in FEATURE_COLUMNS}
+    batch["reward"] = torch.tensor([float(row["reward"]) for row in rows])
+    batch["done"] = torch.tensor([float(row["done"]) for row in rows])
+    if "weight" in rows[0]:
+        batch["weight"] = torch.tensor([float(row["weight"]) for row in rows])
+    return batch
+
+
+class _UpdateTarget(TrainerCallback):
+    def __init__(self, critic: DigiQCritic, rate: float, every: int) -> None:
+        self.critic, self.rate, self.every = critic, rate, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self.critic.update_target(self.rate)
+
+
+class DigiQCriticTrainer(Trainer):
+    """Fits Q/V heads to logged transitions on frozen features (TRL-style trainer + config pair).
+
+    Args:
+        model: a :class:`DigiQCritic`; ``None`` builds one from the config and the dataset's feature widths.
+        args: a :class:`DigiQConfig`.
+        train_dataset: transitions with ``state_features``, ``action_features``,
+            ``next_state_features`` (float lists), ``reward``, ``done`` and optionally ``weight``.
+        eval_dataset: the same columns, for held-out TD error.
+        callbacks: extra ``TrainerCallback``s.
+
+    Logged metrics: ``loss``, ``q/mean``, ``v/mean``, ``td_error/abs_mean``.
+    """
+
+    def __init__(self, model: DigiQCritic | None = None, args: DigiQConfig | None = None, train_dataset=None, eval_dataset=None, callbacks=None) -> None:
+        args = args if args is not None else DigiQConfig(output_dir="outputs/digiq_critic")
+        if model is None:
+            first = train_dataset[0]
+            heads = CriticHeads(len(first["state_features"]), len(first["action_features"]), args.hidden_size, args.num_layers, args.num_heads)
+            model = DigiQCritic(heads)
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collate_transitions,
+            callbacks=[_UpdateTarget(model, args.target_update_rate, args.target_update_steps), *(callbacks or [])],
+        )
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        with torch.no_grad():
+            target_q = model.target.q(inputs["state_features"], inputs["action_features"])
+            target_v_next = model.target.v(inputs["next_state_features"])
+        q = model.online.q(inputs["state_features"], inputs["action_features"])
+        v = model.online.v(inputs["state_features"])
+        loss, metrics = td_loss(
+            q, v, target_q=target_q, target_v_next=target_v_next, rewards=inputs["reward"], dones=inputs["done"], gamma=self.args.gamma,
+            expectile=self.args.expectile, weights=inputs.get("weight"),
+        )  # fmt: skip
+        mode = "train" if model.training else "eval"
+        for name, value in metrics.items():
+            if name != "loss":
+                self._metrics[mode][name].append(value.item())
+        return (loss, {"q": q, "v": v}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            logs[prefix + name] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)

@@ -1,0 +1,148 @@
+"""Digi-Q's critic and Best-of-N extraction against the exact oracle (ALGORITHMS.md §5.9, §6.1, §8).
+
+Tabular features (one-hot states, one-hot state-action pairs) with linear heads make fitted TD
+evaluation exact: with π_b = π_ref the critic must reach Q^{π_ref}, V^{π_ref}; with an expectile
+V it must reach the expectile fixed points that §6.1 prints for the toy MDP.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from llmq.losses import best_of_n_advantages, td_loss
+from llmq.models.value_heads import CriticHeads, DigiQCritic
+from llmq.testing import evaluate, random_mdp, toy_mdp
+
+
+def transitions(mdp):
+    """Every (s, a) of the MDP with π_ref(a|s) > 0 as one-hot features, reward, next state, done, weight π_ref(a|s)."""
+    states = list(mdp.states)
+    pairs = [(s, a) for s in states for a in range(mdp.n_actions) if mdp.reference_policy[s][a] > 0]
+    state_row = {s: i for i, s in enumerate(states)}
+    rows = []
+    for s, a in pairs:
+        [(nxt, _)] = mdp.transitions(s, a)
+        done = mdp.is_terminal(nxt)
+        rows.append((state_row[s], pairs.index((s, a)), mdp.rewards[s][a], -1 if done else state_row[nxt], done, mdp.reference_policy[s][a]))
+    eye_s, eye_sa = torch.eye(len(states), dtype=torch.float64), torch.eye(len(pairs), dtype=torch.float64)
+    state = eye_s[[r[0] for r in rows]]
+    action = eye_sa[[r[1] for r in rows]]
+    next_state = torch.stack([eye_s[r[3]] if r[3] >= 0 else torch.zeros(len(states), dtype=torch.float64) for r in rows])
+    tensor = lambda i: torch.tensor([r[i] for r in rows], dtype=torch.float64)  # noqa: E731
+    return states, pairs, dict(state=state, action=action, next_state=next_state, reward=tensor(2), done=tensor(4), weight=tensor(5))
+
+
+def fit_critic(mdp, expectile=None, num_heads=2):
+    """Fitted evaluation: fit the online heads to the targets exactly (L-BFGS), copy them to the target, repeat."""
+    states, pairs, data = transitions(mdp)
+    torch.manual_seed(0)
+    critic = DigiQCritic(CriticHeads(len(states), len(pairs), num_layers=0, num_heads=num_heads).double())
+    for _ in range(3 * mdp.horizon + 6):
+        with torch.no_grad():
+            target_q = critic.target.q(data["state"], data["action"])
+            target_v_next = critic.target.v(data["next_state"])
+        optimizer = torch.optim.LBFGS(critic.online.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss, _ = td_loss(critic.online.q(data["state"], data["action"]), critic.online.v(data["state"]), target_q=target_q, target_v_next=target_v_next,
+                              rewards=data["reward"], dones=data["done"], gamma=mdp.gamma, expectile=expectile, weights=data["weight"])  # fmt: skip
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        critic.update_target(1.0)
+    return critic, states, pairs, data
+
+
+MDPS = [("toy", toy_mdp()), ("random-0", random_mdp(0, vocab_size=3, horizon=3)), ("random-1-gamma0.9", random_mdp(1, vocab_size=4, horizon=3, gamma=0.9)),
+        ("random-2-sequence", random_mdp(2, vocab_size=3, horizon=4, reward_placement="sequence"))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "mdp"), MDPS, ids=[m[0] for m in MDPS])
+def test_td_on_logged_actions_converges_to_the_behaviour_values(name, mdp):
+    critic, states, pairs, data = fit_critic(mdp)
+    oracle = evaluate(mdp)  # Q^{π_ref}, V^{π_ref}
+    with torch.no_grad():
+        q, v = critic.online.q(data["state"], data["action"]), critic.online.v(torch.eye(len(states), dtype=torch.float64))
+    for head in range(2):
+        np.testing.assert_allclose(q[head].numpy(), [oracle.q[s][a] for s, a in pairs], atol=1e-3)
+        np.testing.assert_allclose(v[head].numpy(), [oracle.v[s] for s in states], atol=1e-3)
+
+
+@pytest.mark.parametrize(("expectile", "root_value"), [(0.5, None), (0.7, 0.6255), (0.9, 0.8887)])
+def test_expectile_value_reaches_the_printed_toy_fixed_points(expectile, root_value):
+    """§6.1: τ = 0.5 is plain evaluation; τ = 0.7 and 0.9 give V(root) = 0.6255 and 0.8887."""
+    mdp = toy_mdp()
+    critic, states, _, _ = fit_critic(mdp, expectile=expectile, num_heads=1)
+    with torch.no_grad():
+        v = critic.online.v(torch.eye(len(states), dtype=torch.float64))[0]
+    root = v[states.index(())].item()
+    expected = evaluate(mdp).v[()] if root_value is None else root_value
+    assert root == pytest.approx(expected, abs=1e-4 if root_value is None else 5e-5)
+
+
+def test_best_of_n_extraction_on_exact_values_picks_the_oracle_best_actions():
+    """§5.9: root advantages (0.24, −0.16, −0.36), state A (−0.1, 0.4, −0.6): the extracted policy writes "A B" (return 1)."""
+    mdp = toy_mdp()
+    critic, states, pairs, _ = fit_critic(mdp)
+    eye_s, eye_sa = torch.eye(len(states), dtype=torch.float64), torch.eye(len(pairs), dtype=torch.float64)
+    oracle = evaluate(mdp)
+    for state, expected in [((), (0.24, -0.16, -0.36)), (mdp.encode("A"), (-0.1, 0.4, -0.6))]:
+        candidates = torch.stack([eye_sa[pairs.index((state, a))] for a in range(mdp.n_actions)])[None]
+        with torch.no_grad():
+            q = critic.online.q(eye_s[[states.index(state)]], candidates)
+            v = critic.online.v(eye_s[[states.index(state)]])
+        best, advantage, weight = best_of_n_advantages(q, v, threshold=0.1)
+        exact = oracle.q[state] - oracle.v[state]
+        np.testing.assert_allclose((q.max(0).values - v.max(0).values[:, None])[0].numpy(), exact, atol=1e-3)
+        np.testing.assert_allclose(exact, expected, atol=5e-3)
+        assert best.item() == int(np.argmax(expected)) and weight.item() == 1.0
+    assert mdp.trajectory_return(mdp.encode("A B")) == 1.0
+    # a threshold above the best advantage imitates nothing
+    assert best_of_n_advantages(q, v, threshold=0.5)[2].item() == 0.0
+
+
+def test_invalid_candidates_get_zero_advantage():
+    q = torch.tensor([[[1.0, 3.0]], [[0.5, 2.0]]])  # [H=2, B=1, N=2]
+    v = torch.tensor([[0.5], [1.0]])
+    best, advantage, weight = best_of_n_advantages(q, v, threshold=0.0, valid=torch.tensor([[True, False]]))
+    assert best.item() == 0 and advantage.item() == pytest.approx(0.0) and weight.item() == 0.0
+
+
+def test_td_loss_is_zero_at_the_fixed_point_and_checks_expectile():
+    q = torch.tensor([[1.0, 0.5]])
+    v = torch.tensor([[0.8, 0.2]])
+    loss, metrics = td_loss(q, v, target_q=torch.tensor([[0.8, 0.2]]), target_v_next=torch.tensor([[1.0, 9.0]]), rewards=torch.tensor([0.0, 0.5]), dones=torch.tensor([0.0, 1.0]), gamma=1.0)
+    assert loss.item() == 0.0 and metrics["td_error/abs_mean"].item() == 0.0
+    with pytest.raises(ValueError, match="expectile"):
+        td_loss(q, v, target_q=q, target_v_next=v, rewards=torch.zeros(2), dones=torch.zeros(2), gamma=1.0, expectile=1.5)
+
+
+def test_the_trainer_fits_the_behaviour_values_with_polyak_targets(tmp_path):
+    """DigiQCriticTrainer (Adam, Polyak targets, linear heads) on the toy MDP's weighted transitions."""
+    import datasets
+
+    from llmq.trainers.digiq import DigiQConfig, DigiQCriticTrainer
+
+    mdp = toy_mdp()
+    states, pairs, data = transitions(mdp)
+    rows = [
+        {"state_features": data["state"][i].tolist(), "action_features": data["action"][i].tolist(), "next_state_features": data["next_state"][i].tolist(),
+         "reward": float(data["reward"][i]), "done": bool(data["done"][i]), "weight": float(data["weight"][i])}
+        for i in range(len(pairs))
+    ]  # fmt: skip
+    args = DigiQConfig(output_dir=str(tmp_path), gamma=mdp.gamma, num_layers=0, learning_rate=0.05, max_steps=800, per_device_train_batch_size=len(rows),
+                       target_update_rate=0.5, target_update_steps=10, max_grad_norm=10.0, report_to="none", save_strategy="no", logging_steps=50,
+                       use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    trainer = DigiQCriticTrainer(args=args, train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    critic = trainer.model.cpu()
+    oracle = evaluate(mdp)
+    with torch.no_grad():
+        q = critic.online.q(data["state"].float(), data["action"].float())
+        v = critic.online.v(torch.eye(len(states)))
+    np.testing.assert_allclose(q.numpy(), np.tile([oracle.q[s][a] for s, a in pairs], (2, 1)), atol=2e-3)
+    np.testing.assert_allclose(v.numpy(), np.tile([oracle.v[s] for s in states], (2, 1)), atol=2e-3)
+    logged = [entry for entry in trainer.state.log_history if "td_error/abs_mean" in entry]
+    assert logged and logged[-1]["td_error/abs_mean"] < logged[0]["td_error/abs_mean"]
