@@ -57,3 +57,24 @@ def test_the_cache_hits_misses_and_invalidates(tmp_path, tiny_model_and_tokenize
     changed = extract_features(retrained, tokenizer, TEXTS, cache_dir=tmp_path, progress=False)
     assert not torch.equal(changed, first) and len(list(tmp_path.glob("*.safetensors"))) == 5  # new weights: recomputed
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_image_inputs_of_a_tiny_vlm_give_features_that_depend_on_the_image(tmp_path):
+    import numpy as np
+
+    from llmq.models.tiny import tiny_llava
+
+    model, processor = tiny_llava()
+    images = [np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8) for seed in range(3)]
+    texts = ["<image> screen one > tap", "<image> a longer second screen > type hello", "<image> screen one > tap"]
+    features = extract_features(model, processor, texts, images=images, layer=-1, batch_size=2, cache_dir=tmp_path, progress=False)
+    assert features.shape == (3, 64)
+    single = processor(text=[texts[1]], images=[images[1]], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**single, output_hidden_states=True).hidden_states[-1][0, -1]
+    torch.testing.assert_close(features[1], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(features[0], features[2])  # same text, another image
+    swapped = extract_features(model, processor, texts, images=images[::-1], layer=-1, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and torch.allclose(swapped[0], features[2])
+    with pytest.raises(ValueError, match="one image per text"):
+        extract_features(model, processor, texts, images=images[:2], progress=False)

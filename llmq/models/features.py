@@ -25,13 +25,18 @@ def weights_checksum(model: torch.nn.Module) -> float:
         return float(sum(parameter.double().sum() for parameter in model.parameters()))
 
 
+def _text_config(model: torch.nn.Module):
+    """The language model's config (a VLM keeps it in ``text_config``)."""
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def feature_layer(model: torch.nn.Module, layer: int | None) -> int:
     """Index into ``hidden_states`` (0 = embeddings, L = last layer); ``None`` → the middle layer.
 
     Digi-Q reads *intermediate* features: the middle of the network keeps more of the input than
     the last layer, which is shaped for next-token prediction.
     """
-    count = model.config.num_hidden_layers
+    count = _text_config(model).num_hidden_layers
     index = count // 2 if layer is None else (layer if layer >= 0 else count + 1 + layer)
     if not 0 <= index <= count:
         raise ValueError(f"layer {layer} is outside 0..{count} (or -1..-{count + 1}) for this {count}-layer model")
@@ -44,6 +49,7 @@ def extract_features(
     tokenizer,
     texts: list[str],
     *,
+    images: list | None = None,
     layer: int | None = None,
     pooling: Literal["last", "mean"] = "last",
     batch_size: int = 8,
@@ -51,26 +57,39 @@ def extract_features(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Pooled hidden states ``[len(texts), hidden]`` (fp32, on the CPU) of a causal LM.
+    """Pooled hidden states ``[len(texts), hidden]`` (fp32, on the CPU) of a causal LM or a VLM.
 
     Args:
-        model: a HF causal LM (or a VLM's language model); it runs in eval mode, without gradients.
-        tokenizer: its tokenizer; texts are encoded as they are (render chat templates first).
-        texts: one string per state or (state, action) pair.
+        model: a HF causal LM, or a VLM (e.g. LLaVA) whose outputs carry its language model's
+            ``hidden_states``; it runs in eval mode, without gradients.
+        tokenizer: its tokenizer, or the VLM's processor when ``images`` are given; texts are
+            encoded as they are (render chat templates first).
+        texts: one string per state or (state, action) pair; with images, each holds the
+            processor's image placeholder (e.g. ``<image>``).
+        images: one image per text (PIL images or ``[H, W, 3]`` uint8 arrays), or ``None``.
         layer: hidden-state index (see :func:`feature_layer`); default the middle layer.
         pooling: ``last`` — the last real token (in a causal LM it has read the whole text);
             ``mean`` — the mean over real tokens.
         batch_size: texts per forward pass (right padding; the pooling skips padding).
-        max_length: longer texts keep their last ``max_length`` tokens (the most recent context).
+        max_length: longer texts keep their last ``max_length`` tokens (the most recent context);
+            texts with images are not truncated (their image tokens must stay whole).
         cache_dir: where to keep ``<key>.safetensors``; ``None`` disables the cache.
         progress: show a progress bar over batches.
     """
     from safetensors.torch import load_file, save_file
 
+    import numpy as np
+
+    if images is not None and len(images) != len(texts):
+        raise ValueError(f"{len(images)} images for {len(texts)} texts: give one image per text")
     index = feature_layer(model, layer)
     cache_file = None
     if cache_dir is not None:
-        texts_digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        digest = hashlib.sha256("\0".join(texts).encode())
+        for image in images or []:
+            pixels = np.asarray(image)
+            digest.update(str(pixels.shape).encode() + pixels.tobytes())
+        texts_digest = digest.hexdigest()
         key = json.dumps({"model": type(model).__name__, "weights": weights_checksum(model), "layer": index, "pooling": pooling, "max_length": max_length, "texts": texts_digest})
         cache_file = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         if cache_file.is_file():
@@ -78,11 +97,16 @@ def extract_features(
 
     was_training = model.training
     model.eval()
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps one
+    text_tokenizer.padding_side, text_tokenizer.truncation_side = "right", "left"
     device = next(model.parameters()).device
     batches = []
     for start in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch", disable=not progress):
-        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        chunk = texts[start : start + batch_size]
+        if images is None:
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        else:
+            encoded = tokenizer(text=chunk, images=images[start : start + batch_size], return_tensors="pt", padding=True).to(device)
         hidden = model(**encoded, output_hidden_states=True, use_cache=False).hidden_states[index].float()
         mask = encoded["attention_mask"]
         if pooling == "last":
@@ -93,7 +117,7 @@ def extract_features(
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         batches.append(pooled.cpu())
     model.train(was_training)
-    features = torch.cat(batches) if batches else torch.zeros(0, model.config.hidden_size)
+    features = torch.cat(batches) if batches else torch.zeros(0, _text_config(model).hidden_size)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
