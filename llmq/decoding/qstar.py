@@ -1,0 +1,162 @@
+"""Q* deliberative decoding: A* over reasoning steps guided by a Q-value model (ALGORITHMS.md §4).
+
+A state is the question plus the steps so far; an action is the next step.  The search keeps a
+frontier ordered by
+
+    f(s) = g(s) + λ·h(s)          g = Agg(R_P(s_1), …, R_P(s_t)),  h ≈ max_a Q(s, a)      (§4.3)
+
+and always expands the frontier state with the largest f: K candidate next steps are proposed
+(by an LLM, batched), scored by the Q-value model, and pushed.  The first terminal state popped is
+the answer.  Two heuristics (§4.3, §4.7):
+
+* ``inherited`` — a child's h is the Q-value of the step that produced it, ``Q(s, a)``: no extra
+  proposals; with outcome-only rewards, ``g ≡ 0`` and the exact ``Q_hard`` this is exact;
+* ``child`` — a non-terminal child's h is ``max_c Q(s', c)`` over its own K proposals (0 for a
+  terminal child): with g the rewards collected so far it estimates the total return.
+
+Everything problem-specific is a callable, so the same search runs on an oracle MDP in the tests
+and on an LLM with a value head on GSM8K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Callable, Hashable
+from typing import Literal
+
+Step = Hashable
+State = tuple  # the steps so far; the question is implicit in the callables
+
+AGGREGATIONS: dict[str, Callable[[list[float]], float]] = {
+    "zero": lambda scores: 0.0,
+    "sum": lambda scores: float(sum(scores)),
+    "min": lambda scores: float(min(scores)) if scores else 0.0,
+    "last": lambda scores: float(scores[-1]) if scores else 0.0,
+}
+
+
+@dataclasses.dataclass
+class Node:
+    """One state of the search tree."""
+
+    id: int
+    parent: int | None
+    state: State
+    depth: int
+    g: float
+    h: float
+    f: float
+    terminal: bool
+    expanded: bool = False
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The answer (``best``: the first terminal popped, else the best terminal by f, else the
+    best frontier state), every node created, and how many expansions the search used."""
+
+    best: Node
+    nodes: list[Node]
+    expansions: int
+    budget_exhausted: bool
+
+    def path(self, node: Node | None = None) -> list[Node]:
+        """Root → ``node`` (default: the answer)."""
+        node = self.best if node is None else node
+        chain = [node]
+        while chain[-1].parent is not None:
+            chain.append(self.nodes[chain[-1].parent])
+        return chain[::-1]
+
+
+def astar_search(
+    *,
+    propose: Callable[[list[State], int], list[list[Step]]],
+    q_values: Callable[[list[tuple[State, Step]]], list[float]],
+    is_terminal: Callable[[State], bool],
+    num_candidates: int,
+    budget: int,
+    max_depth: int,
+    lam: float = 1.0,
+    aggregate: Literal["zero", "sum", "min", "last"] = "zero",
+    utility: Callable[[State], float] | None = None,
+    heuristic: Literal["inherited", "child"] = "inherited",
+    dedup: bool = True,
+    root: State = (),
+) -> SearchResult:
+    """A* over steps; returns the explored tree and the answer.
+
+    Args:
+        propose: ``(states, K) -> K candidate next steps per state`` (batched over states; a
+            proposer may return fewer, e.g. after removing duplicates).
+        q_values: ``[(state, step), ...] -> Q(state, step)`` (the QVM, batched).
+        is_terminal: whether a state is finished (final answer given, or a length limit).
+        num_candidates: K, candidates per expansion.
+        budget: the most expansions (a state's K proposals and their scores count as one).
+        max_depth: states this many steps deep are not expanded further.
+        lam: λ, the weight of h in f.
+        aggregate: how g combines the process utilities of the prefixes (``zero``: g ≡ 0).
+        utility: R_P of a state (its last step's process score); needed unless ``aggregate`` is zero.
+        heuristic: ``inherited`` or ``child`` (see the module docstring).
+        dedup: do not add a state that is already in the tree (identical step sequences).
+        root: the initial state.
+    """
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"aggregate must be one of {sorted(AGGREGATIONS)}, got {aggregate!r}")
+    if aggregate != "zero" and utility is None:
+        raise ValueError(f"aggregate {aggregate!r} needs a utility function")
+    if heuristic not in ("inherited", "child"):
+        raise ValueError(f"heuristic must be 'inherited' or 'child', got {heuristic!r}")
+    if budget < 1 or num_candidates < 1 or max_depth < 1:
+        raise ValueError("budget, num_candidates and max_depth must be at least 1")
+
+    combine = AGGREGATIONS[aggregate]
+    utilities: dict[State, list[float]] = {root: []}
+    nodes = [Node(id=0, parent=None, state=root, depth=0, g=0.0, h=0.0, f=0.0, terminal=is_terminal(root))]
+    seen = {root}
+    tie = itertools.count()  # equal f: the earlier node first (FIFO), so the search is deterministic
+    frontier = [(-0.0, next(tie), 0)]
+    expansions, answer = 0, None
+    while frontier:
+        node = nodes[heapq.heappop(frontier)[2]]
+        if node.terminal:
+            answer = node
+            break
+        if node.depth >= max_depth:
+            continue
+        if expansions == budget:
+            heapq.heappush(frontier, (-node.f, next(tie), node.id))
+            break
+        expansions += 1
+        node.expanded = True
+        fresh = []
+        for step in propose([node.state], num_candidates)[0]:
+            child = node.state + (step,)
+            if not (dedup and child in seen):
+                seen.add(child)
+                fresh.append((step, child))
+        if not fresh:
+            continue
+        scores = q_values([(node.state, step) for step, _ in fresh])
+        terminal = [is_terminal(child) for _, child in fresh]
+        if heuristic == "child":
+            open_children = [child for (_, child), done in zip(fresh, terminal) if not done]
+            proposals = propose(open_children, num_candidates) if open_children else []
+            pairs = [(child, step) for child, steps_of_child in zip(open_children, proposals) for step in steps_of_child]
+            values = iter(q_values(pairs)) if pairs else iter(())
+            best_next = {child: max((next(values) for _ in steps_of_child), default=0.0) for child, steps_of_child in zip(open_children, proposals)}
+        for (step, child), score, done in zip(fresh, scores, terminal):
+            utilities[child] = utilities[node.state] + ([utility(child)] if utility is not None else [])
+            g = combine(utilities[child])
+            h = score if heuristic == "inherited" else (0.0 if done else best_next.get(child, 0.0))
+            nodes.append(Node(id=len(nodes), parent=node.id, state=child, depth=node.depth + 1, g=g, h=h, f=g + lam * h, terminal=done))
+            heapq.heappush(frontier, (-nodes[-1].f, next(tie), nodes[-1].id))
+
+    exhausted = answer is None
+    if answer is None:
+        terminals = [n for n in nodes if n.terminal]
+        answer = max(terminals or [n for n in nodes if not n.expanded] or nodes, key=lambda n: (n.f, -n.id))
+    return SearchResult(best=answer, nodes=nodes, expansions=expansions, budget_exhausted=exhausted)
+

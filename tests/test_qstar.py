@@ -1,0 +1,72 @@
+"""Q* A* search on the oracle MDP: with the exact Q_hard it returns a maximal-return sequence;
+budget, depth and dedup are respected (ALGORITHMS.md §4.9)."""
+
+import numpy as np
+import pytest
+
+from llmq.decoding.qstar import astar_search
+from llmq.testing import hard_optimal, random_mdp, toy_mdp
+
+
+def oracle_callables(mdp):
+    q_hard = hard_optimal(mdp).q
+
+    def propose(states, k):
+        return [[a for a in range(mdp.n_actions) if mdp.reference_policy[s][a] > 0][:k] for s in states]
+
+    def q_values(pairs):
+        return [float(q_hard[s][a]) for s, a in pairs]
+
+    return propose, q_values
+
+
+def best_return(mdp):
+    return max(mdp.trajectory_return(seq) for seq, p in mdp.trajectories() if p > 0)
+
+
+MDPS = [("toy-seq", toy_mdp().with_sequence_reward())] + [(f"random-{seed}-seq", random_mdp(seed, vocab_size=3, horizon=4, reward_placement="sequence")) for seed in range(4)]
+
+
+@pytest.mark.parametrize(("name", "mdp"), MDPS, ids=[m[0] for m in MDPS])
+def test_inherited_heuristic_with_exact_q_hard_and_outcome_rewards_finds_a_best_sequence(name, mdp):
+    propose, q_values = oracle_callables(mdp)
+    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=mdp.n_actions, budget=100, max_depth=mdp.horizon)
+    assert result.best.terminal and not result.budget_exhausted
+    assert mdp.trajectory_return(result.best.state) == pytest.approx(best_return(mdp), abs=1e-12)
+    assert result.best.f == pytest.approx(best_return(mdp), abs=1e-12)  # f of a terminal = its return
+    assert [n.state for n in result.path()] == [result.best.state[:i] for i in range(len(result.best.state) + 1)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_child_heuristic_with_collected_rewards_finds_a_best_sequence_under_token_rewards(seed):
+    """Intermediate rewards: g = Σ rewards so far, h = max_c Q_hard(s', c), f = total return."""
+    mdp = toy_mdp() if seed == 0 else random_mdp(seed, vocab_size=3, horizon=3)
+    propose, q_values = oracle_callables(mdp)
+    utility = lambda state: float(mdp.rewards[state[:-1]][state[-1]])  # noqa: E731  the last step's reward
+    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=mdp.n_actions, budget=100, max_depth=mdp.horizon,
+                          aggregate="sum", utility=utility, heuristic="child")  # fmt: skip
+    assert mdp.trajectory_return(result.best.state) == pytest.approx(best_return(mdp), abs=1e-12)
+    if seed == 0:
+        assert mdp.decode(result.best.state).startswith("A B") or mdp.decode(result.best.state).endswith("A B")
+
+
+def test_budget_depth_and_dedup_are_respected():
+    mdp = random_mdp(1, vocab_size=3, horizon=4, reward_placement="sequence")
+    propose, q_values = oracle_callables(mdp)
+    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=3, budget=2, max_depth=4)
+    assert result.expansions == 2 and result.budget_exhausted and sum(n.expanded for n in result.nodes) == 2
+    shallow = astar_search(propose=lambda states, k: [list(range(k))] * len(states), q_values=lambda pairs: [float(len(s)) for s, _ in pairs],
+                           is_terminal=lambda s: False, num_candidates=3, budget=50, max_depth=2)  # fmt: skip
+    assert max(n.depth for n in shallow.nodes) == 2 and all(not n.expanded for n in shallow.nodes if n.depth == 2)
+    duplicates = astar_search(propose=lambda states, k: [[0, 0, 1]] * len(states), q_values=lambda pairs: [0.0] * len(pairs), is_terminal=lambda s: len(s) == 2,
+                              num_candidates=3, budget=10, max_depth=3)  # fmt: skip
+    states = [n.state for n in duplicates.nodes]
+    assert len(states) == len(set(states))
+
+
+def test_bad_settings_are_refused():
+    propose, q_values = oracle_callables(toy_mdp())
+    with pytest.raises(ValueError, match="needs a utility"):
+        astar_search(propose=propose, q_values=q_values, is_terminal=lambda s: True, num_candidates=2, budget=1, max_depth=1, aggregate="min")
+    with pytest.raises(ValueError, match="aggregate"):
+        astar_search(propose=propose, q_values=q_values, is_terminal=lambda s: True, num_candidates=2, budget=1, max_depth=1, aggregate="mean")
