@@ -1,0 +1,7 @@
+"""Agent environments for step-level offline RL (Digi-Q, ALGORITHMS.md §5).
+
+``llmq.envs.textworld``: TextWorld text games (needs the ``agents`` extra,
+``pip install 'llmq[agents]'``) — game generation, a free-text environment, trajectory
+collection into a ``datasets.Dataset`` and agent evaluation.  Import it explicitly; this package
+imports nothing optional.
+"""
