@@ -27,23 +27,43 @@ are those options; flags given on the command line override it.
 
 
 
-def _train(argv: Sequence[str]) -> int:
-    from llmq.pipeline import TrainRunConfig, run_training
-    from llmq.recipes import ModelConfig, load_recipe_file, parse_recipe
+def train_config_types(method: str) -> tuple[type, ...]:
+    """The dataclasses a ``llmq train`` recipe of ``method`` is parsed into (model, trainer, run)."""
+    from llmq.pipeline import TrainRunConfig
+    from llmq.recipes import ModelConfig
     from llmq.trainers import DPOConfig, SFTConfig, ShiQConfig
+
+    if method == "digiq":  # games and a critic instead of a dataset; the actor trains with SFT arguments
+        from llmq.digiq import DigiQRunConfig
+
+        return ModelConfig, SFTConfig, DigiQRunConfig
+    # An unknown method is reported by the parser, against TrainRunConfig's choices.
+    return ModelConfig, {"dpo": DPOConfig, "sft": SFTConfig}.get(method, ShiQConfig), TrainRunConfig
+
+
+def _train(argv: Sequence[str]) -> int:
+    from llmq.recipes import load_recipe_file, parse_recipe
 
     # The method picks the trainer's config class, so read it before parsing everything else.
     method = load_recipe_file(argv[0]).get("method", "shiq") if argv and not argv[0].startswith("-") else "shiq"
     if "--method" in argv[:-1]:
         method = argv[argv.index("--method") + 1]
-    # An unknown method is reported by the parser, against TrainRunConfig's choices.
-    TrainerConfig = {"dpo": DPOConfig, "sft": SFTConfig}.get(method, ShiQConfig)
     model_args, training_args, run = parse_recipe(
-        (ModelConfig, TrainerConfig, TrainRunConfig),
+        train_config_types(method),
         argv,
         prog="llmq train",
-        description="Fine-tune with ShiQ (method: shiq), DPO (method: dpo) or SFT on best-of-N extractions (method: sft): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
+        description="Fine-tune with ShiQ (method: shiq), DPO (method: dpo), SFT on best-of-N extractions (method: sft), or Digi-Q on TextWorld games "
+        "(method: digiq): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
     )
+    if method == "digiq":
+        from llmq.digiq import run_digiq
+
+        summary = run_digiq(model_args, training_args, run)
+        before, after = summary["before"]["success_rate"], summary["after"]["success_rate"]
+        print(f"success on test games {100 * before:.1f}% → {100 * after:.1f}%; model saved to {training_args.output_dir}; summary: {training_args.output_dir}/summary.json")
+        return 0
+    from llmq.pipeline import run_training
+
     summary = run_training(model_args, training_args, run)
     print(f"model saved to {training_args.output_dir}; summary: {training_args.output_dir}/summary.json (train loss {summary['train'].get('train_loss', float('nan')):.4f})")
     return 0

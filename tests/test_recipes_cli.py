@@ -57,13 +57,11 @@ def test_every_shipped_recipe_parses_and_starts_with_its_command():
         if " eval " in command:
             parse_recipe((ModelConfig, EvalConfig), [str(path)])
         else:
-            from llmq.pipeline import TrainRunConfig
+            from llmq.cli import train_config_types
             from llmq.recipes import load_recipe_file
-            from llmq.trainers import DPOConfig, ShiQConfig
 
             assert " train " in command, path
-            trainer_config = DPOConfig if load_recipe_file(path).get("method") == "dpo" else ShiQConfig
-            parse_recipe((ModelConfig, trainer_config, TrainRunConfig), [str(path)])
+            parse_recipe(train_config_types(load_recipe_file(path).get("method", "shiq")), [str(path)])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,244 @@
+"""``llmq train`` with ``method: digiq``: Digi-Q on TextWorld games (ALGORITHMS.md §5).
+
+1. games: seeded train and test sets (:func:`llmq.envs.textworld.make_games`);
+2. benchmark before: the base LM plays every test game greedily;
+3. offline data: the base LM plays the train games, sampling its commands (the behaviour policy);
+4. frozen features of every state and every (state, admissible command) pair, computed once
+   (:func:`llmq.models.features.extract_features`, cached on disk);
+5. critic: double Q/V heads fitted by TD on the logged actions (:class:`DigiQCriticTrainer`);
+6. Best-of-N extraction: in every logged state, the admissible command with the largest
+   ``max Q − max V`` is kept when that advantage exceeds ``threshold`` (:func:`best_of_n_advantages`);
+7. actor: supervised fine-tuning of the LM on the kept (state, command) pairs (TRL's SFTTrainer);
+8. benchmark after, on the same test games, and the paired change with a bootstrap interval.
+
+The LM acts by ranking the admissible commands by their likelihood under its chat prompt
+(:func:`likelihood_policy`): a 135M model asked for free text almost never writes an admissible
+command, but it does prefer some commands to others, and fine-tuning moves that preference.
+Candidates for Best-of-N are all admissible commands of a state (TextWorld's action sets are
+small, so N = |admissible| replaces Digi-Q's N sampled candidates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmq.errors import UserError
+
+
+@dataclasses.dataclass
+class DigiQRunConfig:
+    """Games, behaviour data, features and critic of a Digi-Q run; the actor's fine-tuning takes the
+    usual training arguments (learning_rate, num_train_epochs, per_device_train_batch_size, ...)."""
+
+    method: str = dataclasses.field(default="digiq", metadata={"help": "digiq.", "choices": ["digiq"]})
+    games_dir: str = dataclasses.field(default="outputs/textworld_games", metadata={"help": "Where generated games are kept (reused when present)."})
+    train_games: int = dataclasses.field(default=20, metadata={"help": "Games whose episodes make the offline data (seeds train_seed, train_seed + 1, ...)."})
+    test_games: int = dataclasses.field(default=20, metadata={"help": "Held-out games of the before/after benchmark (seeds test_seed, ...)."})
+    train_seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the first train game."})
+    test_seed: int = dataclasses.field(default=10_000, metadata={"help": "Seed of the first test game (disjoint from the train seeds)."})
+    world_size: int = dataclasses.field(default=1, metadata={"help": "Rooms per game."})
+    nb_objects: int = dataclasses.field(default=3, metadata={"help": "Objects per game."})
+    quest_length: int = dataclasses.field(default=2, metadata={"help": "Actions a quest needs."})
+    episode_steps: int = dataclasses.field(default=10, metadata={"help": "Steps per episode (the game is lost after them)."})
+    episodes_per_game: int = dataclasses.field(default=4, metadata={"help": "Behaviour episodes per train game."})
+    behaviour_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Temperature of the base LM's command distribution while collecting data."})
+    feature_layer: int | None = dataclasses.field(default=None, metadata={"help": "Hidden-state index of the features; default the middle layer."})
+    feature_pooling: str = dataclasses.field(default="last", metadata={"help": "last (last token) or mean.", "choices": ["last", "mean"]})
+    gamma: float = dataclasses.field(default=0.95, metadata={"help": "Discount per step (Digi-Q: 0.95)."})
+    critic_steps: int = dataclasses.field(default=2000, metadata={"help": "Optimizer steps of the critic."})
+    critic_learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "Adam learning rate of the critic heads."})
+    critic_batch_size: int = dataclasses.field(default=64, metadata={"help": "Transitions per critic step."})
+    critic_hidden_size: int = dataclasses.field(default=256, metadata={"help": "Width of the critic heads."})
+    critic_layers: int = dataclasses.field(default=2, metadata={"help": "Hidden layers per critic head."})
+    target_update_rate: float = dataclasses.field(default=0.1, metadata={"help": "Polyak rate of the target heads."})
+    target_update_steps: int = dataclasses.field(default=10, metadata={"help": "Critic steps between target updates."})
+    expectile: float | None = dataclasses.field(default=None, metadata={"help": "None: Digi-Q's MSE values (behaviour values); in (0.5, 1): expectile V."})
+    threshold: float = dataclasses.field(default=0.05, metadata={"help": "Best-of-N extraction keeps a state's best command when its advantage exceeds this."})
+    policy_batch_size: int = dataclasses.field(default=8, metadata={"help": "States scored per forward batch by the likelihood policy."})
+
+    def __post_init__(self) -> None:
+        for name in ("train_games", "test_games", "episode_steps", "episodes_per_game", "critic_steps", "critic_batch_size", "policy_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"key '{name}' must be at least 1, got {getattr(self, name)}")
+        if self.behaviour_temperature <= 0:
+            raise UserError("key 'behaviour_temperature' must be > 0: the behaviour policy must explore")
+        if not 0 < self.gamma <= 1:
+            raise UserError(f"key 'gamma' must be in (0, 1], got {self.gamma}")
+
+
+@torch.no_grad()
+def command_logprobs(model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8) -> list[list[float]]:
+    """``log π(command ⊕ end-of-turn | chat prompt)`` of every admissible command of every state.
+
+    The prompt is :func:`llmq.envs.textworld.policy_prompt` through the chat template; the
+    end-of-turn token makes a command's score that of the whole reply, not of a prefix.
+    """
+    from llmq.envs.textworld import policy_prompt
+    from llmq.mdp import token_logprobs
+
+    device = next(model.parameters()).device
+    end = tokenizer.eos_token or ""
+    pairs = []
+    for state, commands in zip(states, admissible):
+        prompt = tokenizer.apply_chat_template(policy_prompt(state, commands), tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        pairs += [(prompt_ids, tokenizer(command + end, add_special_tokens=False)["input_ids"]) for command in commands]
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        length = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        reply = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (prompt_ids, command_ids) in enumerate(chunk):
+            sequence = prompt_ids + command_ids
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+            reply[row, len(prompt_ids) : len(sequence)] = True
+        logp, _ = token_logprobs(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids.to(device))
+        scores += (logp.cpu() * reply).sum(-1).tolist()
+    grouped, position = [], 0
+    for commands in admissible:
+        grouped.append(scores[position : position + len(commands)])
+        position += len(commands)
+    return grouped
+
+
+def likelihood_policy(model, tokenizer, *, temperature: float = 0.0, seed: int = 0, batch_size: int = 8):
+    """A TextWorld policy that picks an admissible command by the LM's likelihood of it:
+    the most likely one (``temperature`` 0) or a sample from ``softmax(log π / temperature)``."""
+    rng = np.random.default_rng(seed)
+
+    def policy(states: list[str], admissible: list[list[str]]) -> list[str]:
+        chosen = []
+        for commands, scores in zip(admissible, command_logprobs(model, tokenizer, states, admissible, batch_size)):
+            if temperature == 0:
+                chosen.append(commands[int(np.argmax(scores))])
+            else:
+                weights = np.exp((np.asarray(scores) - max(scores)) / temperature)
+                chosen.append(commands[rng.choice(len(commands), p=weights / weights.sum())])
+        return chosen
+
+    return policy
+
+
+def action_text(state: str, command: str) -> str:
+    """The text whose features stand for taking ``command`` in ``state`` (Digi-Q's ``q_rep`` input)."""
+    return f"{state}\n\nAction: {command}"
+
+
+def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
+    """Run Digi-Q end to end; returns the summary written to ``output_dir/summary.json``."""
+    import datasets
+    from trl import SFTTrainer, get_peft_config
+
+    from llmq.envs.textworld import collect_trajectories, evaluate_agent, make_games, policy_prompt
+    from llmq.evaluation import bootstrap_interval
+    from llmq.losses import best_of_n_advantages
+    from llmq.models import load_from_config
+    from llmq.models.features import extract_features
+    from llmq.trainers.digiq import DigiQConfig, DigiQCriticTrainer
+
+    started = time.perf_counter()
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(world_size=run.world_size, nb_objects=run.nb_objects, quest_length=run.quest_length)
+    train_games = make_games(run.games_dir, run.train_games, run.train_seed, **settings)
+    test_games = make_games(run.games_dir, run.test_games, run.test_seed, **settings)
+    model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
+    model.eval()
+    summary: dict = {"model": model_args.model_name_or_path, "method": "digiq", "train_games": len(train_games), "test_games": len(test_games)}
+
+    def benchmark(stage: str) -> dict:
+        report = evaluate_agent(likelihood_policy(model, tokenizer, batch_size=run.policy_batch_size), test_games, run.episode_steps, seed=run.test_seed)
+        print(f"{stage}: success {100 * report['success_rate']:.1f}% (95% CI {100 * report['success_rate_ci95'][0]:.1f}–{100 * report['success_rate_ci95'][1]:.1f}), "
+              f"normalised score {report['normalized_score']:.3f} on {len(test_games)} test games", flush=True)  # fmt: skip
+        return report
+
+    summary["before"] = benchmark("before")
+    behaviour = likelihood_policy(model, tokenizer, temperature=run.behaviour_temperature, seed=training_args.seed, batch_size=run.policy_batch_size)
+    data = collect_trajectories(behaviour, train_games, run.episodes_per_game, run.episode_steps, seed=training_args.seed, gamma=run.gamma)
+    data.save_to_disk(str(output_dir / "trajectories"))
+    summary["data"] = {"transitions": len(data), "episodes": len(train_games) * run.episodes_per_game, "won_episodes": int(sum(r["won"] for r in data if r["done"])),
+                       "mean_reward": float(np.mean(data["reward"]))}  # fmt: skip
+    print(f"offline data: {summary['data']}", flush=True)
+
+    # Features of every state and of every (state, admissible command), one backbone pass each.
+    texts = sorted({*data["state"], *data["next_state"]} | {action_text(r["state"], c) for r in data for c in {*r["admissible"], r["action"]}})
+    features = extract_features(model, tokenizer, texts, layer=run.feature_layer, pooling=run.feature_pooling, cache_dir=output_dir / "features")
+    row_of = {text: i for i, text in enumerate(texts)}
+
+    def feature(text: str) -> list[float]:
+        return features[row_of[text]].tolist()
+
+    transitions = datasets.Dataset.from_list(
+        [
+            {"state_features": feature(r["state"]), "action_features": feature(action_text(r["state"], r["action"])), "next_state_features": feature(r["next_state"]),
+             "reward": r["reward"], "done": r["done"] and not r["truncated"]}  # fmt: skip
+            for r in data
+        ]
+    )
+    critic_args = DigiQConfig(
+        output_dir=str(output_dir / "critic"),
+        gamma=run.gamma,
+        target_update_rate=run.target_update_rate,
+        target_update_steps=run.target_update_steps,
+        expectile=run.expectile,
+        hidden_size=run.critic_hidden_size,
+        num_layers=run.critic_layers,
+        learning_rate=run.critic_learning_rate,
+        max_steps=run.critic_steps,
+        per_device_train_batch_size=run.critic_batch_size,
+        logging_steps=max(1, run.critic_steps // 20),
+        save_strategy="no",
+        report_to=training_args.report_to,
+        use_cpu=training_args.use_cpu,
+        seed=training_args.seed,
+        disable_tqdm=training_args.disable_tqdm,
+    )
+    critic_trainer = DigiQCriticTrainer(args=critic_args, train_dataset=transitions)
+    critic_result = critic_trainer.train()
+    critic_trainer.save_model(str(output_dir / "critic"))
+    critic = critic_trainer.model.online.cpu().eval()
+    summary["critic"] = dict(critic_result.metrics) | {"log": [e for e in critic_trainer.state.log_history if "td_error/abs_mean" in e][-1:]}
+
+    # Best-of-N extraction over each logged state's admissible commands.
+    rows, advantages = [], []
+    with torch.no_grad():
+        for r in data:
+            commands = list(r["admissible"])
+            state = torch.tensor([feature(r["state"])])
+            candidates = torch.tensor([[feature(action_text(r["state"], c)) for c in commands]])
+            best, advantage, weight = best_of_n_advantages(critic.q(state, candidates), critic.v(state), threshold=run.threshold)
+            advantages.append(advantage.item())
+            if weight.item() == 1:
+                rows.append({"prompt": policy_prompt(r["state"], commands), "completion": [{"role": "assistant", "content": commands[best.item()]}]})
+    summary["extraction"] = {"states": len(data), "kept": len(rows), "advantage_mean": float(np.mean(advantages)), "threshold": run.threshold}
+    print(f"Best-of-N extraction: kept {len(rows)} of {len(data)} states (mean best advantage {np.mean(advantages):.3f})", flush=True)
+    if not rows:
+        raise UserError(f"Best-of-N extraction kept no state (no advantage above threshold {run.threshold}); lower 'threshold' or collect more data")
+    datasets.Dataset.from_list(rows).save_to_disk(str(output_dir / "extracted"))
+
+    model.train()
+    actor = SFTTrainer(model=model, args=training_args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    summary["actor"] = dict(actor.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
+    actor.save_model(str(output_dir))
+    model = actor.model.eval()
+
+    summary["after"] = benchmark("after")
+    change = {}
+    for metric, key in (("success_rate", "won"), ("normalized_score", "normalized_score")):
+        difference = np.array([float(a[key]) - float(b[key]) for a, b in zip(summary["after"]["games"], summary["before"]["games"])])
+        low, high = bootstrap_interval(difference, seed=training_args.seed)
+        change[metric] = {"mean": float(difference.mean()), "ci95_paired": [low, high]}
+        print(f"change after digiq, {metric}: {difference.mean():+.3f} (paired 95% CI {low:+.3f} to {high:+.3f})", flush=True)
+    summary["change"] = change
+    summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

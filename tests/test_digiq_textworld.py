@@ -1,0 +1,49 @@
+"""Digi-Q end to end on real TextWorld games with a tiny model, and the likelihood policy it acts with."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("textworld", reason="TextWorld is not installed (the agents extra: pip install 'llmq[agents]')")
+
+from llmq.cli import main  # noqa: E402
+from llmq.digiq import command_logprobs, likelihood_policy  # noqa: E402
+from llmq.envs.textworld import policy_prompt  # noqa: E402
+from llmq.mdp import token_logprobs  # noqa: E402
+
+
+def test_command_logprobs_are_the_reply_log_likelihoods(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    states, admissible = ["Goal: eat the apple", "Goal: open the door\nYou see a door."], [["take apple", "eat apple"], ["open door", "look", "go north"]]
+    scores = command_logprobs(model, tokenizer, states, admissible, batch_size=2)
+    assert [len(s) for s in scores] == [2, 3]
+    prompt = tokenizer.apply_chat_template(policy_prompt(states[1], admissible[1]), tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + tokenizer("go north" + tokenizer.eos_token, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp, _ = token_logprobs(model(ids).logits, ids)
+    assert scores[1][2] == pytest.approx(logp[0, len(prompt_ids) :].sum().item(), abs=1e-4)
+    greedy = likelihood_policy(model, tokenizer)(states, admissible)
+    assert greedy == [commands[int(np.argmax(s))] for commands, s in zip(admissible, scores)]
+    sampled = likelihood_policy(model, tokenizer, temperature=100.0, seed=0)(states * 20, admissible * 20)
+    assert all(a in commands for a, commands in zip(sampled, admissible * 20)) and len(set(sampled[1::2])) > 1
+
+
+def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir):
+    out = tmp_path / "digiq"
+    argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--games_dir", str(tmp_path / "games"),
+            "--train_games", "2", "--test_games", "1", "--episode_steps", "3", "--episodes_per_game", "1", "--critic_steps", "20", "--critic_batch_size", "4",
+            "--critic_hidden_size", "16", "--threshold", "-1000", "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
+            "--save_strategy", "no", "--use_cpu", "true"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "digiq" and summary["data"]["transitions"] == len(datasets.load_from_disk(str(out / "trajectories")))
+    assert summary["extraction"]["kept"] == summary["extraction"]["states"]  # threshold -1000 keeps every state
+    extracted = datasets.load_from_disk(str(out / "extracted"))
+    assert extracted[0]["completion"][0]["role"] == "assistant" and extracted[0]["prompt"][-1]["role"] == "user"
+    assert {"success_rate", "normalized_score"} <= set(summary["change"])
+    assert len(list((out / "features").glob("*.safetensors"))) == 1 and (out / "model.safetensors").is_file()
+    assert (out / "critic" / "model.safetensors").is_file()
