@@ -4,7 +4,7 @@
 2. benchmark before: the base LM plays every test game greedily;
 3. offline data: the base LM plays the train games, sampling its commands (the behaviour policy);
 4. frozen features of every state and every (state, admissible command) pair, computed once
-   (:func:`llmq.models.features.extract_features`, cached on disk);
+   (:func:`llmq.models.features.score_continuations`: a state read once, its commands through the KV cache; cached on disk);
 5. critic: double Q/V heads fitted by TD on the logged actions (:class:`DigiQCriticTrainer`);
 6. Best-of-N extraction: in every logged state, the admissible command with the largest
    ``max Q − max V`` is kept when that advantage exceeds ``threshold`` (:func:`best_of_n_advantages`);
@@ -49,7 +49,6 @@ class DigiQRunConfig:
     episodes_per_game: int = dataclasses.field(default=4, metadata={"help": "Behaviour episodes per train game."})
     behaviour_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Temperature of the base LM's command distribution while collecting data."})
     feature_layer: int | None = dataclasses.field(default=None, metadata={"help": "Hidden-state index of the features; default the middle layer."})
-    feature_pooling: str = dataclasses.field(default="last", metadata={"help": "last (last token) or mean.", "choices": ["last", "mean"]})
     gamma: float = dataclasses.field(default=0.95, metadata={"help": "Discount per step (Digi-Q: 0.95)."})
     critic_steps: int = dataclasses.field(default=2000, metadata={"help": "Optimizer steps of the critic."})
     critic_learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "Adam learning rate of the critic heads."})
@@ -72,42 +71,20 @@ class DigiQRunConfig:
             raise UserError(f"key 'gamma' must be in (0, 1], got {self.gamma}")
 
 
-@torch.no_grad()
 def command_logprobs(model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8) -> list[list[float]]:
     """``log π(command ⊕ end-of-turn | chat prompt)`` of every admissible command of every state.
 
-    The prompt is :func:`llmq.envs.textworld.policy_prompt` through the chat template; the
-    end-of-turn token makes a command's score that of the whole reply, not of a prefix.
+    The prompt is :func:`llmq.envs.textworld.policy_prompt` through the chat template, read once
+    per state (:func:`llmq.models.features.score_continuations`); the end-of-turn token makes a
+    command's score that of the whole reply, not of a prefix.
     """
     from llmq.envs.textworld import policy_prompt
-    from llmq.mdp import token_logprobs
+    from llmq.models.features import score_continuations
 
-    device = next(model.parameters()).device
-    end = tokenizer.eos_token or ""
-    pairs = []
-    for state, commands in zip(states, admissible):
-        prompt = tokenizer.apply_chat_template(policy_prompt(state, commands), tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        pairs += [(prompt_ids, tokenizer(command + end, add_special_tokens=False)["input_ids"]) for command in commands]
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        length = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        reply = torch.zeros_like(ids, dtype=torch.bool)
-        for row, (prompt_ids, command_ids) in enumerate(chunk):
-            sequence = prompt_ids + command_ids
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-            mask[row, : len(sequence)] = 1
-            reply[row, len(prompt_ids) : len(sequence)] = True
-        logp, _ = token_logprobs(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids.to(device))
-        scores += (logp.cpu() * reply).sum(-1).tolist()
-    grouped, position = [], 0
-    for commands in admissible:
-        grouped.append(scores[position : position + len(commands)])
-        position += len(commands)
-    return grouped
+    prompts = [tokenizer.apply_chat_template(policy_prompt(state, commands), tokenize=False, add_generation_prompt=True) for state, commands in zip(states, admissible)]
+    replies = [[command + (tokenizer.eos_token or "") for command in commands] for commands in admissible]
+    _, _, logprobs = score_continuations(model, tokenizer, prompts, replies, batch_size=batch_size, progress=False)
+    return [scores.tolist() for scores in logprobs]
 
 
 def likelihood_policy(model, tokenizer, *, temperature: float = 0.0, seed: int = 0, batch_size: int = 8):
@@ -128,9 +105,8 @@ def likelihood_policy(model, tokenizer, *, temperature: float = 0.0, seed: int =
     return policy
 
 
-def action_text(state: str, command: str) -> str:
-    """The text whose features stand for taking ``command`` in ``state`` (Digi-Q's ``q_rep`` input)."""
-    return f"{state}\n\nAction: {command}"
+# A state's text followed by this and a command stands for taking that command (Digi-Q's q_rep input).
+ACTION_SEPARATOR = "\n\nAction: "
 
 
 def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
@@ -142,7 +118,7 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
     from llmq.evaluation import bootstrap_interval
     from llmq.losses import best_of_n_advantages
     from llmq.models import load_from_config
-    from llmq.models.features import extract_features
+    from llmq.models.features import score_continuations
     from llmq.trainers.digiq import DigiQConfig, DigiQCriticTrainer
 
     started = time.perf_counter()
@@ -169,17 +145,29 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
                        "mean_reward": float(np.mean(data["reward"]))}  # fmt: skip
     print(f"offline data: {summary['data']}", flush=True)
 
-    # Features of every state and of every (state, admissible command), one backbone pass each.
-    texts = sorted({*data["state"], *data["next_state"]} | {action_text(r["state"], c) for r in data for c in {*r["admissible"], r["action"]}})
-    features = extract_features(model, tokenizer, texts, layer=run.feature_layer, pooling=run.feature_pooling, cache_dir=output_dir / "features")
-    row_of = {text: i for i, text in enumerate(texts)}
+    # Features of every state and of every (state, admissible command): each state's text is read
+    # once, its commands continue it through the KV cache.
+    actions_of: dict[str, set[str]] = {text: set() for text in {*data["state"], *data["next_state"]}}
+    for r in data:
+        actions_of[r["state"]].update([*r["admissible"], r["action"]])
+    texts = sorted(actions_of)
+    options = [sorted(actions_of[text]) for text in texts]
+    state_features, action_features, _ = score_continuations(
+        model, tokenizer, texts, [[ACTION_SEPARATOR + command for command in commands] for commands in options], layer=run.feature_layer, cache_dir=output_dir / "features"
+    )
+    state_row = {text: i for i, text in enumerate(texts)}
+    action_row = {(text, command): (i, j) for i, (text, commands) in enumerate(zip(texts, options)) for j, command in enumerate(commands)}
 
     def feature(text: str) -> list[float]:
-        return features[row_of[text]].tolist()
+        return state_features[state_row[text]].tolist()
+
+    def action_feature(text: str, command: str) -> list[float]:
+        i, j = action_row[(text, command)]
+        return action_features[i][j].tolist()
 
     transitions = datasets.Dataset.from_list(
         [
-            {"state_features": feature(r["state"]), "action_features": feature(action_text(r["state"], r["action"])), "next_state_features": feature(r["next_state"]),
+            {"state_features": feature(r["state"]), "action_features": action_feature(r["state"], r["action"]), "next_state_features": feature(r["next_state"]),
              "reward": r["reward"], "done": r["done"] and not r["truncated"]}  # fmt: skip
             for r in data
         ]
@@ -214,7 +202,7 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
         for r in data:
             commands = list(r["admissible"])
             state = torch.tensor([feature(r["state"])])
-            candidates = torch.tensor([[feature(action_text(r["state"], c)) for c in commands]])
+            candidates = torch.tensor([[action_feature(r["state"], c) for c in commands]])
             best, advantage, weight = best_of_n_advantages(critic.q(state, candidates), critic.v(state), threshold=run.threshold)
             advantages.append(advantage.item())
             if weight.item() == 1:

@@ -78,3 +78,26 @@ def test_image_inputs_of_a_tiny_vlm_give_features_that_depend_on_the_image(tmp_p
     assert len(list(tmp_path.glob("*.safetensors"))) == 2 and torch.allclose(swapped[0], features[2])
     with pytest.raises(ValueError, match="one image per text"):
         extract_features(model, processor, texts, images=images[:2], progress=False)
+
+
+def test_continuations_scored_through_the_prefix_cache_match_full_forward_passes(tmp_path, tiny_model_and_tokenizer):
+    from llmq.mdp import token_logprobs
+    from llmq.models.features import score_continuations
+
+    model, tokenizer = tiny_model_and_tokenizer
+    prefixes = ["Goal: eat the apple.\nYou see an apple.", "A second, longer state text with more tokens in it."]
+    continuations = [["\nAction: take apple", "\nAction: eat apple", "\nAction: look"], ["\nAction: go north"]]
+    prefix_features, features, logprobs = score_continuations(model, tokenizer, prefixes, continuations, layer=-1, batch_size=2, cache_dir=tmp_path, progress=False)
+    assert prefix_features.shape == (2, 64) and [f.shape for f in features] == [(3, 64), (1, 64)] and [len(x) for x in logprobs] == [3, 1]
+    for p, (prefix, options) in enumerate(zip(prefixes, continuations)):
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        for c, option in enumerate(options):
+            ids = torch.tensor([prefix_ids + tokenizer(option, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                out = model(ids, output_hidden_states=True)
+            logp, _ = token_logprobs(out.logits, ids)
+            torch.testing.assert_close(features[p][c], out.hidden_states[-1][0, -1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(prefix_features[p], out.hidden_states[-1][0, len(prefix_ids) - 1], atol=1e-5, rtol=0)
+            assert logprobs[p][c].item() == pytest.approx(logp[0, len(prefix_ids) :].sum().item(), abs=1e-4)
+    cached = score_continuations(model, tokenizer, prefixes, continuations, layer=-1, cache_dir=tmp_path, progress=False)
+    assert torch.equal(cached[0], prefix_features) and all(torch.equal(a, b) for a, b in zip(cached[2], logprobs))

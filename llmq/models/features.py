@@ -8,6 +8,7 @@ next call.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -124,3 +125,92 @@ def extract_features(
         save_file({"features": features.contiguous()}, str(partial))
         partial.replace(cache_file)  # atomic: a killed run never leaves a half-written cache entry
     return features
+
+
+@torch.no_grad()
+def score_continuations(
+    model: torch.nn.Module,
+    tokenizer,
+    prefixes: list[str],
+    continuations: list[list[str]],
+    *,
+    layer: int | None = None,
+    batch_size: int = 16,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Features and log-likelihoods of several continuations of each prefix, the prefix run once.
+
+    A state and its candidate actions share the state's text: the backbone reads the prefix once
+    and its KV cache serves every continuation, so scoring N actions of a 400-token state costs
+    about one state, not N.  Prefix and continuations are tokenized separately (no special tokens
+    added), so a token never straddles the boundary.
+
+    Returns:
+        ``prefix_features`` ``[P, hidden]`` (last prefix token), and per prefix
+        ``continuation_features`` ``[n_i, hidden]`` (last continuation token) and
+        ``continuation_logprobs`` ``[n_i]`` (``Σ log π(continuation tokens | prefix)``); fp32, CPU.
+        A prefix with no continuations gets its features only.
+        The same ``cache_dir`` cache as :func:`extract_features`, keyed by all the texts.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if len(prefixes) != len(continuations):
+        raise ValueError(f"{len(continuations)} continuation lists for {len(prefixes)} prefixes: give one list (possibly empty) per prefix")
+    index = feature_layer(model, layer)
+    cache_file = None
+    if cache_dir is not None:
+        digest = hashlib.sha256("\0".join(prefixes).encode())
+        for options in continuations:
+            digest.update(("\1" + "\0".join(options)).encode())
+        key = json.dumps({"kind": "continuations", "model": type(model).__name__, "weights": weights_checksum(model), "layer": index, "texts": digest.hexdigest()})
+        cache_file = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        if cache_file.is_file():
+            stored = load_file(str(cache_file))
+            sizes = stored["sizes"].tolist()
+            return stored["prefix_features"], list(stored["continuation_features"].split(sizes)), list(stored["continuation_logprobs"].split(sizes))
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prefix_features, continuation_features, continuation_logprobs = [], [], []
+    for prefix, options in tqdm(list(zip(prefixes, continuations)), desc="features", unit="state", disable=not progress):
+        prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        head = model(input_ids=prefix_ids, output_hidden_states=True, use_cache=True)
+        prefix_features.append(head.hidden_states[index][0, -1].float().cpu())
+        first_logp = torch.log_softmax(head.logits[0, -1].float(), dim=-1)
+        cache_key = "cache" if hasattr(head, "cache") else "past_key_values"
+        features, logprobs = [], []
+        for start in range(0, len(options), batch_size):
+            encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in options[start : start + batch_size]]
+            if any(not ids for ids in encoded):
+                raise ValueError(f"an empty continuation of prefix {prefix[:60]!r}")
+            width, count = max(len(ids) for ids in encoded), len(encoded)
+            ids = torch.full((count, width), tokenizer.pad_token_id, dtype=torch.long)
+            real = torch.zeros((count, width), dtype=torch.long)
+            for row, tokens in enumerate(encoded):
+                ids[row, : len(tokens)], real[row, : len(tokens)] = torch.tensor(tokens), 1
+            ids, real = ids.to(device), real.to(device)
+            cache = copy.deepcopy(getattr(head, cache_key))
+            cache.batch_repeat_interleave(count)
+            mask = torch.cat([torch.ones(count, prefix_ids.shape[1], dtype=torch.long, device=device), real], dim=1)
+            positions = prefix_ids.shape[1] + torch.arange(width, device=device).expand(count, -1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=True, **{cache_key: cache})
+            last = real.sum(-1) - 1
+            features.append(out.hidden_states[index][torch.arange(count, device=device), last].float().cpu())
+            # Token 0 is scored by the prefix's last logits, token t > 0 by the continuation's row t − 1.
+            step_logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            totals = first_logp[ids[:, 0]] + (step_logp * real[:, 1:]).sum(-1)
+            logprobs.append(totals.cpu())
+        continuation_features.append(torch.cat(features) if features else torch.zeros(0, prefix_features[-1].shape[0]))
+        continuation_logprobs.append(torch.cat(logprobs) if logprobs else torch.zeros(0))
+    model.train(was_training)
+    result = (torch.stack(prefix_features), continuation_features, continuation_logprobs)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        sizes = torch.tensor([len(options) for options in continuations])
+        save_file({"prefix_features": result[0].contiguous(), "continuation_features": torch.cat(continuation_features).contiguous(),
+                   "continuation_logprobs": torch.cat(continuation_logprobs).contiguous(), "sizes": sizes}, str(partial))  # fmt: skip
+        partial.replace(cache_file)
+    return result
