@@ -70,3 +70,34 @@ def test_bad_settings_are_refused():
         astar_search(propose=propose, q_values=q_values, is_terminal=lambda s: True, num_candidates=2, budget=1, max_depth=1, aggregate="min")
     with pytest.raises(ValueError, match="aggregate"):
         astar_search(propose=propose, q_values=q_values, is_terminal=lambda s: True, num_candidates=2, budget=1, max_depth=1, aggregate="mean")
+
+
+def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_and_tokenizer):
+    import torch
+
+    from llmq.decoding.qstar import FeatureQVM, LLMStepProposer, ReasoningStep
+    from llmq.models.features import score_continuations
+    from llmq.models.value_heads import CriticHeads
+    from llmq.rollout import HFEngine
+
+    model, tokenizer = tiny_model_and_tokenizer
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
+    proposer = LLMStepProposer(HFEngine(model, tokenizer, progress=False), prompt, {tokenizer.eos_token_id}, delimiter=" ", max_step_tokens=6, temperature=1.0)
+    [steps] = proposer([()], 4)
+    assert len(steps) == 4 and all(isinstance(s, ReasoningStep) and s.text for s in steps)
+    assert all(s.final or s.text.endswith(" ") or len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) >= 6 for s in steps)
+    assert proposer.generated_tokens > 0
+
+    torch.manual_seed(0)
+    heads = CriticHeads(64, 64, hidden_size=8, num_layers=1)
+    qvm = FeatureQVM(model, tokenizer, heads, prompt, layer=-1)
+    pairs = [((), steps[0]), ((), steps[1]), ((steps[0],), steps[2])]
+    values = qvm(pairs)
+    state_features, step_features, _ = score_continuations(model, tokenizer, [prompt], [[steps[0].text, steps[1].text]], layer=-1, progress=False)
+    with torch.no_grad():
+        expected = heads.q(state_features, step_features[0][None]).mean(0)[0]
+    assert values[:2] == pytest.approx(expected.tolist(), abs=1e-5)
+
+    is_terminal = lambda state: bool(state) and (state[-1].final or len(state) >= 3)  # noqa: E731
+    result = astar_search(propose=proposer, q_values=qvm, is_terminal=is_terminal, num_candidates=2, budget=3, max_depth=3)
+    assert result.expansions <= 3 and result.best.state and len(result.best.state) <= 3

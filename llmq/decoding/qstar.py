@@ -160,3 +160,74 @@ def astar_search(
         answer = max(terminals or [n for n in nodes if not n.expanded] or nodes, key=lambda n: (n.f, -n.id))
     return SearchResult(best=answer, nodes=nodes, expansions=expansions, budget_exhausted=exhausted)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningStep:
+    """One step of a solution: its text (with the delimiter that ended it) and whether the model
+    ended its answer there (end of sequence)."""
+
+    text: str
+    final: bool
+
+
+class LLMStepProposer:
+    """K candidate next steps per state from an llmq engine: each sample stops at the step delimiter.
+
+    Args:
+        engine: e.g. :class:`llmq.rollout.HFEngine`; raw prompts are the question's rendered chat
+            prompt followed by the steps so far.
+        prompt: the rendered prompt of the question (``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True)``).
+        eos_token_ids: token ids that end an answer.
+        delimiter: text that ends a step (GSM8K solutions: one line per step).
+        max_step_tokens: budget of one step; a longer step is cut there.
+        temperature: sampling temperature of the candidates.
+        seed: seed of the first call; later calls use the following seeds.
+    """
+
+    def __init__(self, engine, prompt: str, eos_token_ids: set[int], *, delimiter: str = "\n", max_step_tokens: int = 96, temperature: float = 0.8, seed: int = 0) -> None:
+        from llmq.rollout import SamplingParams
+
+        self.engine, self.prompt, self.eos_token_ids, self.delimiter = engine, prompt, eos_token_ids, delimiter
+        self.sampling = SamplingParams(max_new_tokens=max_step_tokens, temperature=temperature, stop=(delimiter,), seed=seed)
+        self.generated_tokens = 0
+
+    def __call__(self, states: list[State], k: int) -> list[list[ReasoningStep]]:
+        prompts = [self.prompt + "".join(step.text for step in state) for state in states]
+        outputs = self.engine.generate(prompts, n=k, sampling=self.sampling)
+        self.sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + len(prompts))
+        proposals = []
+        for group in outputs:
+            steps = []
+            for completion in group:
+                self.generated_tokens += len(completion.token_ids)
+                final = bool(completion.token_ids) and completion.token_ids[-1] in self.eos_token_ids
+                cut = completion.finish_reason == "stop" and not final  # stopped at the delimiter
+                steps.append(ReasoningStep(completion.text + (self.delimiter if cut else ""), final))
+            proposals.append(steps)
+        return proposals
+
+
+class FeatureQVM:
+    """A Q-value model ``Q(s, a)`` = mean over heads of :class:`llmq.models.value_heads.CriticHeads`
+    on frozen features of the question + steps so far (state) and of the candidate step (action),
+    read through the state's KV cache (:func:`llmq.models.features.score_continuations`)."""
+
+    def __init__(self, model, tokenizer, heads, prompt: str, layer: int | None = None) -> None:
+        self.model, self.tokenizer, self.heads, self.prompt, self.layer = model, tokenizer, heads, prompt, layer
+
+    def __call__(self, pairs: list[tuple[State, ReasoningStep]]) -> list[float]:
+        import torch
+
+        from llmq.models.features import score_continuations
+
+        states = list(dict.fromkeys(state for state, _ in pairs))
+        steps_of = {state: [step.text for s, step in pairs if s == state] for state in states}
+        prefixes = [self.prompt + "".join(step.text for step in state) for state in states]
+        state_features, step_features, _ = score_continuations(self.model, self.tokenizer, prefixes, [steps_of[s] for s in states], layer=self.layer, progress=False)
+        values: dict[tuple[State, str], float] = {}
+        with torch.no_grad():
+            for state, features, candidates in zip(states, state_features, step_features):
+                q = self.heads.q(features[None], candidates[None]).mean(0)[0]
+                values.update({(state, text): value for text, value in zip(steps_of[state], q.tolist())})
+        return [values[(state, step.text)] for state, step in pairs]
