@@ -37,6 +37,12 @@ def train_config_types(method: str) -> tuple[type, ...]:
         from llmq.digiq import DigiQRunConfig
 
         return ModelConfig, SFTConfig, DigiQRunConfig
+    if method == "qvm":  # a value head for Q* search; the policy is not trained
+        from transformers import TrainingArguments
+
+        from llmq.qvm import QVMRunConfig
+
+        return ModelConfig, TrainingArguments, QVMRunConfig
     # An unknown method is reported by the parser, against TrainRunConfig's choices.
     return ModelConfig, {"dpo": DPOConfig, "sft": SFTConfig}.get(method, ShiQConfig), TrainRunConfig
 
@@ -52,9 +58,15 @@ def _train(argv: Sequence[str]) -> int:
         train_config_types(method),
         argv,
         prog="llmq train",
-        description="Fine-tune with ShiQ (method: shiq), DPO (method: dpo), SFT on best-of-N extractions (method: sft), or Digi-Q on TextWorld games "
-        "(method: digiq): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
+        description="Fine-tune with ShiQ (method: shiq), DPO (method: dpo), SFT on best-of-N extractions (method: sft), Digi-Q on TextWorld games "
+        "(method: digiq), or a Q-value model for Q* search (method: qvm): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
     )
+    if method == "qvm":
+        from llmq.qvm import run_qvm
+
+        summary = run_qvm(model_args, training_args, run)
+        print(f"QVM on {summary['steps']} labelled steps (mean label {summary['rollout_label_mean']:.3f}) saved to {training_args.output_dir}")
+        return 0
     if method == "digiq":
         from llmq.digiq import run_digiq
 

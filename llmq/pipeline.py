@@ -22,8 +22,8 @@ class TrainRunConfig:
         metadata={
             "help": "shiq (ShiQTrainer on rewarded completions), dpo (TRL's DPOTrainer on best-vs-worst pairs of the same data), or sft "
             "(TRL's SFTTrainer on best-of-N extracted completions: built data keep each question's best sample when the verifier accepts it); "
-            "digiq (TextWorld agent: see llmq train --method digiq --help).",
-            "choices": ["shiq", "dpo", "sft", "digiq"],
+            "digiq (TextWorld agent: see llmq train --method digiq --help); qvm (Q* value model: llmq train --method qvm --help).",
+            "choices": ["shiq", "dpo", "sft", "digiq", "qvm"],
         },
     )
     dataset_path: str = dataclasses.field(

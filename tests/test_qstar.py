@@ -101,3 +101,31 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
     is_terminal = lambda state: bool(state) and (state[-1].final or len(state) >= 3)  # noqa: E731
     result = astar_search(propose=proposer, q_values=qvm, is_terminal=is_terminal, num_candidates=2, budget=3, max_depth=3)
     assert result.expansions <= 3 and result.best.state and len(result.best.state) <= 3
+
+
+@pytest.mark.parametrize("label", ["rollout", "fqi"])
+def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, data_dir, tiny_model_dir):
+    import json
+
+    from llmq.cli import main
+    from llmq.qvm import load_qvm
+
+    out = tmp_path / "qvm"
+    argv = ["train", "--method", "qvm", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--data_dir", str(data_dir), "--limit", "2",
+            "--trajectories", "1", "--rollouts", "2", "--max_new_tokens", "12", "--delimiter", " ", "--qvm_steps", "5", "--qvm_batch_size", "4",
+            "--qvm_hidden_size", "8", "--label", label, "--fqi_iterations", "1", "--fqi_candidates", "2", "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] >= 2 and 0 <= summary["rollout_label_mean"] <= 1 and summary["label"] == label
+    heads, metadata = load_qvm(out)
+    assert metadata["delimiter"] == " " and heads.q_heads[0][0].in_features == 2 * metadata["state_dim"]
+
+
+def test_split_steps_keeps_delimiters():
+    from llmq.qvm import split_steps
+
+    assert split_steps("a = 1\nb = 2\n#### 3", "\n") == ["a = 1\n", "b = 2\n", "#### 3"]
+    for text in ("a\n\nb\n", "\nfirst\n\n\nsecond", "one line", "a\n", "x\n\n"):
+        assert "".join(split_steps(text, "\n")) == text
+    assert split_steps("a\n\nb\n", "\n") == ["a\n\n", "b\n"]
+    assert split_steps("", "\n") == []
