@@ -18,7 +18,7 @@ from __future__ import annotations
 import html
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -336,3 +336,56 @@ def render_credit_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def render_search_tree_html(nodes: Sequence, answer_path: Sequence[int], *, title: str, prompt: str | None = None, step_text: Callable[[object], str] = str) -> str:
+    """A self-contained HTML page of a Q* search tree: every state as a nested list item showing its
+    last step, ``f = g + λh`` with ``g`` and ``h``, whether it was expanded or is terminal; the answer's
+    path is highlighted.  Text is escaped and scripts are forbidden, as in :func:`render_credit_html`.
+
+    Args:
+        nodes: :class:`llmq.decoding.qstar.Node` objects (``id``, ``parent``, ``state``, ``f``, ``g``, ``h``, ``expanded``, ``terminal``).
+        answer_path: node ids from the root to the answer.
+        title: page title.
+        prompt: the question, shown above the tree.
+        step_text: the text of a state's last step.
+    """
+    esc = html.escape
+    children: dict[int | None, list] = {}
+    for node in nodes:
+        children.setdefault(node.parent, []).append(node)
+    on_path = set(answer_path)
+
+    def item(node) -> str:
+        label = "(question)" if node.parent is None else step_text(node.state[-1])
+        marks = "".join(mark for flag, mark in ((node.expanded, " expanded"), (node.terminal, " terminal")) if flag)
+        classes = "node" + (" path" if node.id in on_path else "") + marks
+        below = "".join(item(child) for child in sorted(children.get(node.id, []), key=lambda n: -n.f))
+        return (f'<li class="{classes}"><span class="step">{esc(label)}</span> <span class="val">f={node.f:.3f} g={node.g:.3f} h={node.h:.3f}'
+                f'{esc(marks)}</span>{"<ul>" + below + "</ul>" if below else ""}</li>')  # fmt: skip
+
+    roots = "".join(item(node) for node in children.get(None, []))
+    prompt_block = f'<div class="prompt">{esc(prompt)}</div>\n' if prompt is not None else ""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<title>{esc(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+.prompt {{ white-space: pre-wrap; background: #f4f4f4; padding: .6em; margin-bottom: 1em; }}
+ul {{ list-style: none; border-left: 1px solid #ccc; margin-left: .6em; padding-left: 1em; }}
+.step {{ white-space: pre-wrap; font-family: monospace; }}
+.val {{ color: #666; font-size: 85%; }}
+.path > .step {{ background: #d8f0d0; font-weight: bold; }}
+.terminal > .step {{ border: 1px solid #999; }}
+</style>
+</head>
+<body>
+<h1>{esc(title)}</h1>
+<p>{len(nodes)} states, {sum(1 for n in nodes if n.expanded)} expanded; highlighted: the answer's path. Children are sorted by f.</p>
+{prompt_block}<ul>{roots}</ul>
+</body>
+</html>
+"""

@@ -119,6 +119,15 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, d
     assert summary["steps"] >= 2 and 0 <= summary["rollout_label_mean"] <= 1 and summary["label"] == label
     heads, metadata = load_qvm(out)
     assert metadata["delimiter"] == " " and heads.q_heads[0][0].in_features == 2 * metadata["state_dim"]
+    if label == "rollout":  # the saved QVM drives `llmq eval --decoding qstar`
+        report_dir = tmp_path / "eval"
+        argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--decoding", "qstar", "--qvm_path", str(out),
+                "--temperature", "1.0", "--search_budget", "2", "--search_candidates", "2", "--step_max_tokens", "4", "--search_max_depth", "3", "--output_dir", str(report_dir)]  # fmt: skip
+        assert main(argv) == 0
+        report = json.loads((report_dir / "report.json").read_text())
+        assert report["protocol"]["decoding"]["decoding"] == "qstar" and report["generated_tokens"] > 0
+        assert "Q* search" in (report_dir / "search_tree.html").read_text()
+        assert main(["eval", "--model_name_or_path", "tiny-llama", "--decoding", "qstar", "--temperature", "1.0"]) == 2  # no qvm_path
 
 
 def test_split_steps_keeps_delimiters():
@@ -129,3 +138,14 @@ def test_split_steps_keeps_delimiters():
         assert "".join(split_steps(text, "\n")) == text
     assert split_steps("a\n\nb\n", "\n") == ["a\n\n", "b\n"]
     assert split_steps("", "\n") == []
+
+
+def test_search_tree_page_escapes_steps_and_highlights_the_answer():
+    from llmq.visualize import render_search_tree_html
+
+    mdp = toy_mdp().with_sequence_reward()
+    propose, q_values = oracle_callables(mdp)
+    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=3, budget=20, max_depth=3)
+    page = render_search_tree_html(result.nodes, [n.id for n in result.path()], title="toy <tree>", prompt="q & a", step_text=lambda a: f"<script>{a}</script>")
+    assert "<script>" not in page and "&lt;script&gt;" in page and "toy &lt;tree&gt;" in page and "q &amp; a" in page
+    assert page.count('class="node path') == len(result.path())

@@ -46,6 +46,8 @@ class GenerateConfig(DecodingOptions):
     def __post_init__(self) -> None:
         if self.num_completions < 1 or (self.limit is not None and self.limit < 1) or self.batch_size < 1:
             raise UserError("keys 'num_completions', 'limit' and 'batch_size' must be at least 1")
+        if self.decoding == "qstar":
+            raise UserError("decoding qstar answers benchmark questions: use it with llmq eval")
         self.check_decoding(self.num_completions, "num_completions")
         if self.min_score is not None and self.decoding != "best_of_n":
             raise UserError("key 'min_score' needs decoding best_of_n (it thresholds the scorer's scores)")

@@ -19,10 +19,20 @@ class DecodingOptions:
             "help": "sample (temperature / top-p; temperature 0 is greedy), greedy, beam (beam search ranking by the summed log-probs: on a DPO policy, "
             "search on its implicit Q*, ALGORITHMS.md §3.6; with guide_model, on the guide's implicit reward), or guided (token-level sampling "
             "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_beta) on the top guidance_top_k tokens; temperature 0: argmax), "
-            "best_of_n (sample num_candidates, keep the best by scorer), or maj_at_n (sample num_candidates, keep one with the most frequent final answer).",
-            "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n"],
+            "best_of_n (sample num_candidates, keep the best by scorer), maj_at_n (sample num_candidates, keep one with the most frequent final answer), "
+            "or qstar (A* over reasoning steps guided by the Q-value model at qvm_path, ALGORITHMS.md §4).",
+            "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n", "qstar"],
         },
     )
+    qvm_path: str | None = dataclasses.field(default=None, metadata={"help": "decoding qstar: folder of a Q-value model from `llmq train --method qvm`."})
+    search_budget: int = dataclasses.field(default=16, metadata={"help": "decoding qstar: expansions per question."})
+    search_candidates: int = dataclasses.field(default=4, metadata={"help": "decoding qstar: candidate next steps K per expansion."})
+    search_lambda: float = dataclasses.field(default=1.0, metadata={"help": "decoding qstar: λ in f = g + λh (g ≡ 0: no process reward)."})
+    search_heuristic: str = dataclasses.field(
+        default="inherited", metadata={"help": "decoding qstar: h of a child = Q of its step (inherited) or the max Q of its own proposals (child).", "choices": ["inherited", "child"]}
+    )
+    search_max_depth: int = dataclasses.field(default=12, metadata={"help": "decoding qstar: most steps per answer."})
+    step_max_tokens: int = dataclasses.field(default=96, metadata={"help": "decoding qstar: tokens per reasoning step."})
     num_candidates: int = dataclasses.field(default=8, metadata={"help": "Samples N per question for decoding best_of_n and maj_at_n."})
     scorer: str = dataclasses.field(
         default="verifier",
@@ -59,6 +69,13 @@ class DecodingOptions:
             raise UserError(f"key '{answers_key}' ({answers}) must not exceed 'num_candidates' ({self.num_candidates}) with decoding best_of_n")
         if self.decoding == "maj_at_n" and answers != 1:
             raise UserError(f"key '{answers_key}' must be 1 with decoding maj_at_n (one majority answer per question)")
+        if self.decoding == "qstar":
+            if self.qvm_path is None:
+                raise UserError("decoding qstar needs key 'qvm_path': a Q-value model from `llmq train --method qvm`")
+            if answers != 1 or self.temperature == 0:
+                raise UserError("decoding qstar returns one answer per question and samples its candidate steps: 'num_samples' 1 and 'temperature' > 0")
+            if min(self.search_budget, self.search_candidates, self.search_max_depth, self.step_max_tokens) < 1:
+                raise UserError("keys 'search_budget', 'search_candidates', 'search_max_depth' and 'step_max_tokens' must be at least 1")
         if self.decoding == "guided" and self.guide_model is None:
             raise UserError("decoding guided needs key 'guide_model': the policy whose Q guides the model")
         if selecting and self.scorer == "implicit_reward" and self.guide_model is None:

@@ -231,3 +231,23 @@ class FeatureQVM:
                 q = self.heads.q(features[None], candidates[None]).mean(0)[0]
                 values.update({(state, text): value for text, value in zip(steps_of[state], q.tolist())})
         return [values[(state, step.text)] for state, step in pairs]
+
+
+def qstar_answer(model, tokenizer, engine, prompt: str, heads, *, layer: int | None, delimiter: str, budget: int, num_candidates: int, lam: float,
+                 heuristic: Literal["inherited", "child"], max_depth: int, step_max_tokens: int, temperature: float, seed: int) -> tuple[str, int, SearchResult]:  # fmt: skip
+    """Answer one question by Q* search: steps proposed by ``engine`` (the policy), scored by the
+    QVM ``heads`` on ``model``'s features, ``g ≡ 0``.  Returns the answer text, the tokens generated
+    while searching (every proposal, explored or not) and the search tree."""
+    proposer = LLMStepProposer(engine, prompt, {tokenizer.eos_token_id}, delimiter=delimiter, max_step_tokens=step_max_tokens, temperature=temperature, seed=seed)
+    qvm = FeatureQVM(model, tokenizer, heads, prompt, layer=layer)
+    result = astar_search(
+        propose=proposer,
+        q_values=qvm,
+        is_terminal=lambda state: bool(state) and (state[-1].final or len(state) >= max_depth),
+        num_candidates=num_candidates,
+        budget=budget,
+        max_depth=max_depth,
+        lam=lam,
+        heuristic=heuristic,
+    )
+    return "".join(step.text for step in result.best.state), proposer.generated_tokens, result

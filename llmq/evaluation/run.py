@@ -123,6 +123,11 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
     records = _cached_records(output_dir, protocol, restart_on_mismatch)
 
     guide = config.load_guide(model, tokenizer) if config.guide_model else None
+    qvm = None
+    if config.decoding == "qstar":
+        from llmq.qvm import load_qvm
+
+        qvm = load_qvm(config.qvm_path)
     engine = HFEngine(model, tokenizer, batch_size=config.batch_size, progress=False, logits_processor=config.logits_processors(model, tokenizer, guide))
     score = task_scorer(task)
     batches = [list(range(start, min(start + config.batch_size, len(rows)))) for start in range(0, len(rows), config.batch_size)]
@@ -132,7 +137,12 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
         for number, batch in todo:
             started = time.perf_counter()
             # The seed depends on the batch's place in the task, not on what was resumed.
-            outputs = engine.generate([prompts[i] for i in batch], n=config.candidates_per_question(config.num_samples), sampling=dataclasses.replace(sampling, seed=sampling.seed + number))
+            batch_sampling = dataclasses.replace(sampling, seed=sampling.seed + number)
+            if config.decoding == "qstar":
+                outputs, explored = _search_batch(model, tokenizer, engine, [prompts[i] for i in batch], [rows[i]["index"] for i in batch], config, qvm, batch_sampling, output_dir)
+            else:
+                outputs = engine.generate([prompts[i] for i in batch], n=config.candidates_per_question(config.num_samples), sampling=batch_sampling)
+                explored = [sum(len(c.token_ids) for c in group) for group in outputs]
             verdicts = [[score(c.text, rows[i]["answer"]) for c in group] for i, group in zip(batch, outputs)]
             kept, scores = config.select([prompts[i] for i in batch], outputs, verdicts, model, tokenizer, answers=config.num_samples, guide=guide)
             seconds = (time.perf_counter() - started) / len(batch)
@@ -141,7 +151,7 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
                     **rows[i],
                     "completions": [outputs[k][j].text for j in kept[k]],
                     "verdicts": [verdicts[k][j]._asdict() for j in kept[k]],
-                    "generated_tokens": sum(len(c.token_ids) for c in outputs[k]),
+                    "generated_tokens": explored[k],
                     "seconds": seconds,
                 }
                 if scores is not None:
@@ -182,12 +192,39 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
     return report
 
 
+def _search_batch(model, tokenizer, engine, prompts: list, indices: list[int], config: EvalConfig, qvm, sampling, output_dir: Path) -> tuple[list, list[int]]:
+    """Q* answers for a batch of questions (one search each); the first question's tree is also
+    written to ``output_dir/search_tree.html``."""
+    from llmq.decoding.qstar import qstar_answer
+    from llmq.rollout import Completion
+    from llmq.visualize import render_search_tree_html
+
+    heads, metadata = qvm
+    outputs, explored = [], []
+    for offset, (prompt, index) in enumerate(zip(prompts, indices)):
+        text = engine.render(prompt)
+        answer, tokens, result = qstar_answer(
+            model, tokenizer, engine, text, heads, layer=metadata["layer"], delimiter=metadata["delimiter"], budget=config.search_budget,
+            num_candidates=config.search_candidates, lam=config.search_lambda, heuristic=config.search_heuristic, max_depth=config.search_max_depth,
+            step_max_tokens=config.step_max_tokens, temperature=config.temperature, seed=sampling.seed * 1000 + offset,
+        )  # fmt: skip
+        outputs.append([Completion(text=answer, token_ids=[], logprobs=[], finish_reason="stop" if result.best.terminal else "length")])
+        explored.append(tokens)
+        if index == 0:
+            tree = render_search_tree_html(result.nodes, [node.id for node in result.path()], title=f"Q* search, question 0 ({result.expansions} expansions)",
+                                           prompt=prompt[-1]["content"] if isinstance(prompt, list) else prompt, step_text=lambda step: step.text)  # fmt: skip
+            (output_dir / "search_tree.html").write_text(tree)
+    return outputs, explored
+
+
 def decoding_label(report: dict) -> str:
     """A short name of a report's decoding, e.g. ``greedy``, ``T=0.7 ×8``, ``beam 4``, ``best_of_n 8 (implicit_reward)``."""
     decoding = report["protocol"]["decoding"]
     mode = decoding.get("decoding", "sample")
     if mode == "beam":
         label = f"beam {decoding['num_beams']}"
+    elif mode == "qstar":
+        label = f"Q* (K={decoding['search_candidates']}, budget {decoding['search_budget']})"
     elif mode in ("best_of_n", "maj_at_n"):
         label = f"{mode} {decoding['num_candidates']} ({decoding['scorer']})"
     elif decoding["temperature"] == 0 or mode == "greedy":
