@@ -119,7 +119,7 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
     from llmq.losses import best_of_n_advantages
     from llmq.models import load_from_config
     from llmq.models.features import score_continuations
-    from llmq.trainers.digiq import DigiQConfig, DigiQCriticTrainer
+    from llmq.trainers.digiq import DigiQCriticTrainer, critic_config
 
     started = time.perf_counter()
     output_dir = Path(training_args.output_dir)
@@ -172,8 +172,10 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
             for r in data
         ]
     )
-    critic_args = DigiQConfig(
-        output_dir=str(output_dir / "critic"),
+    critic_args = critic_config(
+        training_args,
+        str(output_dir / "critic"),
+        run.critic_steps,
         gamma=run.gamma,
         target_update_rate=run.target_update_rate,
         target_update_steps=run.target_update_steps,
@@ -181,14 +183,7 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
         hidden_size=run.critic_hidden_size,
         num_layers=run.critic_layers,
         learning_rate=run.critic_learning_rate,
-        max_steps=run.critic_steps,
         per_device_train_batch_size=run.critic_batch_size,
-        logging_steps=max(1, run.critic_steps // 20),
-        save_strategy="no",
-        report_to=training_args.report_to,
-        use_cpu=training_args.use_cpu,
-        seed=training_args.seed,
-        disable_tqdm=training_args.disable_tqdm,
     )
     critic_trainer = DigiQCriticTrainer(args=critic_args, train_dataset=transitions)
     critic_result = critic_trainer.train()

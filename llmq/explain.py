@@ -11,8 +11,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
 from llmq.errors import UserError
 from llmq.models import EMBEDDED_MODEL, check_model_reference, load_model

@@ -78,27 +78,22 @@ def fit_heads(features: list[tuple[torch.Tensor, torch.Tensor]], labels: list[fl
     """Regress Q heads on (state, step) features to ``labels``; returns the fitted :class:`CriticHeads`."""
     import datasets
 
-    from llmq.trainers.digiq import DigiQConfig, DigiQCriticTrainer
+    from llmq.trainers.digiq import DigiQCriticTrainer, critic_config
 
     rows = [
         {"state_features": s.tolist(), "action_features": a.tolist(), "next_state_features": s.tolist(), "reward": float(y), "done": True}
         for (s, a), y in zip(features, labels)
     ]
-    args = DigiQConfig(
-        output_dir=str(output_dir),
+    args = critic_config(
+        training_args,
+        str(output_dir),
+        run.qvm_steps,
         gamma=1.0,
         target_update_rate=1.0,
         hidden_size=run.qvm_hidden_size,
         num_layers=run.qvm_layers,
         learning_rate=run.qvm_learning_rate,
-        max_steps=run.qvm_steps,
         per_device_train_batch_size=run.qvm_batch_size,
-        logging_steps=max(1, run.qvm_steps // 10),
-        save_strategy="no",
-        report_to=training_args.report_to,
-        use_cpu=training_args.use_cpu,
-        seed=training_args.seed,
-        disable_tqdm=training_args.disable_tqdm,
     )
     trainer = DigiQCriticTrainer(args=args, train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()

@@ -171,24 +171,11 @@ def render_credit_html(
     )
     prompt_block = f'<div class="prompt">{esc(prompt)}</div>\n' if prompt is not None else ""
     css = _CSS.replace("{neg}", _hex(_rgb(-1, 1))).replace("{pos}", _hex(_rgb(1, 1)))
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<title>{esc(title)}</title>
-<style>{css}</style>
-</head>
-<body>
-<h1>{esc(title)}</h1>
-<div class="legend"><span>{esc(value_name)}</span><span>{-scale:+.4g}</span><span class="bar"></span><span>{scale:+.4g}</span>
+    return _page(title, css, f"""<div class="legend"><span>{esc(value_name)}</span><span>{-scale:+.4g}</span><span class="bar"></span><span>{scale:+.4g}</span>
 <span>(0 = white; hover a token for its exact value)</span></div>
 {prompt_block}<div class="response">{"".join(spans)}</div>
 <h2>Summary</h2>
-<table class="summary">{summary_rows}</table>
-</body>
-</html>
-"""
+<table class="summary">{summary_rows}</table>""")
 
 
 # PNG layout, in points unless noted.  A monospace font makes text width a function of the
@@ -366,26 +353,34 @@ def render_search_tree_html(nodes: Sequence, answer_path: Sequence[int], *, titl
 
     roots = "".join(item(node) for node in children.get(None, []))
     prompt_block = f'<div class="prompt">{esc(prompt)}</div>\n' if prompt is not None else ""
+    css = """
+body { font-family: sans-serif; margin: 2em; }
+.prompt { white-space: pre-wrap; background: #f4f4f4; padding: .6em; margin-bottom: 1em; }
+ul { list-style: none; border-left: 1px solid #ccc; margin-left: .6em; padding-left: 1em; }
+.step { white-space: pre-wrap; font-family: monospace; }
+.val { color: #666; font-size: 85%; }
+.path > .step { background: #d8f0d0; font-weight: bold; }
+.terminal > .step { border: 1px solid #999; }
+"""
+    summary = f"<p>{len(nodes)} states, {sum(1 for n in nodes if n.expanded)} expanded; highlighted: the answer's path. Children are sorted by f.</p>"
+    return _page(title, css, f"{summary}\n{prompt_block}<ul>{roots}</ul>")
+
+
+def _page(title: str, css: str, body: str) -> str:
+    """A self-contained page: escaped title, inline style, and a Content-Security-Policy that
+    forbids scripts and remote resources (model output is untrusted)."""
+    esc = html.escape
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <title>{esc(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }}
-.prompt {{ white-space: pre-wrap; background: #f4f4f4; padding: .6em; margin-bottom: 1em; }}
-ul {{ list-style: none; border-left: 1px solid #ccc; margin-left: .6em; padding-left: 1em; }}
-.step {{ white-space: pre-wrap; font-family: monospace; }}
-.val {{ color: #666; font-size: 85%; }}
-.path > .step {{ background: #d8f0d0; font-weight: bold; }}
-.terminal > .step {{ border: 1px solid #999; }}
-</style>
+<style>{css}</style>
 </head>
 <body>
 <h1>{esc(title)}</h1>
-<p>{len(nodes)} states, {sum(1 for n in nodes if n.expanded)} expanded; highlighted: the answer's path. Children are sorted by f.</p>
-{prompt_block}<ul>{roots}</ul>
+{body}
 </body>
 </html>
 """

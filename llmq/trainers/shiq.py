@@ -11,17 +11,17 @@ The loss is :func:`llmq.losses.shiq_loss` (ALGORITHMS.md §2); the datasets are 
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
 from llmq.errors import UserError
 from llmq.losses import shiq_loss
 from llmq.mdp import token_logprobs
 from llmq.models import load_model
+from llmq.trainers.metrics import LossMetricsTrainer
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ShiQConfig(TrainingArguments):
         super().__post_init__()
 
 
-class ShiQTrainer(Trainer):
+class ShiQTrainer(LossMetricsTrainer):
     """``transformers.Trainer`` that minimises the ShiQ loss on offline trajectories.
 
     Args:
@@ -103,7 +103,6 @@ class ShiQTrainer(Trainer):
         train_dataset = train_dataset.map(tokenize, with_indices=True, remove_columns=train_dataset.column_names, desc="tokenize")
         if eval_dataset is not None:
             eval_dataset = eval_dataset.map(tokenize, with_indices=True, remove_columns=eval_dataset.column_names, desc="tokenize")
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=model,
             args=args,
@@ -166,22 +165,5 @@ class ShiQTrainer(Trainer):
             loss_type=self.args.loss_type,
             **reference,
         )
-        mode = "train" if model.training else "eval"
-        for name, value in metrics.items():
-            if name != "loss":
-                self._metrics[mode][name].append(value)
+        self.record_metrics(metrics, model.training)
         return (loss, {"logits": logits}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            logs[prefix + name] = sum(values) / len(values)
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
