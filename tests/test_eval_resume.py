@@ -88,3 +88,10 @@ def test_report_markdown_and_plot_compare_decodings(tmp_path, data_dir, tiny_mod
     assert "| tiny-llama | beam 2 | first_sample |" in markdown and "| tiny-llama | greedy | first_sample |" in markdown
     assert (tmp_path / "beam" / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*common, "--output_dir", str(tmp_path / "x"), "--compare_with", str(tmp_path / "nothing")]) == 2
+
+
+def test_completions_without_a_protocol_are_not_trusted(tmp_path, data_dir, tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    (tmp_path / "completions.jsonl").write_text('{"index": 0, "completions": ["old"]}\n')
+    with pytest.raises(UserError, match="holds completions of another evaluation"):
+        evaluate(model, tokenizer, config(tmp_path, data_dir), model_name="tiny-llama")

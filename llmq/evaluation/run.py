@@ -68,8 +68,9 @@ def bootstrap_interval(values: np.ndarray, samples: int = 1000, seed: int = 0, l
 def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool) -> dict[int, dict]:
     """The completions a previous run of the same protocol left in ``output_dir`` (by question index)."""
     protocol_file, cache = output_dir / "protocol.json", output_dir / "completions.jsonl"
-    if protocol_file.is_file():
-        previous = json.loads(protocol_file.read_text())
+    if protocol_file.is_file() or cache.is_file():
+        # Completions without a protocol come from an older llmq: another protocol, to be safe.
+        previous = json.loads(protocol_file.read_text()) if protocol_file.is_file() else {}
         if previous != protocol:
             if not restart_on_mismatch:
                 differing = sorted(key for key in protocol.keys() | previous.keys() if previous.get(key) != protocol.get(key))
