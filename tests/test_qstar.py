@@ -127,6 +127,12 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, d
         assert report["protocol"]["decoding"]["decoding"] == "qstar" and report["generated_tokens"] > 0
         assert "Q* search" in (report_dir / "search_tree.html").read_text()
         assert main(["eval", "--model_name_or_path", "tiny-llama", "--decoding", "qstar", "--temperature", "1.0"]) == 2  # no qvm_path
+        # the same QVM as a best-of-N scorer of whole answers
+        argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--decoding", "best_of_n", "--scorer", "qvm",
+                "--qvm_path", str(out), "--num_candidates", "3", "--temperature", "1.0", "--max_new_tokens", "6", "--output_dir", str(tmp_path / "bon")]  # fmt: skip
+        assert main(argv) == 0
+        records = [json.loads(line) for line in (tmp_path / "bon" / "completions.jsonl").read_text().splitlines()]
+        assert all(r["completions"][0] == max(r["candidates"], key=lambda c: c["score"])["text"] for r in records)
 
 
 def test_split_steps_keeps_delimiters():

@@ -8,6 +8,8 @@ Scorers give one number per candidate:
   against the generating model π_ref.  By (R2) it equals ``R(y) − V*(x)``, so among candidates
   for one prompt it ranks exactly as the reward the policy learned;
 * ``likelihood`` — the generating model's own ``Σ_t log π(a_t|s_t)``;
+* ``qvm`` — a Q-value model from ``llmq train --method qvm`` (value heads on the model's frozen
+  features), scoring the whole answer as one step from the question;
 * any callable ``(prompts, candidates) -> scores`` for value heads or external reward models.
 """
 
@@ -63,6 +65,20 @@ class ImplicitRewardScorer:
             totals += (rewards.float().cpu() * batch["act_mask"]).sum(dim=-1).tolist()
         sizes = [len(group) for group in candidates]
         return [totals[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+
+
+def qvm_scores(qvm_path: str, model, tokenizer, prompts: list[Prompt], candidates: list[list[Completion]]) -> list[list[float]]:
+    """``Q(question, answer)`` of each candidate by the QVM saved at ``qvm_path`` (one step: the whole answer)."""
+    from llmq.decoding.qstar import FeatureQVM, ReasoningStep
+    from llmq.qvm import load_qvm
+
+    heads, metadata = load_qvm(qvm_path)
+    scores = []
+    for prompt, group in zip(prompts, candidates):
+        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        qvm = FeatureQVM(model, tokenizer, heads, text, layer=metadata["layer"])
+        scores.append(qvm([((), ReasoningStep(c.text, True)) for c in group]))
+    return scores
 
 
 def best_of_n(scores: Sequence[float], keep: int = 1) -> list[int]:

@@ -24,7 +24,7 @@ class DecodingOptions:
             "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n", "qstar"],
         },
     )
-    qvm_path: str | None = dataclasses.field(default=None, metadata={"help": "decoding qstar: folder of a Q-value model from `llmq train --method qvm`."})
+    qvm_path: str | None = dataclasses.field(default=None, metadata={"help": "decoding qstar and scorer qvm: folder of a Q-value model from `llmq train --method qvm`."})
     search_budget: int = dataclasses.field(default=16, metadata={"help": "decoding qstar: expansions per question."})
     search_candidates: int = dataclasses.field(default=4, metadata={"help": "decoding qstar: candidate next steps K per expansion."})
     search_lambda: float = dataclasses.field(default=1.0, metadata={"help": "decoding qstar: λ in f = g + λh (g ≡ 0: no process reward)."})
@@ -38,8 +38,9 @@ class DecodingOptions:
         default="verifier",
         metadata={
             "help": "Candidate scores for best_of_n (and maj_at_n ties): verifier (the task's verifier against the gold answer: an oracle at evaluation time), "
-            "implicit_reward (Σ β·log π_guide/π_model of guide_model), or likelihood (the model's summed log-probs).",
-            "choices": ["verifier", "implicit_reward", "likelihood"],
+            "implicit_reward (Σ β·log π_guide/π_model of guide_model), likelihood (the model's summed log-probs), or qvm (the value head at qvm_path "
+            "scoring the whole answer as one step from the question).",
+            "choices": ["verifier", "implicit_reward", "likelihood", "qvm"],
         },
     )
     num_beams: int = dataclasses.field(default=4, metadata={"help": "Beam width of decoding: beam; answers per question must not exceed it."})
@@ -69,6 +70,8 @@ class DecodingOptions:
             raise UserError(f"key '{answers_key}' ({answers}) must not exceed 'num_candidates' ({self.num_candidates}) with decoding best_of_n")
         if self.decoding == "maj_at_n" and answers != 1:
             raise UserError(f"key '{answers_key}' must be 1 with decoding maj_at_n (one majority answer per question)")
+        if selecting and self.scorer == "qvm" and self.qvm_path is None:
+            raise UserError("scorer qvm needs key 'qvm_path': a Q-value model from `llmq train --method qvm`")
         if self.decoding == "qstar":
             if self.qvm_path is None:
                 raise UserError("decoding qstar needs key 'qvm_path': a Q-value model from `llmq train --method qvm`")
@@ -131,12 +134,14 @@ class DecodingOptions:
         """
         if self.decoding not in ("best_of_n", "maj_at_n"):
             return [list(range(len(group))) for group in candidates], None
-        from llmq.decoding.best_of_n import ImplicitRewardScorer, best_of_n, likelihood_scores, majority_vote
+        from llmq.decoding.best_of_n import ImplicitRewardScorer, best_of_n, likelihood_scores, majority_vote, qvm_scores
 
         if self.scorer == "verifier":
             scores = [[float(v.correct) for v in group] for group in verdicts]
         elif self.scorer == "likelihood":
             scores = likelihood_scores(prompts, candidates)
+        elif self.scorer == "qvm":
+            scores = qvm_scores(self.qvm_path, model, tokenizer, prompts, candidates)
         else:
             scores = ImplicitRewardScorer(guide if guide is not None else self.load_guide(model, tokenizer), model, self.guide_beta, tokenizer)(prompts, candidates)
         if self.decoding == "best_of_n":
