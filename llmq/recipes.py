@@ -104,11 +104,14 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, whatever YAML says
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -117,8 +120,11 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
 
 
 def _export_env(block: Any, source: str) -> None:
-    if not isinstance(block, dict) or not all(isinstance(v, (str, int, float, bool)) for v in block.values()):
-        raise RecipeError(f"{source}: 'env' must map variable names to strings or numbers")
+    def valid_name(name: Any) -> bool:
+        return isinstance(name, str) and bool(name) and "=" not in name and "\0" not in name
+
+    if not isinstance(block, dict) or not all(valid_name(k) and isinstance(v, (str, int, float, bool)) and "\0" not in str(v) for k, v in block.items()):
+        raise RecipeError(f"{source}: 'env' must map variable names (non-empty, without '=') to strings or numbers")
     for name, value in block.items():
         os.environ[str(name)] = str(value)
 
@@ -138,6 +144,8 @@ def parse_recipe(
     argv = list(argv)
     recipe_path = argv.pop(0) if argv and not argv[0].startswith("-") else None
     options = _option_strings(parser)
+    # Which keys may be null: their field's annotation admits None (annotations are strings here).
+    nullable = {f.name: any(word in str(f.type) for word in ("None", "Optional", "Any")) or f.default is None for t in dataclass_types for f in dataclasses.fields(t)}
 
     recipe_argv: list[str] = []
     source = "command line"
@@ -152,6 +160,8 @@ def parse_recipe(
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; see `{prog} --help` for the allowed keys"
                 raise RecipeError(f"{recipe_path}: unknown key '{key}'{hint}")
             if value is None:
+                if not nullable.get(key, True):
+                    raise RecipeError(f"{recipe_path}: key '{key}' needs a value (the recipe gives null)")
                 parser.set_defaults(**{key: None})
                 continue
             try:

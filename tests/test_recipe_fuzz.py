@@ -1,0 +1,77 @@
+"""Fuzzing the recipe loader and the CLI's parsing: whatever a recipe file holds (random YAML
+mappings of real and invented keys to values of any type, YAML that is not a mapping, text that
+is not YAML, bytes that are not text), parsing ends in the dataclasses or in a one-line
+RecipeError/UserError — never another exception; through `llmq` it is exit code 2 and one line."""
+
+import string
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmq.cli import main, train_config_types
+from llmq.errors import UserError
+from llmq.evaluation import EvalConfig
+from llmq.recipes import ModelConfig, parse_recipe
+
+EVAL_KEYS = ["task", "split", "limit", "temperature", "num_samples", "decoding", "num_beams", "guide_model", "scorer", "max_new_tokens", "top_p", "seed", "dtype",
+             "model_name_or_path", "compare_with", "env", "qvm_path", "search_budget", "batch_size"]  # fmt: skip
+TRAIN_KEYS = ["method", "beta", "gamma", "loss_type", "learning_rate", "max_steps", "dataset_path", "build_task", "build_limit", "num_train_epochs", "per_device_train_batch_size",
+              "train_games", "episode_steps", "critic_steps", "threshold", "label", "rollouts", "use_peft", "lora_r", "report_to"]  # fmt: skip
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=6)
+
+
+def keys(known):
+    return st.one_of(st.sampled_from(known), st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=12))
+
+
+def parse_or_refuse(types, path):
+    """Either dataclasses, or a RecipeError/UserError whose message is one line."""
+    try:
+        return parse_recipe(types, [str(path)])
+    except UserError as error:  # RecipeError is a UserError
+        assert "\n" not in str(error).strip(), str(error)
+        return None
+
+
+FUZZ = settings(max_examples=int(__import__("os").environ.get("LLMQ_FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(recipe=st.dictionaries(keys(EVAL_KEYS), values, max_size=5))
+def test_random_eval_recipes_parse_or_fail_in_one_line(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMQ_FUZZ", "1")  # an `env:` block may set variables: keep them in this test
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    parse_or_refuse((ModelConfig, EvalConfig), path)
+
+
+@FUZZ
+@given(recipe=st.dictionaries(keys(TRAIN_KEYS), values, max_size=5), method=st.sampled_from(["shiq", "dpo", "sft", "digiq", "qvm", "nonsense"]))
+def test_random_train_recipes_parse_or_fail_in_one_line(recipe, method, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative output paths stay in the test folder
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    parse_or_refuse(train_config_types(method), path)
+
+
+@FUZZ
+@given(content=st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
+def test_arbitrary_text_as_a_recipe_fails_in_one_line_or_parses(content, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(content, encoding="utf-8", errors="surrogateescape")
+    parse_or_refuse((ModelConfig, EvalConfig), path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe\x00garbage", b"key: [unclosed", b"- a\n- b\n", b"!!python/object:os.system 'echo hi'\n", b"task: gsm8k\ntask: math500\n", "limit: 1e999\n".encode()],
+)
+def test_malformed_recipes_through_the_cli_exit_2_with_one_line(content, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    code = main(["eval", str(path), "--limit", "0"])  # limit 0 is refused, so nothing ever runs
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("llmq eval: error:") and "\n" not in err and "Traceback" not in err
