@@ -199,3 +199,25 @@ def test_llmq_train_dpo_method_on_scored_data(tmp_path, tiny_model_dir):
     assert main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["method"] == "dpo" and summary["preference_pairs"] == 4 and math.isfinite(summary["train"]["train_loss"])
+
+
+def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_weights(tokenizer, tmp_path):
+    import re
+
+    from safetensors.torch import load_file
+
+    from llmq.errors import NonFiniteLossError
+
+    rows = [dict(row, reward=1e30 if i == 4 else row["reward"]) for i, row in enumerate(ROWS)]  # finite, but its square overflows fp32
+    trainer = make_trainer(tokenizer, tmp_path, rows=rows, per_device_train_batch_size=2, max_steps=4)
+    with pytest.raises(NonFiniteLossError) as failure:
+        trainer.train()
+    step = int(re.search(r"the weights of step (\d+) are saved", str(failure.value)).group(1))
+    assert f"became inf at step {step + 1}" in str(failure.value) and "\n" not in str(failure.value)
+    folder = tmp_path / f"checkpoint-{step}"
+    saved = load_file(str(folder / "model.safetensors"))
+    assert all(torch.isfinite(tensor).all() for tensor in saved.values())
+    current = dict(trainer.model.named_parameters())
+    assert all(torch.equal(tensor, current[name].detach()) for name, tensor in saved.items() if name in current)  # the bad step was never applied
+    assert set(saved) & set(current)
+    assert (folder / "trainer_state.json").is_file()
