@@ -127,6 +127,8 @@ def test_truncated_rows_end_without_an_end_of_turn_action(tokenizer):
         ({"prompt": "Q" * 600, "completion": " a", "reward": 1.0}, "row 3: 603 tokens exceed max_length=512"),
         (dict(CONVERSATION, turn_rewards=[1.0]), "row 3: 'turn_rewards' needs one number per assistant turn (2)"),
         ({"messages": [{"role": "user", "content": "hi"}], "reward": 1.0}, "row 3: no assistant message"),
+        ({"prompt": "Q", "completion": "  ", "reward": 1.0}, "row 3: the completion is empty"),
+        ({"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": ""}], "reward": 1.0}, "row 3: assistant message 1 is empty"),
     ],
 )
 def test_malformed_rows_name_their_index(tokenizer, row, message):
@@ -221,3 +223,15 @@ def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_weights(toke
     assert all(torch.equal(tensor, current[name].detach()) for name, tensor in saved.items() if name in current)  # the bad step was never applied
     assert set(saved) & set(current)
     assert (folder / "trainer_state.json").is_file()
+
+
+def test_skip_invalid_rows_counts_and_names_the_skipped_rows(tokenizer, tmp_path):
+    rows = ROWS + [{"prompt": "Q", "completion": "", "reward": 1.0}, {"prompt": "Q", "completion": " a", "reward": float("nan")}, {"prompt": "Q" * 2000, "completion": " a", "reward": 1.0}]
+    with pytest.raises(UserError, match="row 8: the completion is empty"):
+        make_trainer(tokenizer, tmp_path, rows=rows)
+    with pytest.warns(UserWarning, match=r"skipped 3 of 11 rows: dataset row 8: the completion is empty; dataset row 9: reward must be a finite number.*; dataset row 10: 2003 tokens exceed"):
+        trainer = make_trainer(tokenizer, tmp_path, rows=rows, skip_invalid_rows=True, max_length=1024, max_steps=1)
+    assert len(trainer.train_dataset) == len(ROWS)
+    trainer.train()
+    with pytest.raises(UserError, match="every one of the 2 rows is malformed"):
+        make_trainer(tokenizer, tmp_path, rows=rows[-2:], skip_invalid_rows=True)

@@ -69,6 +69,8 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not prompt or not isinstance(completion, str):
             raise UserError(f"dataset row {index}: 'prompt' must be a non-empty string and 'completion' a string")
+        if not completion.strip():
+            raise UserError(f"dataset row {index}: the completion is empty")
         prompt_ids = tokenizer(prompt)["input_ids"]
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if not truncated:
@@ -79,6 +81,9 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
     else:
         if not action_turns:
             raise UserError(f"dataset row {index}: no assistant message to learn from")
+        empty = [turn for turn in action_turns if not str(messages[turn].get("content") or "").strip()]
+        if empty:
+            raise UserError(f"dataset row {index}: assistant message {empty[0]} is empty")
         if truncated and action_turns[-1] != len(messages) - 1:
             raise UserError(f"dataset row {index}: a truncated conversation must end with the assistant turn that was cut")
         text, spans = _chat_action_spans(tokenizer, messages, action_turns, truncated)

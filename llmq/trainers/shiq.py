@@ -11,8 +11,10 @@ The loss is :func:`llmq.losses.shiq_loss` (ALGORITHMS.md §2); the datasets are 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 from transformers import TrainingArguments
 
@@ -35,6 +37,9 @@ class ShiQConfig(TrainingArguments):
         loss_type: ``multistep`` — the residual (S3) from every action token to the end of the
             trajectory (default, propagates sparse rewards at once); ``one_step`` — (S2).
         max_length: longest tokenized trajectory; longer rows are an error naming the row.
+        skip_invalid_rows: skip malformed rows (missing fields, empty completions, non-finite
+            rewards, longer than ``max_length``) instead of stopping at the first; they are counted
+            and the first few are named in a warning.
         precompute_ref_log_probs: run the reference model once over the dataset before training
             and store ``log π_ref`` and ``LSE ℓ_ref`` per token (fp32), so no reference model is
             kept in memory during training.
@@ -44,6 +49,7 @@ class ShiQConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount, advanced on action tokens only."})
     loss_type: str = field(default="multistep", metadata={"help": "multistep (S3 residuals to the end of the trajectory) or one_step (S2).", "choices": ["multistep", "one_step"]})
     max_length: int = field(default=1024, metadata={"help": "Longest tokenized trajectory; longer rows are an error naming the row."})
+    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip malformed rows (counted, the first named in a warning) instead of stopping at the first one."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Compute the reference log-probs and log-sum-exps once before training instead of keeping a live reference model."}
     )
@@ -57,6 +63,24 @@ class ShiQConfig(TrainingArguments):
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         super().__post_init__()
+
+
+def _tokenize_rows(dataset, tokenizer, args: ShiQConfig):
+    """Tokenized trajectories; a malformed row is an error naming it, or with ``skip_invalid_rows`` a counted skip."""
+    if not args.skip_invalid_rows:
+        tokenize = lambda row, index: tokenize_trajectory(row, tokenizer, args.max_length, index)  # noqa: E731
+        return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, desc="tokenize")
+    rows, problems = [], []
+    for index, row in enumerate(dataset):
+        try:
+            rows.append(tokenize_trajectory(row, tokenizer, args.max_length, index))
+        except UserError as error:
+            problems.append(str(error))
+    if problems:
+        warnings.warn(f"skipped {len(problems)} of {len(dataset)} rows: " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""), stacklevel=3)
+    if not rows:
+        raise UserError(f"every one of the {len(dataset)} rows is malformed; the first: {problems[0]}")
+    return datasets.Dataset.from_list(rows)
 
 
 class ShiQTrainer(LossMetricsTrainer):
@@ -99,10 +123,9 @@ class ShiQTrainer(LossMetricsTrainer):
             ref_model.requires_grad_(False).eval()
         self.ref_model = ref_model
 
-        tokenize = lambda row, index: tokenize_trajectory(row, processing_class, args.max_length, index)  # noqa: E731
-        train_dataset = train_dataset.map(tokenize, with_indices=True, remove_columns=train_dataset.column_names, desc="tokenize")
+        train_dataset = _tokenize_rows(train_dataset, processing_class, args)
         if eval_dataset is not None:
-            eval_dataset = eval_dataset.map(tokenize, with_indices=True, remove_columns=eval_dataset.column_names, desc="tokenize")
+            eval_dataset = _tokenize_rows(eval_dataset, processing_class, args)
         super().__init__(
             model=model,
             args=args,
