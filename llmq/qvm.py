@@ -105,7 +105,7 @@ def run_qvm(model_args, training_args, run: QVMRunConfig) -> dict:
     from safetensors.torch import save_file
 
     from llmq.data.tasks import load_task, load_task_rows, task_scorer
-    from llmq.decoding.qstar import LLMStepProposer, ReasoningStep
+    from llmq.decoding.qstar import LLMStepProposer, ReasoningStep, fqi_labels, rollout_max_labels
     from llmq.models import load_from_config
     from llmq.models.features import score_continuations
     from llmq.rollout import HFEngine, SamplingParams
@@ -141,9 +141,10 @@ def run_qvm(model_args, training_args, run: QVMRunConfig) -> dict:
         n=run.rollouts,
         sampling=dataclasses.replace(sampling, seed=training_args.seed + 1),
     )
-    best = {i: max(float(score("".join(s.text for s in items[i][1]) + items[i][2].text + c.text, questions[items[i][0]]["answer"]).correct) for c in group)
-            for i, group in zip(open_items, continuations)}  # fmt: skip
-    labels = [max(item[3], best.get(i, item[3])) for i, item in enumerate(items)]
+    outcomes = {i: [float(score("".join(s.text for s in items[i][1]) + items[i][2].text + c.text, questions[items[i][0]]["answer"]).correct) for c in group]
+                for i, group in zip(open_items, continuations)}  # fmt: skip
+    # Reward comes at the end only: a step's own reward is 0 and its continuations include the trajectory's own.
+    labels = rollout_max_labels([0.0] * len(items), [[item[3], *outcomes.get(i, [])] for i, item in enumerate(items)])
 
     by_state: dict[tuple[int, tuple], list[int]] = {}
     for i, (index, before, _, _, _) in enumerate(items):
@@ -173,8 +174,10 @@ def run_qvm(model_args, training_args, run: QVMRunConfig) -> dict:
                                            temperature=run.sampling_temperature, seed=training_args.seed + 100 * (iteration + 1))  # fmt: skip
                 mine = [i for i in open_items if items[i][0] == index]
                 next_states = [items[i][1] + (items[i][2],) for i in mine]
-                for i, state, candidates in zip(mine, next_states, proposer(next_states, run.fqi_candidates) if mine else []):
-                    new_labels[i] = float(np.clip(max(qvm([(state, c) for c in candidates])), 0.0, 1.0))
+                next_q = [qvm([(state, c) for c in candidates]) for state, candidates in zip(next_states, proposer(next_states, run.fqi_candidates) if mine else [])]
+                # Labels of a 0/1 outcome stay in [0, 1] whatever the current heads extrapolate.
+                for i, label in zip(mine, fqi_labels([0.0] * len(mine), [False] * len(mine), next_q)):
+                    new_labels[i] = float(np.clip(label, 0.0, 1.0))
             labels = new_labels
             heads = fit_heads(features, labels, run, training_args, output_dir / f"fit_fqi{iteration + 1}")
         summary["fqi_label_mean"] = float(np.mean(labels))

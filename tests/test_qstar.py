@@ -154,3 +154,41 @@ def test_search_tree_page_escapes_steps_and_highlights_the_answer():
     page = render_search_tree_html(result.nodes, [n.id for n in result.path()], title="toy <tree>", prompt="q & a", step_text=lambda a: f"<script>{a}</script>")
     assert "<script>" not in page and "&lt;script&gt;" in page and "toy &lt;tree&gt;" in page and "q &amp; a" in page
     assert page.count('class="node path') == len(result.path())
+
+
+def test_label_builders_converge_to_q_hard():
+    """Rollout-max labels from M samples of π_ref tighten to Q_hard as M grows (full support);
+    fitted Q iteration with every candidate reaches Q_hard exactly after `horizon` iterations."""
+    import numpy as np
+
+    from llmq.decoding.qstar import fqi_labels, rollout_max_labels
+
+    mdp = random_mdp(5, vocab_size=3, horizon=3, reward_placement="sequence")
+    q_hard = hard_optimal(mdp).q
+    pairs = [(s, a) for s in mdp.states for a in range(mdp.n_actions) if mdp.reference_policy[s][a] > 0]
+    rng = np.random.default_rng(0)
+
+    def rollout(state):
+        while not mdp.is_terminal(state):
+            state = state + (int(rng.choice(mdp.n_actions, p=mdp.reference_policy[state])),)
+        return state
+
+    errors = []
+    for m in (1, 4, 64):
+        labels = []
+        for s, a in pairs:
+            child = s + (a,)
+            done = mdp.is_terminal(child)
+            returns = [mdp.trajectory_return(child)] if done else [mdp.trajectory_return(rollout(child)) for _ in range(m)]
+            labels += rollout_max_labels([0.0], [returns])  # sequence rewards: all at the end, inside the returns
+        errors.append(max(abs(label - q_hard[s][a]) for label, (s, a) in zip(labels, pairs)))
+        assert all(label <= q_hard[s][a] + 1e-12 for label, (s, a) in zip(labels, pairs))  # a lower estimate
+    assert errors[0] > errors[-1] and errors[-1] < 1e-9
+
+    q = {pair: 0.0 for pair in pairs}
+    for _ in range(mdp.horizon):
+        rewards = [float(mdp.rewards[s][a]) for s, a in pairs]
+        dones = [mdp.is_terminal(s + (a,)) for s, a in pairs]
+        next_q = [[q[(s + (a,), c)] for c in range(mdp.n_actions) if (s + (a,), c) in q] or [0.0] for s, a in pairs]
+        q = dict(zip(pairs, fqi_labels(rewards, dones, next_q)))
+    assert max(abs(q[(s, a)] - q_hard[s][a]) for s, a in pairs) < 1e-12

@@ -162,6 +162,18 @@ def astar_search(
 
 
 
+def rollout_max_labels(step_rewards: list[float], continuation_returns: list[list[float]]) -> list[float]:
+    """§4.4 item 2: ``ŷ(s, a) = r(s, a) + max_n R(τ_n)`` over the returns of completions sampled
+    from ``s ⊕ a`` (γ = 1); a Monte-Carlo lower estimate of ``Q_hard`` that tightens as N grows."""
+    return [reward + max(returns) for reward, returns in zip(step_rewards, continuation_returns)]
+
+
+def fqi_labels(step_rewards: list[float], dones: list[bool], next_q_values: list[list[float]]) -> list[float]:
+    """§4.4 item 1: ``ŷ(s, a) = r(s, a) + max_c Q_prev(s', c)`` over candidate steps at ``s' = s ⊕ a``
+    (γ = 1; no bootstrap after a final step)."""
+    return [reward + (0.0 if done else max(values)) for reward, done, values in zip(step_rewards, dones, next_q_values)]
+
+
 @dataclasses.dataclass(frozen=True)
 class ReasoningStep:
     """One step of a solution: its text (with the delimiter that ended it) and whether the model
