@@ -3,7 +3,9 @@
 1. games: seeded train and test sets (:func:`llmq.envs.textworld.make_games`);
 2. benchmark before: the base LM plays every test game greedily;
 3. offline data: the base LM plays the train games, sampling its commands (the behaviour policy);
-4. frozen features of every state and every (state, admissible command) pair, computed once
+4. (optional, ``representation_steps``) representation fine-tuning of a copy of the backbone on
+   automatically labelled "does this command change the game?" yes/no questions (§5.4), then
+   frozen features of every state and every (state, admissible command) pair, computed once
    (:func:`llmq.models.features.score_continuations`: a state read once, its commands through the KV cache; cached on disk);
 5. critic: double Q/V heads fitted by TD on the logged actions (:class:`DigiQCriticTrainer`);
 6. Best-of-N extraction: in every logged state, the admissible command with the largest
@@ -55,6 +57,12 @@ class DigiQRunConfig:
     critic_batch_size: int = dataclasses.field(default=64, metadata={"help": "Transitions per critic step."})
     critic_hidden_size: int = dataclasses.field(default=256, metadata={"help": "Width of the critic heads."})
     critic_layers: int = dataclasses.field(default=2, metadata={"help": "Hidden layers per critic head."})
+    representation_steps: int = dataclasses.field(
+        default=0,
+        metadata={"help": "Representation fine-tuning (§5.4) before the features: LoRA steps on 'does this command change the game?' yes/no labels from the data; 0 skips it."},
+    )
+    representation_learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "Learning rate of the representation fine-tuning."})
+    representation_lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank of the representation fine-tuning (merged into a copy of the backbone afterwards)."})
     target_update_rate: float = dataclasses.field(default=0.1, metadata={"help": "Polyak rate of the target heads."})
     target_update_steps: int = dataclasses.field(default=10, metadata={"help": "Critic steps between target updates."})
     expectile: float | None = dataclasses.field(default=None, metadata={"help": "None: Digi-Q's MSE values (behaviour values); in (0.5, 1): expectile V."})
@@ -109,6 +117,58 @@ def likelihood_policy(model, tokenizer, *, temperature: float = 0.0, seed: int =
 ACTION_SEPARATOR = "\n\nAction: "
 
 
+ACTIONABILITY_QUESTION = "Will this command change the state of the game (what is here or what you carry)? Answer Yes or No."
+
+
+def actionability_rows(data) -> list[dict]:
+    """Digi-Q's representation task (§5.4) for text games: a (state, command) pair is labelled "Yes"
+    when the world changed after it — the command scored, or the next state's admissible commands
+    differ (taking, opening or moving changes them) —, else "No"; labelled automatically from the
+    logged transitions.  The last step of an episode is labelled only when it scored."""
+    rows = []
+    for t, r in enumerate(data):
+        following = data[t + 1] if t + 1 < len(data) and not r["done"] else None
+        if following is None and r["reward"] <= 0:
+            continue
+        changed = r["reward"] > 0 or sorted(following["admissible"]) != sorted(r["admissible"])
+        prompt = f"{r['state']}{ACTION_SEPARATOR}{r['action']}\n\n{ACTIONABILITY_QUESTION}"
+        rows.append({"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": "Yes" if changed else "No"}]})
+    return rows
+
+
+def representation_backbone(model, tokenizer, data, run: DigiQRunConfig, training_args, output_dir: Path):
+    """A copy of the backbone LoRA-tuned on :func:`actionability_rows` and merged, frozen for the features."""
+    import copy
+
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    from llmq.trainers import SFTConfig
+
+    rows = actionability_rows(data)
+    if not rows:
+        raise UserError("representation fine-tuning found no labelled transition; set representation_steps: 0 or collect more data")
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=run.representation_steps,
+        learning_rate=run.representation_learning_rate,
+        per_device_train_batch_size=training_args.per_device_train_batch_size,
+        logging_steps=max(1, run.representation_steps // 10),
+        save_strategy="no",
+        report_to=training_args.report_to,
+        use_cpu=training_args.use_cpu,
+        seed=training_args.seed,
+        disable_tqdm=training_args.disable_tqdm,
+    )
+    lora = LoraConfig(r=run.representation_lora_r, lora_alpha=2 * run.representation_lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=copy.deepcopy(model), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora)
+    result = trainer.train()
+    labels = [row["completion"][0]["content"] for row in rows]
+    stats = {"rows": len(rows), "yes_fraction": labels.count("Yes") / len(labels), "train_loss": result.metrics.get("train_loss")}
+    return trainer.model.merge_and_unload().eval(), stats
+
+
 def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
     """Run Digi-Q end to end; returns the summary written to ``output_dir/summary.json``."""
     import datasets
@@ -152,8 +212,12 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
         actions_of[r["state"]].update([*r["admissible"], r["action"]])
     texts = sorted(actions_of)
     options = [sorted(actions_of[text]) for text in texts]
+    backbone = model
+    if run.representation_steps > 0:
+        backbone, summary["representation"] = representation_backbone(model, tokenizer, data, run, training_args, output_dir / "representation")
+        print(f"representation fine-tuning: {summary['representation']}", flush=True)
     state_features, action_features, _ = score_continuations(
-        model, tokenizer, texts, [[ACTION_SEPARATOR + command for command in commands] for commands in options], layer=run.feature_layer, cache_dir=output_dir / "features"
+        backbone, tokenizer, texts, [[ACTION_SEPARATOR + command for command in commands] for commands in options], layer=run.feature_layer, cache_dir=output_dir / "features"
     )
     state_row = {text: i for i, text in enumerate(texts)}
     action_row = {(text, command): (i, j) for i, (text, commands) in enumerate(zip(texts, options)) for j, command in enumerate(commands)}

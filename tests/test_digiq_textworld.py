@@ -36,7 +36,7 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
     out = tmp_path / "digiq"
     argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--games_dir", str(tmp_path / "games"),
             "--train_games", "2", "--test_games", "1", "--episode_steps", "3", "--episodes_per_game", "1", "--critic_steps", "20", "--critic_batch_size", "4",
-            "--critic_hidden_size", "16", "--threshold", "-1000", "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
+            "--critic_hidden_size", "16", "--threshold", "-1000", "--representation_steps", "2", "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
             "--save_strategy", "no", "--use_cpu", "true"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -47,3 +47,19 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
     assert {"success_rate", "normalized_score"} <= set(summary["change"])
     assert len(list((out / "features").glob("*.safetensors"))) == 1 and (out / "model.safetensors").is_file()
     assert (out / "critic" / "model.safetensors").is_file()
+    assert summary["representation"]["rows"] > 0 and 0 <= summary["representation"]["yes_fraction"] <= 1
+
+
+def test_actionability_labels_follow_changes_of_the_world(tmp_path):
+    from llmq.digiq import ACTIONABILITY_QUESTION, actionability_rows
+    from llmq.envs.textworld import collect_trajectories, make_games, random_policy, walkthrough_policy
+
+    games = make_games(tmp_path, count=2, seed=0, world_size=1, nb_objects=3, quest_length=2)
+    walkthrough = actionability_rows(collect_trajectories(walkthrough_policy(games), games, episodes_per_game=1, max_steps=10))
+    assert walkthrough and all(row["completion"][0]["content"] == "Yes" for row in walkthrough)  # every walkthrough step changes the world
+    data = collect_trajectories(random_policy(seed=0), games, episodes_per_game=3, max_steps=6)
+    rows = actionability_rows(data)
+    labels = {row["completion"][0]["content"] for row in rows}
+    assert labels == {"Yes", "No"} and all(row["prompt"][0]["content"].endswith(ACTIONABILITY_QUESTION) for row in rows)
+    looks = [row for row in rows if row["prompt"][0]["content"].split("Action: ")[-1].startswith(("look", "inventory", "examine"))]
+    assert all(row["completion"][0]["content"] == "No" for row in looks)
