@@ -1,15 +1,20 @@
-"""The common base of llmq's trainers: TRL-style metric logging, and a stop on a non-finite loss."""
+"""The common base of llmq's trainers: TRL-style metric logging, a stop on a non-finite loss, and a clean
+failure when a checkpoint cannot be written."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llmq.errors import NonFiniteLossError
+from llmq.checkpoints import TRAINER_STATE, complete_checkpoints, is_complete
+from llmq.errors import NonFiniteLossError, UserError
 
 
 class LossMetricsTrainer(Trainer):
@@ -19,6 +24,10 @@ class LossMetricsTrainer(Trainer):
     A NaN or infinite training loss stops the run before the optimizer applies it: the weights of
     the last finished step are saved as a full checkpoint (resumable with ``resume_from_checkpoint``)
     and :class:`llmq.errors.NonFiniteLossError` names the step and the checkpoint.
+
+    A checkpoint that cannot be written (a full disk, a file-size limit) is removed, so that only
+    complete checkpoints remain to resume from, and :class:`llmq.errors.UserError` names the step,
+    the OS error and the last good checkpoint.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -44,6 +53,32 @@ class LossMetricsTrainer(Trainer):
             )
         return loss
 
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            # A save into an existing folder overwrites it: it is incomplete until the Trainer writes this file again, last.
+            (folder / TRAINER_STATE).unlink(missing_ok=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if is_complete(folder):  # the checkpoint was saved; what failed came after (rotating old ones, pushing to the Hub)
+                raise
+            if self.args.should_save:  # the process that wrote the folder removes it
+                shutil.rmtree(folder, ignore_errors=True)
+            if not _is_write_failure(error):
+                raise
+            good = complete_checkpoints(run_dir)
+            if good:
+                last = f"the last good checkpoint is {good[0]}; free disk space (or raise the file size limit) and resume from it (llmq train --resume, or resume_from_checkpoint: {good[0]})"
+            else:
+                last = "there is no earlier checkpoint; free disk space (or raise the file size limit) and start again"
+            free = f"; {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on that disk" if os.path.isdir(run_dir) else ""
+            raise UserError(
+                f"could not save the checkpoint of step {self.state.global_step} in {folder} ({type(error).__name__}: {' '.join(str(error).split())}{free}); "
+                f"the partial folder was removed and {last}"
+            ) from None
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
@@ -57,3 +92,11 @@ class LossMetricsTrainer(Trainer):
             logs[prefix + name] = sum(values) / len(values)
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+
+def _is_write_failure(error: Exception) -> bool:
+    """An OS error while writing, including the forms safetensors and ``torch.save`` give it (neither raises OSError)."""
+    if isinstance(error, (OSError, SafetensorError)):
+        return True
+    # torch.save reports a failed write from its zip writer (caffe2/serialize/inline_container.cc).
+    return isinstance(error, RuntimeError) and "inline_container" in str(error)
