@@ -57,12 +57,14 @@ def local_data_dir(data_dir: str | None) -> Path | None:
 
 
 def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = None) -> list[dict]:
-    """Rows of ``task`` as dicts ``{"question", "answer", "index"}`` (``answer`` = the raw gold field)."""
+    """Rows of ``task`` as dicts ``{"question", "answer", "index"}`` (``answer`` = the raw gold field).
+
+    Read from the local copy when there is one, else from the Hub; :class:`UserError` when neither
+    can be read, naming the file looked for and why the Hub failed."""
     root = local_data_dir(data_dir)
-    if root is not None:
-        path = root / task.local_file.format(split=split)
-        if not path.is_file():
-            raise UserError(f"data_dir '{root}' has no {task.local_file.format(split=split)} for task {task.name}")
+    local_file = task.local_file.format(split=split)
+    if root is not None and (root / local_file).is_file():
+        path = root / local_file
         raw = []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if line.strip():
@@ -73,7 +75,12 @@ def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = N
     else:
         import datasets
 
-        raw = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
+        try:
+            raw = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
+        except Exception as error:  # offline, unknown split, Hub or cache trouble: datasets raises many types
+            local = f"no {root / local_file}" if root is not None else f"no local copy ({local_file} under data_dir or $LLMQ_DATA_DIR, neither is set)"
+            hub = f"'{task.hub_path}'" + (f" (config {task.hub_name})" if task.hub_name else "")
+            raise UserError(f"task {task.name}, split {split}: {local}, and the Hub dataset {hub} could not be loaded ({type(error).__name__}: {' '.join(str(error).split())})") from None
     rows = []
     for index, row in enumerate(raw):
         missing = [f for f in (task.question_field, task.answer_field) if f not in row]

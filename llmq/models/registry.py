@@ -7,11 +7,13 @@ template) under the llmq cache, and every later load reads that directory.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,11 +146,57 @@ def resolve_dtype(dtype: str | None) -> torch.dtype:
     return choices[dtype]
 
 
+def _adapter_base(path: str) -> str | None:
+    """Check that a local directory holds a model (``config.json``) or a PEFT adapter whose base
+    model can be found, and return that base (None for anything but an adapter directory).
+
+    Hub ids pass unchecked; transformers' own errors for a bare directory are misleading (it
+    complains about ``model_type`` or a missing ``sentencepiece``)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    adapter_config = directory / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{adapter_config} does not name the adapter's base model ({type(error).__name__}: {error})") from None
+        if not isinstance(base, str) or not (Path(base).is_dir() or _HUB_ID.match(base)):
+            raise UserError(
+                f"adapter '{path}': its base model '{base}' (base_model_name_or_path in adapter_config.json) is neither an existing directory nor a Hub id; "
+                "point it at the base model's directory"
+            )
+        return base
+    if not (directory / "config.json").is_file():
+        raise UserError(f"model directory '{path}' has neither config.json nor adapter_config.json: it is not a saved model (save_pretrained or llmq train writes one)")
+    return None
+
+
+@contextmanager
+def _load_errors(name_or_path: str, base: str | None) -> Iterator[None]:
+    """Turn what ``from_pretrained`` raises for an unloadable reference (unreachable Hub id, missing or
+    damaged files, unsupported config) into a one-line :class:`UserError` naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as error:
+        what = f"'{name_or_path}' (a PEFT adapter on base model '{base}')" if base else f"'{name_or_path}'"
+        raise UserError(f"cannot load model {what}: {' '.join(str(error).split())}") from None
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
-    """Tokenizer with a pad token (falls back to EOS), padding on the left for generation."""
+    """Tokenizer with a pad token (falls back to EOS), padding on the left for generation.
+
+    A PEFT adapter directory without tokenizer files gets its base model's tokenizer."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code, revision=revision)
+    path = resolve_model(name_or_path)
+    base = _adapter_base(path)
+    if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
+        path = base
+    with _load_errors(name_or_path, base):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -163,16 +211,19 @@ def load_model(
     attn_implementation: str | None = None,
     device: str | torch.device | None = None,
 ):
-    """Causal LM from a registry name, local directory or Hub id; ``trust_remote_code`` stays off unless asked for."""
+    """Causal LM from a registry name, local directory (a PEFT adapter directory loads its base model
+    with the adapter) or Hub id; ``trust_remote_code`` stays off unless asked for."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(name_or_path),
-        dtype=resolve_dtype(dtype),
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        attn_implementation=attn_implementation,
-    )
+    path = resolve_model(name_or_path)
+    with _load_errors(name_or_path, _adapter_base(path)):
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            attn_implementation=attn_implementation,
+        )
     if device is not None:
         model.to(device)
     return model
