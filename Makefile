@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # On this CPU-only machine kind torch 2.13.0 comes as a CPU wheel from local disk; set TORCH to
 # choose another build (e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,agents
+EXTRAS ?= dev,agents,deepspeed
 # Local copies of GSM8K / MATH-500 beside the checkout, when present; otherwise the Hub is used.
 LLMQ_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export LLMQ_DATA_DIR

@@ -6,11 +6,13 @@ code 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from llmq import __version__
 from llmq.errors import UserError
+from llmq.launch import LaunchConfig, is_launched_process
 
 USAGE = """usage: llmq <command> [RECIPE] [--key value ...]
 
@@ -36,15 +38,15 @@ def train_config_types(method: str) -> tuple[type, ...]:
     if method == "digiq":  # games and a critic instead of a dataset; the actor trains with SFT arguments
         from llmq.digiq import DigiQRunConfig
 
-        return ModelConfig, SFTConfig, DigiQRunConfig
+        return ModelConfig, SFTConfig, DigiQRunConfig, LaunchConfig
     if method == "qvm":  # a value head for Q* search; the policy is not trained
         from transformers import TrainingArguments
 
         from llmq.qvm import QVMRunConfig
 
-        return ModelConfig, TrainingArguments, QVMRunConfig
+        return ModelConfig, TrainingArguments, QVMRunConfig, LaunchConfig
     # An unknown method is reported by the parser, against TrainRunConfig's choices.
-    return ModelConfig, {"dpo": DPOConfig, "sft": SFTConfig}.get(method, ShiQConfig), TrainRunConfig
+    return ModelConfig, {"dpo": DPOConfig, "sft": SFTConfig}.get(method, ShiQConfig), TrainRunConfig, LaunchConfig
 
 
 def _train(argv: Sequence[str]) -> int:
@@ -54,13 +56,21 @@ def _train(argv: Sequence[str]) -> int:
     method = load_recipe_file(argv[0]).get("method", "shiq") if argv and not argv[0].startswith("-") else "shiq"
     if "--method" in argv[:-1]:
         method = argv[argv.index("--method") + 1]
-    model_args, training_args, run = parse_recipe(
+    model_args, training_args, run, launch = parse_recipe(
         train_config_types(method),
         argv,
         prog="llmq train",
         description="Fine-tune with ShiQ (method: shiq), DPO (method: dpo), SFT on best-of-N extractions (method: sft), Digi-Q on TextWorld games "
-        "(method: digiq), or a Q-value model for Q* search (method: qvm): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir.",
+        "(method: digiq), or a Q-value model for Q* search (method: qvm): optionally build offline data from the initial model (build_*), benchmark before and after (benchmark_*), save to output_dir. "
+        "With accelerate_config / num_processes the training runs in several processes (DDP or DeepSpeed ZeRO).",
     )
+    if launch.distributed and method in ("digiq", "qvm"):
+        raise UserError(f"method {method} trains in one process; accelerate_config and num_processes apply to methods shiq, dpo and sft")
+    if launch.resume and not is_launched_process():  # the launching process finds the checkpoint and hands it to the training processes
+        from llmq.checkpoints import resume_point
+
+        training_args.resume_from_checkpoint = resume_point(training_args.output_dir)
+        print(f"resuming from {training_args.resume_from_checkpoint}" if training_args.resume_from_checkpoint else f"no checkpoint in {training_args.output_dir}: starting from scratch", flush=True)
     if method == "qvm":
         from llmq.qvm import run_qvm
 
@@ -76,7 +86,13 @@ def _train(argv: Sequence[str]) -> int:
         return 0
     from llmq.pipeline import run_training
 
-    summary = run_training(model_args, training_args, run)
+    summary = run_training(model_args, training_args, run, launch, argv)
+    if is_launched_process():  # the launching process reports
+        # Skip the interpreter's teardown: gloo threads still finishing ZeRO-3's prefetch all-gathers
+        # free Python tensors during finalization and abort the process now and then.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     print(f"model saved to {training_args.output_dir}; summary: {training_args.output_dir}/summary.json (train loss {summary['train'].get('train_loss', float('nan')):.4f})")
     return 0
 

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import SafetensorError
 
+from llmq.checkpoints import validate_checkpoint
 from llmq.data.offline import GenerateConfig, build_offline_dataset, load_training_dataset, preference_pairs
 from llmq.errors import UserError
 from llmq.evaluation.run import EvalConfig, bootstrap_interval, evaluate, format_report
+from llmq.launch import LaunchConfig, is_launched_process, launch_training
+
+# The training processes' metrics, read back by the process that launched them.
+TRAIN_METRICS = "train_metrics.json"
 
 
 @dataclasses.dataclass
@@ -84,15 +92,61 @@ class TrainRunConfig:
             self.benchmark_config(Path("."))
 
 
-def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
-    """Run a training recipe end to end and return the summary written to ``output_dir/summary.json``."""
+def _fit(model, tokenizer, dataset, model_args, training_args, run: TrainRunConfig) -> tuple:
+    """Train ``model`` on ``dataset`` with the method's trainer and save it to ``output_dir``; returns the trainer and its metrics."""
     from trl import get_peft_config
 
-    from llmq.models import load_from_config
     from llmq.trainers import ShiQTrainer
 
+    model.train()
+    extra = {}
+    if run.method == "dpo":
+        from trl import DPOTrainer
+
+        if "reward" in dataset.column_names:
+            dataset = preference_pairs(dataset)
+            extra["preference_pairs"] = len(dataset)
+        dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
+        trainer = DPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    elif run.method == "sft":
+        from trl import SFTTrainer
+
+        dataset = dataset.select_columns(["prompt", "completion"])
+        trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    else:
+        trainer = ShiQTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.save_model(training_args.output_dir)
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"training finished but the model could not be saved to {training_args.output_dir} ({type(error).__name__}: {' '.join(str(error).split())}); "
+                        "free disk space and resume from the last checkpoint (llmq train --resume) to save it") from None
+    return trainer, dict(result.metrics) | extra
+
+
+def run_training(model_args, training_args, run: TrainRunConfig, launch: LaunchConfig | None = None, argv: Sequence[str] = ()) -> dict:
+    """Run a training recipe end to end and return the summary written to ``output_dir/summary.json``.
+
+    With ``launch.distributed``, data building and both benchmarks run here, in one process, and
+    the training itself in ``launch.num_processes`` processes started with ``llmq train ARGV``; a
+    process started that way (:func:`llmq.launch.is_launched_process`) only trains.
+    """
+    from llmq.models import load_from_config, load_model
+
     output_dir = Path(training_args.output_dir)
-    model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
+    if is_launched_process():
+        model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
+        trainer, metrics = _fit(model, tokenizer, load_training_dataset(run.dataset_path), model_args, training_args, run)
+        if trainer.is_world_process_zero():
+            (output_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        return {"train": metrics}
+
+    launch = launch or LaunchConfig()
+    # A damaged checkpoint fails now, not after the benchmark and halfway through loading it (`--resume` found a validated one).
+    if training_args.resume_from_checkpoint and not launch.resume:
+        validate_checkpoint(training_args.resume_from_checkpoint)
+    device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
+    model, tokenizer = load_from_config(model_args, device=device)
     summary: dict = {"model": model_args.model_name_or_path, "method": run.method}
 
     def benchmark(stage: str) -> dict:
@@ -113,28 +167,21 @@ def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
         print(f"offline data: {len(dataset)} completions, mean reward {rewards.mean():.3f} → {run.dataset_path}", flush=True)
     summary["train_rows"] = len(dataset)
 
-    model.train()
-    if run.method == "dpo":
-        from trl import DPOTrainer
-
-        if "reward" in dataset.column_names:
-            dataset = preference_pairs(dataset)
-            summary["preference_pairs"] = len(dataset)
-        dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
-        trainer = DPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
-    elif run.method == "sft":
-        from trl import SFTTrainer
-
-        dataset = dataset.select_columns(["prompt", "completion"])
-        trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    if launch.distributed:
+        del model
+        resume = ["--resume_from_checkpoint", str(training_args.resume_from_checkpoint)] if training_args.resume_from_checkpoint else []
+        launch_training([*argv, *resume], launch)
+        metrics = json.loads((output_dir / TRAIN_METRICS).read_text())
+        if run.benchmark_task:
+            model = load_model(str(output_dir), dtype=model_args.dtype, device=device)
     else:
-        trainer = ShiQTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args))
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(str(output_dir))
-    summary["train"] = {key: value for key, value in result.metrics.items()}
+        trainer, metrics = _fit(model, tokenizer, dataset, model_args, training_args, run)
+        model = trainer.model
+    if "preference_pairs" in metrics:
+        summary["preference_pairs"] = metrics.pop("preference_pairs")
+    summary["train"] = metrics
 
     if run.benchmark_task:
-        model = trainer.model
         summary["after"] = benchmark("after")
         summary["change"] = {}
         for metric, before in summary["before"]["per_question"].items():
@@ -145,4 +192,3 @@ def run_training(model_args, training_args, run: TrainRunConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
-

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 from transformers import TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
 from llmq.errors import UserError
@@ -118,7 +119,14 @@ class ShiQTrainer(LossMetricsTrainer):
             if ref_model is not None:
                 raise UserError("give either ref_model or peft_config: with PEFT the reference is the model with its adapters disabled")
         elif ref_model is None and not args.precompute_ref_log_probs:
-            ref_model = copy.deepcopy(model)
+            if is_deepspeed_zero3_enabled():
+                # Under ZeRO-3 the loaded weights are already partitioned, and a copy would hold empty
+                # shards: load the reference again (partitioned the same way), as TRL does.
+                ref_model = load_model(model.name_or_path, dtype=str(model.dtype).removeprefix("torch."))
+            else:
+                ref_model = copy.deepcopy(model)
+        if args.precompute_ref_log_probs and is_deepspeed_zero3_enabled():
+            raise UserError("precompute_ref_log_probs runs the unsharded model and is not available under DeepSpeed ZeRO-3; use a live reference (the default) or ZeRO-2")
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
         self.ref_model = ref_model
@@ -136,7 +144,12 @@ class ShiQTrainer(LossMetricsTrainer):
             **kwargs,
         )
         if self.ref_model is not None:
-            self.ref_model.to(self.accelerator.device)
+            if self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+
+                self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)  # sharded like the policy under ZeRO-3
+            else:
+                self.ref_model.to(self.accelerator.device)
         if args.precompute_ref_log_probs:
             self.train_dataset = self._with_reference_statistics(self.train_dataset)
             if self.eval_dataset is not None:
