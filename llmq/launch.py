@@ -72,7 +72,7 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
     config = yaml.safe_load(config_file.read_text()) or {}
     deepspeed = config.get("distributed_type") == "DEEPSPEED"
     script_args = list(argv)
-    os.environ[LAUNCHED_ENV] = "1"
+    environment = {LAUNCHED_ENV: "1"}
     if not torch.cuda.is_available():
         if deepspeed:
             # DeepSpeed picks NCCL unless told otherwise; accelerate's CPU switch would drop DeepSpeed.
@@ -80,7 +80,9 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
                 script_args += ["--ddp_backend", "gloo"]
         else:
             # `accelerate launch --cpu` starts one process; this variable runs N CPU processes (gloo).
-            os.environ["ACCELERATE_USE_CPU"] = "1"
+            environment["ACCELERATE_USE_CPU"] = "1"
+    previous = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     launch_args = ["--config_file", str(config_file), "--num_processes", str(launch.num_processes)]
     if "main_process_port" not in config:
         # accelerate's default port (29500) is shared by every run on the machine: a second run would join the first one's rendezvous.
@@ -92,7 +94,11 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
         summary = " ".join(str(error).split())[:300]
         raise UserError(f"training with {launch.num_processes} processes ({config_file.name}) failed: {summary}; the processes' own messages are above") from None
     finally:
-        os.environ.pop(LAUNCHED_ENV, None)
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _free_port() -> int:
