@@ -66,11 +66,14 @@ def _train(argv: Sequence[str]) -> int:
     )
     if launch.distributed and method in ("digiq", "qvm"):
         raise UserError(f"method {method} trains in one process; accelerate_config and num_processes apply to methods shiq, dpo and sft")
-    if launch.resume and not is_launched_process():  # the launching process finds the checkpoint and hands it to the training processes
-        from llmq.checkpoints import resume_point
+    if not is_launched_process():  # the launching process checks the checkpoint and hands it to the training processes
+        from llmq.checkpoints import resume_point, validate_checkpoint
 
-        training_args.resume_from_checkpoint = resume_point(training_args.output_dir)
-        print(f"resuming from {training_args.resume_from_checkpoint}" if training_args.resume_from_checkpoint else f"no checkpoint in {training_args.output_dir}: starting from scratch", flush=True)
+        if launch.resume:
+            training_args.resume_from_checkpoint = resume_point(training_args.output_dir)  # validated
+            print(f"resuming from {training_args.resume_from_checkpoint}" if training_args.resume_from_checkpoint else f"no checkpoint in {training_args.output_dir}: starting from scratch", flush=True)
+        elif training_args.resume_from_checkpoint:  # a damaged checkpoint fails now, not after data building, benchmarks and half a load
+            validate_checkpoint(training_args.resume_from_checkpoint)
     if method == "qvm":
         from llmq.qvm import run_qvm
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmq.checkpoints import validate_checkpoint
 from llmq.errors import UserError
 
 
@@ -182,8 +181,6 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
     from llmq.models.features import score_continuations
     from llmq.trainers.digiq import DigiQCriticTrainer, critic_config
 
-    if training_args.resume_from_checkpoint:  # the actor's checkpoint: fail now, not after collecting games and fitting the critic
-        validate_checkpoint(training_args.resume_from_checkpoint)
     started = time.perf_counter()
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from llmq.checkpoints import validate_checkpoint
 from llmq.data.offline import GenerateConfig, build_offline_dataset, load_training_dataset, preference_pairs
 from llmq.errors import UserError
 from llmq.evaluation.run import EvalConfig, bootstrap_interval, evaluate, format_report
@@ -142,11 +141,12 @@ def run_training(model_args, training_args, run: TrainRunConfig, launch: LaunchC
         return {"train": metrics}
 
     launch = launch or LaunchConfig()
-    # A damaged checkpoint fails now, not after the benchmark and halfway through loading it (`--resume` found a validated one).
-    if training_args.resume_from_checkpoint and not launch.resume:
-        validate_checkpoint(training_args.resume_from_checkpoint)
+    building = run.build_task is not None and not Path(run.dataset_path).exists()
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
-    model, tokenizer = load_from_config(model_args, device=device)
+    # With several training processes this one needs the model only to build data and to benchmark.
+    model = tokenizer = None
+    if not launch.distributed or building or run.benchmark_task:
+        model, tokenizer = load_from_config(model_args, device=device)
     summary: dict = {"model": model_args.model_name_or_path, "method": run.method}
 
     def benchmark(stage: str) -> dict:
@@ -158,17 +158,17 @@ def run_training(model_args, training_args, run: TrainRunConfig, launch: LaunchC
 
     if run.benchmark_task:
         summary["before"] = benchmark("before")
-    if Path(run.dataset_path).exists() or run.build_task is None:
-        dataset = load_training_dataset(run.dataset_path)
-    else:
+    if building:
         model.eval()
         dataset = build_offline_dataset(model, tokenizer, run.build_config(), model_name=model_args.model_name_or_path)
         rewards = np.asarray(dataset["reward"])
         print(f"offline data: {len(dataset)} completions, mean reward {rewards.mean():.3f} → {run.dataset_path}", flush=True)
+    else:
+        dataset = load_training_dataset(run.dataset_path)
     summary["train_rows"] = len(dataset)
 
     if launch.distributed:
-        del model
+        model = None  # its memory is the training processes'
         resume = ["--resume_from_checkpoint", str(training_args.resume_from_checkpoint)] if training_args.resume_from_checkpoint else []
         launch_training([*argv, *resume], launch)
         metrics = json.loads((output_dir / TRAIN_METRICS).read_text())
