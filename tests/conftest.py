@@ -64,3 +64,25 @@ def guide_dir(base_and_guide, tmp_path_factory):
     guide.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# Rewarded completions for the tiny model: half correct (reward 1), half not.
+SCORED_ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}." if i % 2 else " No idea", "reward": float(i % 2)} for i in range(8)]
+
+
+@pytest.fixture
+def shiq_recipe(tiny_model_dir):
+    """``shiq_recipe(folder, **keys)``: SCORED_ROWS as ``folder/data.jsonl`` and a ``llmq train`` recipe
+    for them on the tiny model with ``keys`` in ``folder/recipe.yaml``; returns the recipe's path."""
+    import json
+
+    import yaml
+
+    def write(folder: Path, **keys) -> Path:
+        data = folder / "data.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in SCORED_ROWS))
+        recipe = folder / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"model_name_or_path": "tiny-llama", "dataset_path": str(data), **keys}, sort_keys=False))
+        return recipe
+
+    return write

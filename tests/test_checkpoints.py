@@ -24,8 +24,8 @@ from llmq.cli import main
 from llmq.errors import UserError
 from llmq.models import load_model, load_tokenizer
 from llmq.trainers import ShiQConfig, ShiQTrainer
+from conftest import SCORED_ROWS as ROWS
 
-ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}." if i % 2 else " No idea", "reward": float(i % 2)} for i in range(8)]
 
 
 def make_trainer(output_dir, peft_config=None, callbacks=None, **overrides):
@@ -223,13 +223,9 @@ def test_a_checkpoint_the_os_cannot_write_is_removed_and_named(tmp_path, tiny_mo
     assert resume_point(tmp_path) == str(tmp_path / "checkpoint-2")
 
 
-def test_llmq_train_with_a_file_size_limit_exits_2_with_one_line(tmp_path, tiny_model_dir):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"model_name_or_path: tiny-llama\ndataset_path: {data}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\nsave_steps: 1\nper_device_train_batch_size: 4\n"
-        "use_cpu: true\nreport_to: none\ndisable_tqdm: true\n"
+def test_llmq_train_with_a_file_size_limit_exits_2_with_one_line(tmp_path, shiq_recipe):
+    recipe = shiq_recipe(
+        tmp_path, output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1, per_device_train_batch_size=4, use_cpu=True, report_to="none", disable_tqdm=True
     )
 
     def limit_file_size():  # in the child: files past 200 kB fail with EFBIG (an ignored signal stays ignored across exec)

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from llmq.checkpoints import is_complete, resume_point
 
-ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}." if i % 2 else " No idea", "reward": float(i % 2)} for i in range(8)]
 MAX_STEPS, SAVE_STEPS, KILL_AT = 40, 2, 6
 LOSS_LINE = re.compile(r"'loss': '([^']+)'")  # one per step: the Trainer prints every log (logging_steps 1)
 
@@ -25,14 +24,11 @@ def train_command(recipe, output_dir, *extra):
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"model_name_or_path: tiny-llama\ndataset_path: {data}\nmax_steps: {MAX_STEPS}\nsave_steps: {SAVE_STEPS}\nlogging_steps: 1\nseed: 0\n"
-        "per_device_train_batch_size: 4\nlearning_rate: 0.01\nbeta: 0.5\nuse_cpu: true\nreport_to: none\ndisable_tqdm: true\n"
-    )
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, shiq_recipe):
+    recipe = shiq_recipe(
+        tmp_path, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, logging_steps=1, seed=0, per_device_train_batch_size=4,
+        learning_rate=0.01, beta=0.5, use_cpu=True, report_to="none", disable_tqdm=True,
+    )  # fmt: skip
     # One thread per process: the two runs share the machine's cores without oversubscribing them
     # (unbuffered, so the killed run's printed steps are all in its output).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -14,8 +14,8 @@ from llmq.errors import UserError
 from llmq.losses import shiq_loss
 from llmq.models import load_model, load_tokenizer
 from llmq.trainers import ShiQConfig, ShiQTrainer
+from conftest import SCORED_ROWS as ROWS
 
-ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}." if i % 2 else " No idea", "reward": float(i % 2)} for i in range(8)]
 CONVERSATION = {
     "messages": [
         {"role": "user", "content": "Find x."},
@@ -136,13 +136,9 @@ def test_malformed_rows_name_their_index(tokenizer, row, message):
         tokenize_trajectory(row, tokenizer, max_length=512, index=3)
 
 
-def test_llmq_train_cli_end_to_end(tmp_path, capsys, tiny_model_dir):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"# llmq train {recipe}\nmodel_name_or_path: tiny-llama\ndataset_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
-        "max_steps: 2\nper_device_train_batch_size: 4\nlearning_rate: 0.01\nuse_cpu: true\nsave_strategy: 'no'\nbeta: 0.5\n"
+def test_llmq_train_cli_end_to_end(tmp_path, capsys, shiq_recipe):
+    recipe = shiq_recipe(
+        tmp_path, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=0.01, use_cpu=True, save_strategy="no", beta=0.5
     )
     assert main(["train", str(recipe), "--loss_type", "one_step"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
