@@ -118,6 +118,10 @@ def test_llmq_eval_selects_one_answer_from_scored_candidates(decoding, tmp_path,
         if decoding == "best_of_n":
             best = max(record["candidates"], key=lambda c: c["score"])
             assert record["completions"][0] == best["text"]
+    # the sampler's own pass@k, from every candidate, beside the selected answer's accuracy
+    assert list(report["pass_at_k"]) == ["1", "2", "3"]
+    assert report["metrics"]["candidates_pass@3"]["count"] == sum(any(c["correct"] for c in r["candidates"]) for r in records)
+    assert report["pass_at_k"]["1"]["mean"] == pytest.approx(np.mean([[c["correct"] for c in r["candidates"]] for r in records]))
 
 
 @pytest.mark.parametrize(

@@ -36,9 +36,30 @@ def test_llmq_eval_with_samples_reports_pass_and_majority(tmp_path, data_dir, ti
     argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--task", "math500", "--limit", "2",
             "--max_new_tokens", "6", "--num_samples", "3", "--temperature", "1.0", "--output_dir", str(out)]
     assert main(argv) == 0
-    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    report = json.loads((out / "report.json").read_text())
+    metrics, curve = report["metrics"], report["pass_at_k"]
     assert {"pass@3", "maj@3"} <= set(metrics)
     assert metrics["pass@3"]["mean"] >= metrics["first_sample"]["mean"]
+    records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert list(curve) == ["1", "2", "3"] and curve["3"]["mean"] == metrics["pass@3"]["mean"]
+    assert curve["1"]["mean"] == pytest.approx(np.mean([[v["correct"] for v in r["verdicts"]] for r in records]))
+    assert "pass@k of the sampled answers" in (out / "report.md").read_text()
+
+
+def test_pass_at_k_is_the_chance_that_k_draws_include_a_correct_answer():
+    from itertools import combinations
+
+    from llmq.evaluation import pass_at_k
+
+    assert pass_at_k(8, 1, 1) == pytest.approx(1 / 8) and pass_at_k(4, 2, 2) == pytest.approx(5 / 6)
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 1, 8) == 1.0 and pass_at_k(5, 4, 2) == 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # exact enumeration of the k-subsets
+        n = int(rng.integers(1, 9))
+        correct, k = int(rng.integers(0, n + 1)), int(rng.integers(1, n + 1))
+        answers = [True] * correct + [False] * (n - correct)
+        subsets = list(combinations(answers, k))
+        assert pass_at_k(n, correct, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
 def test_llmq_generate_saves_a_scored_dataset_with_its_settings(tmp_path, data_dir, tiny_model_dir):

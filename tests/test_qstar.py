@@ -96,6 +96,11 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
     with torch.no_grad():
         expected = heads.q(state_features, step_features[0][None]).mean(0)[0]
     assert values[:2] == pytest.approx(expected.tolist(), abs=1e-5)
+    # an answer that ends right after a delimiter ends with an empty step: scored as the end-of-sequence token
+    [ended] = qvm([((steps[0],), ReasoningStep("", True))])
+    after_first, [end_feature], _ = score_continuations(model, tokenizer, [prompt + steps[0].text], [[tokenizer.eos_token]], layer=-1, progress=False)
+    with torch.no_grad():
+        assert ended == pytest.approx(heads.q(after_first, end_feature[None]).mean(0)[0, 0].item(), abs=1e-5)
 
     is_terminal = lambda state: bool(state) and (state[-1].final or len(state) >= 3)  # noqa: E731
     result = astar_search(propose=proposer, q_values=qvm, is_terminal=is_terminal, num_candidates=2, budget=3, max_depth=3)
@@ -133,6 +138,32 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, d
         assert main(argv) == 0
         records = [json.loads(line) for line in (tmp_path / "bon" / "completions.jsonl").read_text().splitlines()]
         assert all(r["completions"][0] == max(r["candidates"], key=lambda c: c["score"])["text"] for r in records)
+
+
+def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_tokenizer, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from llmq.decoding.best_of_n import qvm_scores
+    from llmq.decoding.qstar import FeatureQVM, ReasoningStep
+    from llmq.models.value_heads import CriticHeads
+    from llmq.rollout import Completion
+
+    model, tokenizer = tiny_model_and_tokenizer
+    torch.manual_seed(0)
+    heads = CriticHeads(64, 64, hidden_size=8, num_layers=1).eval()
+    save_file(heads.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "qvm.json").write_text(json.dumps({"layer": -1, "delimiter": "\n", "hidden_size": 8, "num_layers": 1, "state_dim": 64}))
+    prompt = [{"role": "user", "content": "What is 2+3?"}]
+    answers = ["2 + 3 = 5\n#### 5", "5", "#### 5\n", ""]
+    [scores] = qvm_scores(str(tmp_path), model, tokenizer, [prompt], [[Completion(text, [], [], "stop") for text in answers]])
+    qvm = FeatureQVM(model, tokenizer, heads, tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), layer=-1)
+    step = lambda text, final=False: ReasoningStep(text, final)  # noqa: E731
+    expected = qvm([((step("2 + 3 = 5\n"),), step("#### 5", True)), ((), step("5", True)), ((), step("#### 5\n", True)), ((), step("", True))])
+    assert scores == pytest.approx(expected, abs=1e-6)
+    assert scores[0] != pytest.approx(qvm([((), step(answers[0], True))])[0], abs=1e-4)  # not the whole answer as one step
 
 
 def test_split_steps_keeps_delimiters():

@@ -9,7 +9,7 @@ Scorers give one number per candidate:
   for one prompt it ranks exactly as the reward the policy learned;
 * ``likelihood`` — the generating model's own ``Σ_t log π(a_t|s_t)``;
 * ``qvm`` — a Q-value model from ``llmq train --method qvm`` (value heads on the model's frozen
-  features), scoring the whole answer as one step from the question;
+  features), scoring each answer's last step given the steps before it;
 * any callable ``(prompts, candidates) -> scores`` for value heads or external reward models.
 """
 
@@ -68,16 +68,22 @@ class ImplicitRewardScorer:
 
 
 def qvm_scores(qvm_path: str, model, tokenizer, prompts: list[Prompt], candidates: list[list[Completion]]) -> list[list[float]]:
-    """``Q(question, answer)`` of each candidate by the QVM saved at ``qvm_path`` (one step: the whole answer)."""
+    """``Q(steps before, last step)`` of each candidate by the QVM saved at ``qvm_path``: the answer cut
+    into steps at the QVM's delimiter, scored where it ends — a final step's training label is
+    whether the answer was correct, so this is the QVM's estimate of the answer's correctness."""
     from llmq.decoding.qstar import FeatureQVM, ReasoningStep
-    from llmq.qvm import load_qvm
+    from llmq.qvm import load_qvm, split_steps
 
     heads, metadata = load_qvm(qvm_path)
     scores = []
     for prompt, group in zip(prompts, candidates):
         text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         qvm = FeatureQVM(model, tokenizer, heads, text, layer=metadata["layer"])
-        scores.append(qvm([((), ReasoningStep(c.text, True)) for c in group]))
+        pairs = []
+        for completion in group:
+            steps = split_steps(completion.text, metadata["delimiter"]) or [""]
+            pairs.append((tuple(ReasoningStep(step, False) for step in steps[:-1]), ReasoningStep(steps[-1], True)))
+        scores.append(qvm(pairs))
     return scores
 
 

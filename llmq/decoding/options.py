@@ -39,7 +39,7 @@ class DecodingOptions:
         metadata={
             "help": "Candidate scores for best_of_n (and maj_at_n ties): verifier (the task's verifier against the gold answer: an oracle at evaluation time), "
             "implicit_reward (Σ β·log π_guide/π_model of guide_model), likelihood (the model's summed log-probs), or qvm (the value head at qvm_path "
-            "scoring the whole answer as one step from the question).",
+            "scoring each answer by the Q of its last step given the steps before it: its estimate of the answer being correct).",
             "choices": ["verifier", "implicit_reward", "likelihood", "qvm"],
         },
     )

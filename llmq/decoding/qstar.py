@@ -233,16 +233,20 @@ class FeatureQVM:
 
         from llmq.models.features import score_continuations
 
+        # An answer that ends right after a delimiter ends with an empty final step: the end-of-sequence token is its text.
+        def text(step: ReasoningStep) -> str:
+            return step.text or self.tokenizer.eos_token
+
         states = list(dict.fromkeys(state for state, _ in pairs))
-        steps_of = {state: [step.text for s, step in pairs if s == state] for state in states}
+        steps_of = {state: list(dict.fromkeys(text(step) for s, step in pairs if s == state)) for state in states}
         prefixes = [self.prompt + "".join(step.text for step in state) for state in states]
         state_features, step_features, _ = score_continuations(self.model, self.tokenizer, prefixes, [steps_of[s] for s in states], layer=self.layer, progress=False)
         values: dict[tuple[State, str], float] = {}
         with torch.no_grad():
             for state, features, candidates in zip(states, state_features, step_features):
                 q = self.heads.q(features[None], candidates[None]).mean(0)[0]
-                values.update({(state, text): value for text, value in zip(steps_of[state], q.tolist())})
-        return [values[(state, step.text)] for state, step in pairs]
+                values.update({(state, step_text): value for step_text, value in zip(steps_of[state], q.tolist())})
+        return [values[(state, text(step))] for state, step in pairs]
 
 
 def qstar_answer(model, tokenizer, engine, prompt: str, heads, *, layer: int | None, delimiter: str, budget: int, num_candidates: int, lam: float,

@@ -65,6 +65,14 @@ def bootstrap_interval(values: np.ndarray, samples: int = 1000, seed: int = 0, l
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``correct`` of ``samples`` answers (Chen et al. 2021):
+    the chance that ``k`` answers drawn without replacement include a correct one."""
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(samples - correct + 1, samples + 1)))
+
+
 def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool) -> dict[int, dict]:
     """The completions a previous run of the same protocol left in ``output_dir`` (by question index)."""
     protocol_file, cache = output_dir / "protocol.json", output_dir / "completions.jsonl"
@@ -178,10 +186,25 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
         low, high = bootstrap_interval(array, config.bootstrap_samples, config.seed)
         return {"mean": float(array.mean()), "ci95": [low, high], "count": int(array.sum())}
 
+    # pass@k of the sampler for every k up to its N answers: an accuracy at k answers' tokens.
+    # Best-of-N and maj@N keep the verdicts of all their candidates, and those are the sampler's.
+    selecting = config.decoding in ("best_of_n", "maj_at_n")
+    sampled = [[c["correct"] for c in record["candidates"]] if selecting else [v["correct"] for v in record["verdicts"]] for record in ordered]
+    answers_per_question = min(len(group) for group in sampled)
+    curve = {}
+    for k in range(1, answers_per_question + 1 if answers_per_question > 1 else 1):
+        estimates = np.array([pass_at_k(len(group), sum(group), k) for group in sampled])
+        low, high = bootstrap_interval(estimates, config.bootstrap_samples, config.seed)
+        curve[str(k)] = {"mean": float(estimates.mean()), "ci95": [low, high]}
+    metrics = {"first_sample": summary(correct), "answer_format": summary(formatted)}
+    if config.num_samples > 1:
+        metrics |= {f"pass@{config.num_samples}": summary(passed), f"maj@{config.num_samples}": summary(majority)}
+    if selecting:
+        metrics[f"candidates_pass@{config.num_candidates}"] = summary([any(group) for group in sampled])
     report = {
         "protocol": protocol,
-        "metrics": {"first_sample": summary(correct), "answer_format": summary(formatted)}
-        | ({f"pass@{config.num_samples}": summary(passed), f"maj@{config.num_samples}": summary(majority)} if config.num_samples > 1 else {}),
+        "metrics": metrics,
+        "pass_at_k": curve,
         "per_question": {"first_sample": [int(c) for c in correct], "answer_format": [int(f) for f in formatted]},
         "generated_tokens": sum(record["generated_tokens"] for record in ordered),
         "wall_time_s": round(sum(record["seconds"] for record in ordered), 2),
@@ -263,6 +286,10 @@ def format_markdown(reports: list[dict]) -> str:
                 f"| {report['protocol']['model']} | {decoding_label(report)} | {name} | {100 * metric['mean']:.1f}% | {100 * low:.1f}–{100 * high:.1f}% "
                 f"| {metric['count']}/{examples} | {report['generated_tokens'] / examples:.0f} | {report['wall_time_s']:.0f} |"
             )
+    for report in reports:
+        if report.get("pass_at_k"):
+            curve = ", ".join(f"k={k}: {100 * value['mean']:.1f}%" for k, value in report["pass_at_k"].items())
+            lines.append(f"\npass@k of the sampled answers of {report['protocol']['model']}, {decoding_label(report)} (unbiased estimate, Chen et al. 2021): {curve}")
     return "\n".join(lines) + "\n"
 
 
