@@ -4,8 +4,9 @@
    steps at ``delimiter`` (a state is the question plus the steps so far, an action the next step);
 2. labels (reward 1 for a correct final answer, γ = 1):
    * ``rollout`` (§4.4 item 2): the best outcome among the trajectory's own continuation and
-     ``rollouts`` more completions sampled from the state after the step — a Monte-Carlo lower
-     estimate of ``Q_hard`` that tightens as ``rollouts`` grows;
+     ``rollouts`` more completions sampled from the state after the step, each with the tokens the
+     solution's ``max_new_tokens`` left — a Monte-Carlo lower estimate of ``Q_hard`` that tightens
+     as ``rollouts`` grows;
    * ``fqi`` (§4.4 item 1): ``y = max_c Q_prev(s', c)`` over ``fqi_candidates`` proposed next steps
      (the outcome itself after a final step), refitted ``fqi_iterations`` times from rollout labels;
 3. the QVM is :class:`llmq.models.value_heads.CriticHeads` on frozen features of (state, step),
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from llmq.errors import UserError
 
@@ -135,14 +137,19 @@ def run_qvm(model_args, training_args, run: QVMRunConfig) -> dict:
                 items.append((index, tuple(ReasoningStep(s, False) for s in steps[:t]), ReasoningStep(step, final and ended), outcome, final))
 
     # Rollout labels: the best outcome among the trajectory's own continuation and `rollouts` more.
+    # A continuation gets the tokens the solution's budget left after the step, as the trajectory's own
+    # did; steps with similar budgets share a generate call, which runs to its largest budget.
     open_items = [i for i, item in enumerate(items) if not item[4]]
-    continuations = engine.generate(
-        [prompts[items[i][0]] + "".join(s.text for s in items[i][1]) + items[i][2].text for i in open_items],
-        n=run.rollouts,
-        sampling=dataclasses.replace(sampling, seed=training_args.seed + 1),
-    )
-    outcomes = {i: [float(score("".join(s.text for s in items[i][1]) + items[i][2].text + c.text, questions[items[i][0]]["answer"]).correct) for c in group]
-                for i, group in zip(open_items, continuations)}  # fmt: skip
+    written = {i: "".join(s.text for s in items[i][1]) + items[i][2].text for i in open_items}
+    budget = {i: max(1, run.max_new_tokens - len(tokenizer(written[i], add_special_tokens=False)["input_ids"])) for i in open_items}
+    by_budget = sorted(open_items, key=lambda i: -budget[i])
+    rollout_engine = HFEngine(model, tokenizer, batch_size=run.generation_batch_size, progress=False)
+    outcomes: dict[int, list[float]] = {}
+    for number, start in enumerate(tqdm(range(0, len(by_budget), run.generation_batch_size), desc="rollouts", unit="batch")):
+        chunk = by_budget[start : start + run.generation_batch_size]
+        chunk_sampling = dataclasses.replace(sampling, seed=training_args.seed + 1 + number, max_new_tokens=budget[chunk[0]])
+        for i, group in zip(chunk, rollout_engine.generate([prompts[items[i][0]] + written[i] for i in chunk], n=run.rollouts, sampling=chunk_sampling)):
+            outcomes[i] = [float(score(written[i] + c.text, questions[items[i][0]]["answer"]).correct) for c in group]
     # Reward comes at the end only: a step's own reward is 0 and its continuations include the trajectory's own.
     labels = rollout_max_labels([0.0] * len(items), [[item[3], *outcomes.get(i, [])] for i, item in enumerate(items)])
 
