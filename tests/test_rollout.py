@@ -1,5 +1,7 @@
 """HFEngine on a tiny random model: shapes, greedy equivalence, logprobs, seeds, stops, padding."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,3 +61,24 @@ def test_length_and_stop_strings(engine):
     assert stop and len(sampled.text) > 5
     [[stopped]] = engine.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, stop=(stop,)))
     assert stopped.finish_reason == "stop" and stop not in stopped.text and sampled.text.startswith(stopped.text)
+
+
+def test_a_stop_string_is_not_an_eos_when_the_pad_token_is_the_eos(tiny_model_and_tokenizer):
+    """SmolLM2 pads with its EOS token: a row that a stop string ends before the rest of its batch
+    must not come back ending with that padding, as if the model had ended its answer."""
+    import copy
+
+    model, tokenizer = tiny_model_and_tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    engine = HFEngine(model, tokenizer, batch_size=4, progress=False)
+    sampling = SamplingParams(max_new_tokens=30, temperature=1.0, seed=5)
+    free = engine.generate(["Once upon a time"], n=4, sampling=sampling)[0]
+    # a stop string that ends the first sample early while the others run on
+    stop = next(free[0].text[i : i + 2] for i in range(3, len(free[0].text) - 1) if all(ord(ch) < 128 for ch in free[0].text[i : i + 2]))
+    stopped = engine.generate(["Once upon a time"], n=4, sampling=dataclasses.replace(sampling, stop=(stop,)))[0]
+    assert max(len(c.token_ids) for c in stopped) > len(stopped[0].token_ids)  # the others ran on: the first row was padded
+    first = stopped[0]
+    assert first.finish_reason == "stop" and tokenizer.eos_token_id not in first.token_ids
+    assert first.token_ids == free[0].token_ids[: len(first.token_ids)] and len(first.logprobs) == len(first.token_ids)
+    assert stop in tokenizer.decode(first.token_ids) and first.text == free[0].text[: free[0].text.index(stop)]

@@ -91,18 +91,18 @@ class HFEngine:
         completions = []
         for row in range(new_tokens.shape[0]):
             ids = new_tokens[row].tolist()
-            length = len(ids)
-            for position, token in enumerate(ids):  # generation ends at the first EOS; padding follows
-                if token in eos_ids:
-                    length = position + 1
-                    break
-            ids = ids[:length]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            stopped = ids and ids[-1] in eos_ids
-            for stop in sampling.stop:
-                if stop in text:
-                    text, stopped = text[: text.index(stop)], True
-            completions.append(Completion(text=text, token_ids=ids, logprobs=logprobs[row, :length].tolist(), finish_reason="stop" if stopped else "length"))
+            # Generation ends at the first EOS or after the token that completes a stop string; padding
+            # follows, and the pad token may be the EOS token (SmolLM2's is): a row that a stop string
+            # ended before the others is padded with what looks like an EOS, which it did not generate.
+            end = next((position for position, token in enumerate(ids) if token in eos_ids), len(ids))
+            text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+            stops = [text.index(stop) for stop in sampling.stop if stop in text]
+            if stops:
+                length, text = end, text[: min(stops)]
+            else:
+                length = min(end + 1, len(ids))
+            completions.append(Completion(text=text, token_ids=ids[:length], logprobs=logprobs[row, :length].tolist(),
+                                          finish_reason="stop" if stops or end < len(ids) else "length"))  # fmt: skip
         return [completions[i * n : (i + 1) * n] for i in range(len(texts))]
 
     def _sequence_logprobs(self, sequences: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
