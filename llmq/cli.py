@@ -83,7 +83,7 @@ def _train(argv: Sequence[str]) -> int:
     if method == "digiq":
         from llmq.digiq import run_digiq
 
-        summary = run_digiq(model_args, training_args, run)
+        summary = run_digiq(model_args, training_args, run, resume=launch.resume)
         before, after = summary["before"]["success_rate"], summary["after"]["success_rate"]
         print(f"success on test games {100 * before:.1f}% → {100 * after:.1f}%; model saved to {training_args.output_dir}; summary: {training_args.output_dir}/summary.json")
         return 0

@@ -169,41 +169,20 @@ def representation_backbone(model, tokenizer, data, run: DigiQRunConfig, trainin
     return trainer.model.merge_and_unload().eval(), stats
 
 
-def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
-    """Run Digi-Q end to end; returns the summary written to ``output_dir/summary.json``."""
-    import datasets
-    from trl import SFTTrainer, get_peft_config
+# What a Digi-Q run has done so far: its configuration and each finished stage's report, rewritten
+# after every stage so that ``llmq train --resume`` continues a killed run where it stopped.
+STAGES_FILE = "stages.json"
 
-    from llmq.envs.textworld import collect_trajectories, evaluate_agent, make_games, policy_prompt
-    from llmq.evaluation import bootstrap_interval
+
+def fit_critic_and_extract(model, tokenizer, data, run: DigiQRunConfig, training_args, output_dir: Path, record) -> list[dict]:
+    """Steps 4–6: features (after the optional representation fine-tuning), the critic's TD fit and
+    Best-of-N extraction; returns the kept (prompt, completion) rows and records each stage's report."""
+    import datasets
+
+    from llmq.envs.textworld import policy_prompt
     from llmq.losses import best_of_n_advantages
-    from llmq.models import load_from_config
     from llmq.models.features import score_continuations
     from llmq.trainers.digiq import DigiQCriticTrainer, critic_config
-
-    started = time.perf_counter()
-    output_dir = Path(training_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    settings = dict(world_size=run.world_size, nb_objects=run.nb_objects, quest_length=run.quest_length)
-    train_games = make_games(run.games_dir, run.train_games, run.train_seed, **settings)
-    test_games = make_games(run.games_dir, run.test_games, run.test_seed, **settings)
-    model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
-    model.eval()
-    summary: dict = {"model": model_args.model_name_or_path, "method": "digiq", "train_games": len(train_games), "test_games": len(test_games)}
-
-    def benchmark(stage: str) -> dict:
-        report = evaluate_agent(likelihood_policy(model, tokenizer, batch_size=run.policy_batch_size), test_games, run.episode_steps, seed=run.test_seed)
-        print(f"{stage}: success {100 * report['success_rate']:.1f}% (95% CI {100 * report['success_rate_ci95'][0]:.1f}–{100 * report['success_rate_ci95'][1]:.1f}), "
-              f"normalised score {report['normalized_score']:.3f} on {len(test_games)} test games", flush=True)  # fmt: skip
-        return report
-
-    summary["before"] = benchmark("before")
-    behaviour = likelihood_policy(model, tokenizer, temperature=run.behaviour_temperature, seed=training_args.seed, batch_size=run.policy_batch_size)
-    data = collect_trajectories(behaviour, train_games, run.episodes_per_game, run.episode_steps, seed=training_args.seed, gamma=run.gamma)
-    data.save_to_disk(str(output_dir / "trajectories"))
-    summary["data"] = {"transitions": len(data), "episodes": len(train_games) * run.episodes_per_game, "won_episodes": int(sum(r["won"] for r in data if r["done"])),
-                       "mean_reward": float(np.mean(data["reward"]))}  # fmt: skip
-    print(f"offline data: {summary['data']}", flush=True)
 
     # Features of every state and of every (state, admissible command): each state's text is read
     # once, its commands continue it through the KV cache.
@@ -214,8 +193,9 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
     options = [sorted(actions_of[text]) for text in texts]
     backbone = model
     if run.representation_steps > 0:
-        backbone, summary["representation"] = representation_backbone(model, tokenizer, data, run, training_args, output_dir / "representation")
-        print(f"representation fine-tuning: {summary['representation']}", flush=True)
+        backbone, stats = representation_backbone(model, tokenizer, data, run, training_args, output_dir / "representation")
+        record("representation", stats)
+        print(f"representation fine-tuning: {stats}", flush=True)
     state_features, action_features, _ = score_continuations(
         backbone, tokenizer, texts, [[ACTION_SEPARATOR + command for command in commands] for commands in options], layer=run.feature_layer, cache_dir=output_dir / "features"
     )
@@ -253,7 +233,7 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
     critic_result = critic_trainer.train()
     critic_trainer.save_model(str(output_dir / "critic"))
     critic = critic_trainer.model.online.cpu().eval()
-    summary["critic"] = dict(critic_result.metrics) | {"log": [e for e in critic_trainer.state.log_history if "td_error/abs_mean" in e][-1:]}
+    record("critic", dict(critic_result.metrics) | {"log": [e for e in critic_trainer.state.log_history if "td_error/abs_mean" in e][-1:]})
 
     # Best-of-N extraction over each logged state's admissible commands.
     rows, advantages = [], []
@@ -266,11 +246,77 @@ def run_digiq(model_args, training_args, run: DigiQRunConfig) -> dict:
             advantages.append(advantage.item())
             if weight.item() == 1:
                 rows.append({"prompt": policy_prompt(r["state"], commands), "completion": [{"role": "assistant", "content": commands[best.item()]}]})
-    summary["extraction"] = {"states": len(data), "kept": len(rows), "advantage_mean": float(np.mean(advantages)), "threshold": run.threshold}
     print(f"Best-of-N extraction: kept {len(rows)} of {len(data)} states (mean best advantage {np.mean(advantages):.3f})", flush=True)
     if not rows:
         raise UserError(f"Best-of-N extraction kept no state (no advantage above threshold {run.threshold}); lower 'threshold' or collect more data")
     datasets.Dataset.from_list(rows).save_to_disk(str(output_dir / "extracted"))
+    record("extraction", {"states": len(data), "kept": len(rows), "advantage_mean": float(np.mean(advantages)), "threshold": run.threshold})
+    return rows
+
+
+def run_digiq(model_args, training_args, run: DigiQRunConfig, resume: bool = False) -> dict:
+    """Run Digi-Q end to end; returns the summary written to ``output_dir/summary.json``.
+
+    With ``resume`` the stages recorded in ``output_dir/stages.json`` by an earlier run of the same
+    configuration are not run again (their data is read back from ``output_dir``), and the actor's
+    fine-tuning continues from ``training_args.resume_from_checkpoint``.
+    """
+    import datasets
+    from trl import SFTTrainer, get_peft_config
+
+    from llmq.envs.textworld import collect_trajectories, evaluate_agent, make_games
+    from llmq.evaluation import bootstrap_interval
+    from llmq.models import load_from_config
+
+    started = time.perf_counter()
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stages_path = output_dir / STAGES_FILE
+    configuration = json.loads(json.dumps({"model": model_args.model_name_or_path, "seed": training_args.seed, "run": dataclasses.asdict(run)}))
+    stages: dict = {"configuration": configuration}
+    if resume and stages_path.exists():
+        stages = json.loads(stages_path.read_text())
+        if stages.get("configuration") != configuration:
+            earlier = stages.get("configuration", {})
+            changed = sorted(k for k in configuration["run"] if configuration["run"][k] != earlier.get("run", {}).get(k))
+            changed += [k for k in ("model", "seed") if configuration[k] != earlier.get(k)]
+            raise UserError(f"{stages_path} is the record of a run with other settings ({', '.join(changed) or 'unreadable'}): "
+                            "resume with the same recipe, or use a new output_dir")  # fmt: skip
+        print(f"resuming Digi-Q after the stages {', '.join(k for k in stages if k != 'configuration')} of {stages_path}", flush=True)
+
+    def record(stage: str, report: dict) -> dict:
+        stages[stage] = report
+        stages_path.write_text(json.dumps(stages, indent=2, default=str) + "\n")
+        return report
+
+    settings = dict(world_size=run.world_size, nb_objects=run.nb_objects, quest_length=run.quest_length)
+    train_games = make_games(run.games_dir, run.train_games, run.train_seed, **settings)
+    test_games = make_games(run.games_dir, run.test_games, run.test_seed, **settings)
+    model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
+    model.eval()
+    summary: dict = {"model": model_args.model_name_or_path, "method": "digiq", "train_games": len(train_games), "test_games": len(test_games)}
+
+    def benchmark(stage: str) -> dict:
+        report = evaluate_agent(likelihood_policy(model, tokenizer, batch_size=run.policy_batch_size), test_games, run.episode_steps, seed=run.test_seed)
+        print(f"{stage}: success {100 * report['success_rate']:.1f}% (95% CI {100 * report['success_rate_ci95'][0]:.1f}–{100 * report['success_rate_ci95'][1]:.1f}), "
+              f"normalised score {report['normalized_score']:.3f} on {len(test_games)} test games", flush=True)  # fmt: skip
+        return report
+
+    summary["before"] = stages["before"] if "before" in stages else record("before", benchmark("before"))
+    if "data" in stages:
+        data = datasets.load_from_disk(str(output_dir / "trajectories"))
+    else:
+        behaviour = likelihood_policy(model, tokenizer, temperature=run.behaviour_temperature, seed=training_args.seed, batch_size=run.policy_batch_size)
+        data = collect_trajectories(behaviour, train_games, run.episodes_per_game, run.episode_steps, seed=training_args.seed, gamma=run.gamma)
+        data.save_to_disk(str(output_dir / "trajectories"))
+        record("data", {"transitions": len(data), "episodes": len(train_games) * run.episodes_per_game, "won_episodes": int(sum(r["won"] for r in data if r["done"])),
+                        "mean_reward": float(np.mean(data["reward"]))})  # fmt: skip
+    print(f"offline data: {stages['data']}", flush=True)
+    if "extraction" in stages:
+        rows = datasets.load_from_disk(str(output_dir / "extracted")).to_list()
+    else:
+        rows = fit_critic_and_extract(model, tokenizer, data, run, training_args, output_dir, record)
+    summary |= {stage: stages[stage] for stage in ("data", "representation", "critic", "extraction") if stage in stages}
 
     model.train()
     actor = SFTTrainer(model=model, args=training_args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, peft_config=get_peft_config(model_args))

@@ -50,6 +50,40 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
     assert summary["representation"]["rows"] > 0 and 0 <= summary["representation"]["yes_fraction"] <= 1
 
 
+
+def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import llmq.digiq
+
+    out = tmp_path / "digiq"
+    argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--games_dir", str(tmp_path / "games"),
+            "--train_games", "2", "--test_games", "1", "--episode_steps", "3", "--episodes_per_game", "1", "--critic_steps", "10", "--critic_batch_size", "4",
+            "--critic_hidden_size", "16", "--threshold", "-1000", "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none",
+            "--save_strategy", "no", "--use_cpu", "true"]  # fmt: skip
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("trl.SFTTrainer.train", killed)  # killed when the actor's fine-tuning starts
+    assert main(argv) == 130
+    stages = json.loads((out / "stages.json").read_text())
+    assert {"before", "data", "critic", "extraction"} <= set(stages) and not (out / "summary.json").exists()
+    monkeypatch.undo()
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a recorded stage ran again")
+
+    monkeypatch.setattr(llmq.digiq, "fit_critic_and_extract", not_again)
+    monkeypatch.setattr("llmq.envs.textworld.collect_trajectories", not_again)
+    assert main([*argv, "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["extraction"] == stages["extraction"] and summary["before"]["games"] == stages["before"]["games"]
+    assert summary["data"]["transitions"] == len(datasets.load_from_disk(str(out / "trajectories")))
+
+    other = [*argv, "--resume"]
+    other[other.index("--critic_steps") + 1] = "11"
+    assert main(other) == 2  # the record of other settings is not taken for this run's
+    assert "critic_steps" in capsys.readouterr().err
+
 def test_actionability_labels_follow_changes_of_the_world(tmp_path):
     from llmq.digiq import ACTIONABILITY_QUESTION, actionability_rows
     from llmq.envs.textworld import collect_trajectories, make_games, random_policy, walkthrough_policy
