@@ -294,17 +294,24 @@ def format_markdown(reports: list[dict]) -> str:
 
 
 def plot_accuracy_vs_tokens(reports: list[dict], path: Path) -> None:
-    """Accuracy (first sample, with its 95% interval) against tokens generated per question, one point per report."""
+    """Accuracy (first sample, with its 95% interval) against tokens generated per question, one point per report;
+    a sampler's pass@k as a dashed line at k answers' tokens, so a search can be read against sampling at equal tokens."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.5), dpi=120)
     axes = figure.add_subplot()
+    curves_drawn = set()
     for report in reports:
         metric, examples = report["metrics"]["first_sample"], report["protocol"]["examples"]
         x, y = report["generated_tokens"] / examples, 100 * metric["mean"]
         low, high = (100 * bound for bound in metric["ci95"])
         axes.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=4, label=f"{report['protocol']['model']}: {decoding_label(report)}")
+        curve = tuple(100 * point["mean"] for point in report.get("pass_at_k", {}).values())
+        if curve and curve not in curves_drawn:  # best-of-N and maj@N share their sampler's curve
+            curves_drawn.add(curve)
+            tokens_per_answer = x / len(curve)
+            axes.plot([tokens_per_answer * k for k in range(1, len(curve) + 1)], curve, "--", alpha=0.7, label=f"pass@k of the T={report['protocol']['decoding']['temperature']} sampler, k = 1…{len(curve)}")
     protocol = reports[0]["protocol"]
     axes.set_xlabel("tokens generated per question (all samples)")
     axes.set_ylabel("accuracy, first answer (%)")
