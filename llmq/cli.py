@@ -71,7 +71,7 @@ def _train(argv: Sequence[str]) -> int:
 
         if launch.resume:
             training_args.resume_from_checkpoint = resume_point(training_args.output_dir)  # validated
-            print(f"resuming from {training_args.resume_from_checkpoint}" if training_args.resume_from_checkpoint else f"no checkpoint in {training_args.output_dir}: starting from scratch", flush=True)
+            print(f"resuming from {training_args.resume_from_checkpoint}" if training_args.resume_from_checkpoint else f"no checkpoint in {training_args.output_dir}: the fine-tuning starts from its first step", flush=True)
         elif training_args.resume_from_checkpoint:  # a damaged checkpoint fails now, not after data building, benchmarks and half a load
             validate_checkpoint(training_args.resume_from_checkpoint)
     if method == "qvm":

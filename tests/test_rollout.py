@@ -1,5 +1,6 @@
 """HFEngine on a tiny random model: shapes, greedy equivalence, logprobs, seeds, stops, padding."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -66,8 +67,6 @@ def test_length_and_stop_strings(engine):
 def test_a_stop_string_is_not_an_eos_when_the_pad_token_is_the_eos(tiny_model_and_tokenizer):
     """SmolLM2 pads with its EOS token: a row that a stop string ends before the rest of its batch
     must not come back ending with that padding, as if the model had ended its answer."""
-    import copy
-
     model, tokenizer = tiny_model_and_tokenizer
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.pad_token = tokenizer.eos_token
