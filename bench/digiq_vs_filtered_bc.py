@@ -27,22 +27,20 @@ def main() -> None:
     args = parser.parse_args()
 
     import datasets
-    import numpy as np
     from trl import SFTTrainer
 
     from llmq.cli import train_config_types
-    from llmq.digiq import likelihood_policy
-    from llmq.envs.textworld import evaluate_agent, make_games, policy_prompt
-    from llmq.evaluation import bootstrap_interval
+    from llmq.config import parse_recipe
+    from llmq.envs.textworld import evaluate_agent, likelihood_policy, make_games, policy_prompt
     from llmq.models import load_from_config
-    from llmq.recipes import parse_recipe
+    from llmq.stats import paired_difference
 
     model_args, training_args, run, _ = parse_recipe(train_config_types("digiq"), [args.recipe], prog="digiq_vs_filtered_bc", description="")
     run_dir = Path(training_args.output_dir)
     digiq = json.loads((run_dir / "summary.json").read_text())
     data = datasets.load_from_disk(str(run_dir / "trajectories"))
     rows = [{"prompt": policy_prompt(r["state"], list(r["admissible"])), "completion": [{"role": "assistant", "content": r["action"]}]} for r in data if r["won"]]
-    test_games = make_games(run.games_dir, run.test_games, run.test_seed, world_size=run.world_size, nb_objects=run.nb_objects, quest_length=run.quest_length)
+    test_games = make_games(run.games_dir, run.test_games, run.test_seed, rooms=run.rooms, nb_objects=run.nb_objects, quest_length=run.quest_length)
 
     training_args.output_dir = str(run_dir / "filtered_bc")
     training_args.save_strategy = "no"
@@ -53,8 +51,8 @@ def main() -> None:
     after = evaluate_agent(likelihood_policy(trainer.model.eval(), tokenizer, batch_size=run.policy_batch_size), test_games, run.episode_steps, seed=run.test_seed)
     seconds = time.perf_counter() - started
 
-    difference = np.array([float(d["won"]) - float(b["won"]) for d, b in zip(digiq["after"]["games"], after["games"], strict=True)])
-    low, high = bootstrap_interval(difference, seed=training_args.seed)
+    change = paired_difference([float(b["won"]) for b in after["games"]], [float(d["won"]) for d in digiq["after"]["games"]], seed=training_args.seed)
+    low, high = change["ci95_paired"]
     result = {
         "recipe": args.recipe,
         "test_games": len(test_games),
@@ -62,12 +60,12 @@ def main() -> None:
         "digiq": {"rows": digiq["extraction"]["kept"], "success_rate": digiq["after"]["success_rate"], "success_rate_ci95": digiq["after"]["success_rate_ci95"]},
         "filtered_bc": {"rows": len(rows), "success_rate": after["success_rate"], "success_rate_ci95": after["success_rate_ci95"],
                         "train_loss": train_metrics.get("train_loss"), "wall_s": round(seconds, 1), "games": after["games"]},  # fmt: skip
-        "digiq_minus_filtered_bc": {"mean": float(difference.mean()), "ci95_paired": [low, high]},
+        "digiq_minus_filtered_bc": change,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "machine": platform.platform(),
     }
     print(f"success on {len(test_games)} test games: base {100 * result['before']:.1f}%, filtered BC ({len(rows)} rows) {100 * after['success_rate']:.1f}%, "
-          f"Digi-Q ({result['digiq']['rows']} rows) {100 * result['digiq']['success_rate']:.1f}%; Digi-Q − filtered BC {100 * difference.mean():+.1f} points "
+          f"Digi-Q ({result['digiq']['rows']} rows) {100 * result['digiq']['success_rate']:.1f}%; Digi-Q − filtered BC {100 * change['mean']:+.1f} points "
           f"(paired 95% CI {100 * low:+.1f} to {100 * high:+.1f}); filtered BC {seconds:.0f} s, peak RSS {result['peak_rss_gib']:.2f} GiB")  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

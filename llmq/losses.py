@@ -1,7 +1,9 @@
 """Pure loss functions: tensors in, ``(loss, metrics)`` out — no model, no I/O.
 
 They work on a transformer's logits and on a tabular "LM" (``llmq.testing``) alike, which is how
-the oracle tests prove their fixed points.  Equation numbers refer to ``ALGORITHMS.md``.
+the oracle tests prove their fixed points.  Sections (§) and equation labels refer to
+``docs/algorithms.md``.  Metrics are detached 0-dim tensors: reading them never waits for the
+device inside a training step; the trainers average them (across processes) when they log.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def shiq_loss(
     ref_lse: torch.Tensor | None = None,
     truncated: torch.Tensor | None = None,
     loss_type: Literal["multistep", "one_step"] = "multistep",
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ShiQ: squared Bellman residuals on the LM's own logits (ALGORITHMS.md §2.3–2.4).
 
     With ``ρ = log π_θ − log π_ref`` and the logit value shift ``u = LSE ℓ_θ − LSE ℓ_ref``, the
@@ -115,13 +117,13 @@ def shiq_loss(
     with torch.no_grad():
         returns_per_row = torch.where(mask, rewards, 0.0).sum(1)
         metrics = {
-            "loss": loss.item(),
-            "delta/abs_mean": (delta.abs().sum() / count).item(),
-            "rho/mean": (rho.sum() / count).item(),
-            "u/mean": (u.sum() / count).item(),
-            "kl": rho.sum(1).mean().item(),
-            "rewards/mean": returns_per_row.mean().item(),
-            "rewards/std": returns_per_row.std().item() if returns_per_row.numel() > 1 else 0.0,
+            "loss": loss.detach(),
+            "delta/abs_mean": delta.abs().sum() / count,
+            "rho/mean": rho.sum() / count,
+            "u/mean": u.sum() / count,
+            "kl": rho.sum(1).mean(),
+            "rewards/mean": returns_per_row.mean(),
+            "rewards/std": returns_per_row.std() if returns_per_row.numel() > 1 else torch.zeros_like(returns_per_row[0]),
         }
     return loss, metrics
 
@@ -134,7 +136,7 @@ def dpo_loss(
     *,
     beta: float,
     label_smoothing: float | torch.Tensor = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sigmoid DPO: Bradley–Terry maximum likelihood of the implicit reward (ALGORITHMS.md §3.3).
 
     With the sequence-level implicit rewards ``r_w = β log π_θ(y^w|x)/π_ref(y^w|x)`` and
@@ -173,13 +175,13 @@ def dpo_loss(
 
     with torch.no_grad():
         metrics = {
-            "loss": loss.item(),
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margins": margins.mean().item(),
-            "logps/chosen": policy_chosen_logps.mean().item(),
-            "logps/rejected": policy_rejected_logps.mean().item(),
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": margins.mean(),
+            "logps/chosen": policy_chosen_logps.detach().mean(),
+            "logps/rejected": policy_rejected_logps.detach().mean(),
         }
     return loss, metrics
 
@@ -256,3 +258,16 @@ def best_of_n_advantages(q: torch.Tensor, v: torch.Tensor, *, threshold: float, 
         advantages = torch.where(valid.bool(), advantages, torch.zeros_like(advantages))
     advantage, best = advantages.max(dim=-1)
     return best, advantage, (advantage > threshold).to(advantages.dtype)
+
+
+def rollout_max_labels(step_rewards: list[float], continuation_returns: list[list[float]]) -> list[float]:
+    """Q*'s rollout labels (§4.4 item 2): ``ŷ(s, a) = r(s, a) + max_n R(τ_n)`` over the returns of
+    completions sampled from ``s ⊕ a`` (γ = 1); a Monte-Carlo lower estimate of ``Q_hard`` that
+    tightens as N grows."""
+    return [reward + max(returns) for reward, returns in zip(step_rewards, continuation_returns)]
+
+
+def fqi_labels(step_rewards: list[float], dones: list[bool], next_q_values: list[list[float]]) -> list[float]:
+    """Q*'s fitted-Q-iteration labels (§4.4 item 1): ``ŷ(s, a) = r(s, a) + max_c Q_prev(s', c)`` over
+    candidate steps at ``s' = s ⊕ a`` (γ = 1; no bootstrap after a final step)."""
+    return [reward + (0.0 if done else max(values)) for reward, done, values in zip(step_rewards, dones, next_q_values)]

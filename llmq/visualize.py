@@ -1,7 +1,9 @@
-"""Credit maps: per-token values (DPO implicit rewards, ShiQ advantages, ...) drawn over the response text.
+"""Pictures a person would rather look at than read: credit maps, search trees, accuracy against tokens.
+
+Credit maps: per-token values (DPO implicit rewards, ShiQ advantages, ...) drawn over the response text.
 
 A DPO policy is an implicit Q-function, so ``β·(log π_θ(a_t|s_t) − log π_ref(a_t|s_t))`` says which
-tokens drove a preference (``ALGORITHMS.md`` §3.5).  These renderers take plain lists — one string
+tokens drove a preference (§3.5).  These renderers take plain lists — one string
 and one value per token — so any per-token view can feed them:
 
 * :func:`token_strings` turns token ids into one readable string per token;
@@ -22,10 +24,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["render_credit_html", "render_credit_png", "token_strings"]
+__all__ = ["plot_accuracy_vs_tokens", "render_credit_html", "render_credit_png", "render_search_tree_html", "token_strings"]
 
 _NEGATIVE_RGB = (0xD7, 0x30, 0x27)
 _POSITIVE_RGB = (0x45, 0x75, 0xB4)
@@ -249,12 +257,6 @@ def render_credit_png(
     ``max_lines``; tokens beyond that are left out with a note, while the colour scale and summary
     still cover every token.  Returns the written path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import LinearSegmentedColormap, Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
     floats = _checked_values(tokens, values)
     scale = _scale(floats)
     boxes = _layout(tokens, width)
@@ -384,3 +386,30 @@ def _page(title: str, css: str, body: str) -> str:
 </body>
 </html>
 """
+
+
+def plot_accuracy_vs_tokens(reports: list[dict], path: Path, labels: Sequence[str]) -> None:
+    """Accuracy (first sample, with its 95% interval) against tokens generated per question, one point per report;
+    a sampler's pass@k as a dashed line at k answers' tokens, so a search can be read against sampling at equal tokens.
+    ``reports`` are ``llmq eval`` reports, ``labels`` their decodings' names."""
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axes = figure.add_subplot()
+    curves_drawn = set()
+    for report, label in zip(reports, labels):
+        metric, examples = report["metrics"]["first_sample"], report["protocol"]["examples"]
+        x, y = report["generated_tokens"] / examples, 100 * metric["mean"]
+        low, high = (100 * bound for bound in metric["ci95"])
+        axes.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=4, label=f"{report['protocol']['model']}: {label}")
+        curve = tuple(100 * point["mean"] for point in report.get("pass_at_k", {}).values())
+        if curve and curve not in curves_drawn:  # best-of-N and maj@N share their sampler's curve
+            curves_drawn.add(curve)
+            tokens_per_answer = x / len(curve)
+            axes.plot([tokens_per_answer * k for k in range(1, len(curve) + 1)], curve, "--", alpha=0.7, label=f"pass@k of the T={report['protocol']['decoding']['temperature']} sampler, k = 1…{len(curve)}")
+    protocol = reports[0]["protocol"]
+    axes.set_xlabel("tokens generated per question (all samples)")
+    axes.set_ylabel("accuracy, first answer (%)")
+    axes.set_title(f"{protocol['task']} {protocol['split']}, {protocol['examples']} questions (95% Wilson CI)", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    FigureCanvasAgg(figure).print_png(str(path))

@@ -120,10 +120,10 @@ def test_td_loss_is_zero_at_the_fixed_point_and_checks_expectile():
 
 
 def test_the_trainer_fits_the_behaviour_values_with_polyak_targets(tmp_path):
-    """DigiQCriticTrainer (Adam, Polyak targets, linear heads) on the toy MDP's weighted transitions."""
+    """CriticTrainer (Adam, Polyak targets, linear heads) on the toy MDP's weighted transitions."""
     import datasets
 
-    from llmq.trainers.digiq import DigiQConfig, DigiQCriticTrainer
+    from llmq.trainers.critic import CriticConfig, CriticTrainer
 
     mdp = toy_mdp()
     states, pairs, data = transitions(mdp)
@@ -132,10 +132,10 @@ def test_the_trainer_fits_the_behaviour_values_with_polyak_targets(tmp_path):
          "reward": float(data["reward"][i]), "done": bool(data["done"][i]), "weight": float(data["weight"][i])}
         for i in range(len(pairs))
     ]  # fmt: skip
-    args = DigiQConfig(output_dir=str(tmp_path), gamma=mdp.gamma, num_layers=0, learning_rate=0.05, max_steps=800, per_device_train_batch_size=len(rows),
+    args = CriticConfig(output_dir=str(tmp_path), gamma=mdp.gamma, num_layers=0, learning_rate=0.05, max_steps=800, per_device_train_batch_size=len(rows),
                        target_update_rate=0.5, target_update_steps=10, max_grad_norm=10.0, report_to="none", save_strategy="no", logging_steps=50,
                        use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
-    trainer = DigiQCriticTrainer(args=args, train_dataset=datasets.Dataset.from_list(rows))
+    trainer = CriticTrainer(args=args, train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     critic = trainer.model.cpu()
     oracle = evaluate(mdp)

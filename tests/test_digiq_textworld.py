@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("textworld", reason="TextWorld is not installed (the agents extra: pip install 'llmq[agents]')")
 
 from llmq.cli import main  # noqa: E402
-from llmq.digiq import command_logprobs, likelihood_policy  # noqa: E402
+from llmq.envs.textworld import command_logprobs, likelihood_policy  # noqa: E402
 from llmq.envs.textworld import policy_prompt  # noqa: E402
 from llmq.mdp import token_logprobs  # noqa: E402
 
@@ -52,7 +52,7 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
 
 
 def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import llmq.digiq
+    import llmq.methods.digiq
 
     out = tmp_path / "digiq"
     argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--games_dir", str(tmp_path / "games"),
@@ -72,7 +72,7 @@ def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_mod
     def not_again(*args, **kwargs):
         raise AssertionError("a recorded stage ran again")
 
-    monkeypatch.setattr(llmq.digiq, "fit_critic_and_extract", not_again)
+    monkeypatch.setattr(llmq.methods.digiq, "fit_critic_and_extract", not_again)
     monkeypatch.setattr("llmq.envs.textworld.collect_trajectories", not_again)
     assert main([*argv, "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -85,10 +85,10 @@ def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_mod
     assert "critic_steps" in capsys.readouterr().err
 
 def test_actionability_labels_follow_changes_of_the_world(tmp_path):
-    from llmq.digiq import ACTIONABILITY_QUESTION, actionability_rows
+    from llmq.methods.digiq import ACTIONABILITY_QUESTION, actionability_rows
     from llmq.envs.textworld import collect_trajectories, make_games, random_policy, walkthrough_policy
 
-    games = make_games(tmp_path, count=2, seed=0, world_size=1, nb_objects=3, quest_length=2)
+    games = make_games(tmp_path, count=2, seed=0, rooms=1, nb_objects=3, quest_length=2)
     walkthrough = actionability_rows(collect_trajectories(walkthrough_policy(games), games, episodes_per_game=1, max_steps=10))
     assert walkthrough and all(row["completion"][0]["content"] == "Yes" for row in walkthrough)  # every walkthrough step changes the world
     data = collect_trajectories(random_policy(seed=0), games, episodes_per_game=3, max_steps=6)

@@ -197,7 +197,7 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
     assert abs(loss.item() - trl_loss.item()) < 1e-5
     assert 0 < metrics["rewards/accuracies"] < 1  # a batch where the accuracy metric is informative
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert logged[name] == pytest.approx(metrics[name], rel=1e-6, abs=1e-5), name
+        assert logged[name] == pytest.approx(metrics[name].item(), rel=1e-6, abs=1e-5), name  # metrics are detached tensors
 
 
 # --- Q-function views ---------------------------------------------------------------------------

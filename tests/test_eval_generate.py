@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llmq.cli import main
-from llmq.evaluation import bootstrap_interval
+from llmq.stats import bootstrap_interval
 
 
 def test_bootstrap_interval_brackets_the_mean():
@@ -49,7 +49,7 @@ def test_llmq_eval_with_samples_reports_pass_and_majority(tmp_path, data_dir, ti
 def test_pass_at_k_is_the_chance_that_k_draws_include_a_correct_answer():
     from itertools import combinations
 
-    from llmq.evaluation import pass_at_k
+    from llmq.stats import pass_at_k
 
     assert pass_at_k(8, 1, 1) == pytest.approx(1 / 8) and pass_at_k(4, 2, 2) == pytest.approx(5 / 6)
     assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 1, 8) == 1.0 and pass_at_k(5, 4, 2) == 1.0

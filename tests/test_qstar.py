@@ -74,7 +74,8 @@ def test_bad_settings_are_refused():
 def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_and_tokenizer):
     import torch
 
-    from llmq.decoding.qstar import FeatureQVM, LLMStepProposer, ReasoningStep
+    from llmq.decoding.qstar import LLMStepProposer
+    from llmq.models.qvm import FeatureQVM, ReasoningStep
     from llmq.models.features import score_continuations
     from llmq.models.value_heads import CriticHeads
     from llmq.rollout import HFEngine
@@ -112,7 +113,7 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, d
     import json
 
     from llmq.cli import main
-    from llmq.qvm import load_qvm
+    from llmq.models.qvm import load_qvm
 
     out = tmp_path / "qvm"
     argv = ["train", "--method", "qvm", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--data_dir", str(data_dir), "--limit", "2",
@@ -147,7 +148,7 @@ def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_t
     from safetensors.torch import save_file
 
     from llmq.decoding.best_of_n import qvm_scores
-    from llmq.decoding.qstar import FeatureQVM, ReasoningStep
+    from llmq.models.qvm import FeatureQVM, ReasoningStep
     from llmq.models.value_heads import CriticHeads
     from llmq.rollout import Completion
 
@@ -167,7 +168,7 @@ def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_t
 
 
 def test_split_steps_keeps_delimiters():
-    from llmq.qvm import split_steps
+    from llmq.models.qvm import split_steps
 
     assert split_steps("a = 1\nb = 2\n#### 3", "\n") == ["a = 1\n", "b = 2\n", "#### 3"]
     for text in ("a\n\nb\n", "\nfirst\n\n\nsecond", "one line", "a\n", "x\n\n"):
@@ -192,7 +193,7 @@ def test_label_builders_converge_to_q_hard():
     fitted Q iteration with every candidate reaches Q_hard exactly after `horizon` iterations."""
     import numpy as np
 
-    from llmq.decoding.qstar import fqi_labels, rollout_max_labels
+    from llmq.losses import fqi_labels, rollout_max_labels
 
     mdp = random_mdp(5, vocab_size=3, horizon=3, reward_placement="sequence")
     q_hard = hard_optimal(mdp).q

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from llmq.cli import main, train_config_types
 from llmq.errors import UserError
 from llmq.evaluation import EvalConfig
-from llmq.recipes import ModelConfig, parse_recipe
+from llmq.config import ModelConfig, parse_recipe
 
 EVAL_KEYS = ["task", "split", "limit", "temperature", "num_samples", "decoding", "num_beams", "guide_model", "scorer", "max_new_tokens", "top_p", "seed", "dtype",
              "model_name_or_path", "compare_with", "env", "qvm_path", "search_budget", "batch_size"]  # fmt: skip

@@ -8,7 +8,7 @@ import pytest
 
 from llmq.cli import main
 from llmq.evaluation import EvalConfig
-from llmq.recipes import ModelConfig, RecipeError, parse_recipe
+from llmq.config import ModelConfig, RecipeError, parse_recipe
 
 
 def write(tmp_path, text, name="recipe.yaml"):
@@ -58,7 +58,7 @@ def test_every_shipped_recipe_parses_and_starts_with_its_command():
             parse_recipe((ModelConfig, EvalConfig), [str(path)])
         else:
             from llmq.cli import train_config_types
-            from llmq.recipes import load_recipe_file
+            from llmq.config import load_recipe_file
 
             assert " train " in command, path
             parse_recipe(train_config_types(load_recipe_file(path).get("method", "shiq")), [str(path)])

@@ -20,7 +20,7 @@ from llmq.envs.textworld import (  # noqa: E402  (after the skip: the module nee
 from llmq.rollout import HFEngine, SamplingParams  # noqa: E402
 
 # One room, three objects, two-step quests: the smallest games with something to plan.
-SETTINGS = dict(world_size=1, nb_objects=3, quest_length=2)
+SETTINGS = dict(rooms=1, nb_objects=3, quest_length=2)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
+from llmq.decoding.options import DecodingOptions
+from llmq.models.qvm import FeatureQVM, ReasoningStep, load_qvm, split_steps
 from llmq.qfunctions import ImplicitQ
 from llmq.rollout import Completion, Prompt
 
@@ -33,7 +35,7 @@ def likelihood_scores(prompts: list[Prompt], candidates: list[list[Completion]])
 
 
 class ImplicitRewardScorer:
-    """``Σ_t r_θ`` of each candidate under ``ImplicitQ(policy, reference, beta)`` (ALGORITHMS.md §3.5, R2).
+    """``Σ_t r_θ`` of each candidate under ``ImplicitQ(policy, reference, beta)`` (§3.5, R2).
 
     Args:
         policy: π_θ, a causal LM trained against ``reference``.
@@ -71,9 +73,6 @@ def qvm_scores(qvm_path: str, model, tokenizer, prompts: list[Prompt], candidate
     """``Q(steps before, last step)`` of each candidate by the QVM saved at ``qvm_path``: the answer cut
     into steps at the QVM's delimiter, scored where it ends — a final step's training label is
     whether the answer was correct, so this is the QVM's estimate of the answer's correctness."""
-    from llmq.decoding.qstar import FeatureQVM, ReasoningStep
-    from llmq.qvm import load_qvm, split_steps
-
     heads, metadata = load_qvm(qvm_path)
     scores = []
     for prompt, group in zip(prompts, candidates):
@@ -107,3 +106,37 @@ def majority_vote(answers: Sequence[str | None], scores: Sequence[float] | None 
     first_seen = {a: answers.index(a) for a in votes}
     winner = max(votes, key=lambda a: (votes[a], totals[a], -first_seen[a]))
     return max((i for i, a in enumerate(answers) if a == winner), key=lambda i: (scores[i], -i))
+
+
+def select_candidates(
+    options: DecodingOptions,
+    prompts: list[Prompt],
+    candidates: list[list[Completion]],
+    verdicts: list[list],
+    model,
+    tokenizer,
+    answers: int,
+    guide: torch.nn.Module | None = None,
+) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Which ``answers`` candidates of each question to keep (decoding best_of_n / maj_at_n; any
+    other decoding keeps all).
+
+    ``verdicts[i][j]`` is the task verifier's verdict on candidate ``j`` of question ``i`` (its
+    ``correct`` is the verifier score, its ``answer`` the vote); ``guide`` is the loaded
+    ``guide_model`` that scorer implicit_reward needs.  Returns the kept indices, best first, and
+    every candidate's score (``None`` when nothing is selected).
+    """
+    if options.decoding not in ("best_of_n", "maj_at_n"):
+        return [list(range(len(group))) for group in candidates], None
+    if options.scorer == "verifier":
+        scores = [[float(v.correct) for v in group] for group in verdicts]
+    elif options.scorer == "likelihood":
+        scores = likelihood_scores(prompts, candidates)
+    elif options.scorer == "qvm":
+        scores = qvm_scores(options.qvm_path, model, tokenizer, prompts, candidates)
+    else:
+        scores = ImplicitRewardScorer(guide, model, options.guide_beta, tokenizer)(prompts, candidates)
+    if options.decoding == "best_of_n":
+        return [best_of_n(group_scores, keep=answers) for group_scores in scores], scores
+    voted = [majority_vote([v.answer for v in group_verdicts], group_scores) for group_verdicts, group_scores in zip(verdicts, scores)]
+    return [[index] for index in voted], scores

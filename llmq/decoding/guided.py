@@ -24,6 +24,10 @@ import inspect
 import torch
 from transformers import LogitsProcessor
 
+from llmq.decoding.options import DecodingOptions
+from llmq.errors import UserError
+from llmq.models import load_model, load_tokenizer
+
 
 class QGuidedLogitsProcessor(LogitsProcessor):
     """Reweight the generating (base) model's next-token scores by a guide policy's advantages.
@@ -111,3 +115,25 @@ class QGuidedLogitsProcessor(LogitsProcessor):
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     """Log-softmax in fp32, or in fp64 for fp64 logits (the exact oracle tests rely on it)."""
     return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def load_guide(options: DecodingOptions, model, tokenizer) -> torch.nn.Module:
+    """``options.guide_model`` in ``model``'s dtype, on its device, checked to share the tokenizer."""
+    if load_tokenizer(options.guide_model).get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"key 'guide_model': the tokenizer of '{options.guide_model}' differs from the model's; "
+            "a guide must share its reference's vocabulary"
+        )
+    return load_model(options.guide_model, dtype=str(model.dtype).removeprefix("torch."), device=model.device).eval()
+
+
+def guidance_processors(options: DecodingOptions, tokenizer, guide: torch.nn.Module | None) -> list[LogitsProcessor]:
+    """The Q-guidance processor for decoding guided and beam with a guide (``guide``: the loaded
+    ``guide_model``, see :func:`load_guide`); no processor otherwise."""
+    if guide is None or options.decoding not in ("guided", "beam"):
+        return []
+    return [
+        QGuidedLogitsProcessor(
+            guide, beta=options.guide_beta, guidance_beta=options.guidance_beta, top_k=options.guidance_top_k, pad_token_id=tokenizer.pad_token_id
+        )
+    ]

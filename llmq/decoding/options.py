@@ -1,8 +1,14 @@
-"""Decoding settings shared by ``llmq generate`` and ``llmq eval`` (recipe keys / ``--flags``)."""
+"""Decoding settings shared by ``llmq generate`` and ``llmq eval`` (recipe keys / ``--flags``).
+
+Plain data: the keys, their validation and the values derived from them.  What acts on models —
+loading a guide, building logits processors, scoring candidates — lives in
+:mod:`llmq.decoding.guided` and :mod:`llmq.decoding.best_of_n`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from llmq.errors import UserError
 from llmq.models import check_model_reference
@@ -59,6 +65,10 @@ class DecodingOptions:
 
     def check_decoding(self, answers: int, answers_key: str) -> None:
         """Consistency of the decoding keys with ``answers`` per question (recipe key ``answers_key``)."""
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise UserError(f"key 'temperature' must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"key 'top_p' must be in (0, 1], got {self.top_p}")
         selecting = self.decoding in ("best_of_n", "maj_at_n")
         if answers > 1 and (self.decoding == "greedy" or (self.temperature == 0 and self.decoding in ("sample", "guided"))):
             raise UserError(f"key '{answers_key}' > 1 needs 'temperature' > 0 with decoding sample or guided, or decoding beam (greedy answers would all be identical)")
@@ -106,47 +116,6 @@ class DecodingOptions:
             seed=self.seed,
             num_beams=self.num_beams if self.decoding == "beam" else 1,
         )
-
-    def load_guide(self, model, tokenizer):
-        """``guide_model`` in ``model``'s dtype, on its device, checked to share the tokenizer."""
-        from llmq.models import load_model, load_tokenizer
-
-        if load_tokenizer(self.guide_model).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"key 'guide_model': the tokenizer of '{self.guide_model}' differs from the model's; a guide must share its reference's vocabulary")
-        return load_model(self.guide_model, dtype=str(model.dtype).removeprefix("torch."), device=model.device).eval()
-
-    def logits_processors(self, model, tokenizer, guide=None) -> list:
-        """The Q-guidance processor for decoding guided and beam with a guide (loaded unless given)."""
-        if self.guide_model is None or self.decoding not in ("guided", "beam"):
-            return []
-        from llmq.decoding.guided import QGuidedLogitsProcessor
-
-        guide = guide if guide is not None else self.load_guide(model, tokenizer)
-        return [QGuidedLogitsProcessor(guide, beta=self.guide_beta, guidance_beta=self.guidance_beta, top_k=self.guidance_top_k, pad_token_id=tokenizer.pad_token_id)]
-
-    def select(self, prompts: list, candidates: list[list], verdicts: list[list], model, tokenizer, answers: int, guide=None) -> tuple[list[list[int]], list[list[float]] | None]:
-        """Which ``answers`` candidates of each question to keep (best_of_n / maj_at_n; others keep all).
-
-        ``verdicts[i][j]`` is the task verifier's verdict on candidate ``j`` of question ``i``
-        (its ``correct`` is the verifier score, its ``answer`` the vote).  Returns the kept
-        indices, best first, and every candidate's score (``None`` when nothing is selected).
-        ``guide`` is the loaded ``guide_model`` (loaded here when needed and not given).
-        """
-        if self.decoding not in ("best_of_n", "maj_at_n"):
-            return [list(range(len(group))) for group in candidates], None
-        from llmq.decoding.best_of_n import ImplicitRewardScorer, best_of_n, likelihood_scores, majority_vote, qvm_scores
-
-        if self.scorer == "verifier":
-            scores = [[float(v.correct) for v in group] for group in verdicts]
-        elif self.scorer == "likelihood":
-            scores = likelihood_scores(prompts, candidates)
-        elif self.scorer == "qvm":
-            scores = qvm_scores(self.qvm_path, model, tokenizer, prompts, candidates)
-        else:
-            scores = ImplicitRewardScorer(guide if guide is not None else self.load_guide(model, tokenizer), model, self.guide_beta, tokenizer)(prompts, candidates)
-        if self.decoding == "best_of_n":
-            return [best_of_n(group_scores, keep=answers) for group_scores in scores], scores
-        return [[majority_vote([v.answer for v in group_verdicts], group_scores)] for group_verdicts, group_scores in zip(verdicts, scores)], scores
 
     def decoding_record(self) -> dict:
         """The decoding keys, for reports and dataset settings."""

@@ -26,6 +26,9 @@ import itertools
 from collections.abc import Callable, Hashable
 from typing import Literal
 
+from llmq.models.qvm import FeatureQVM, ReasoningStep
+from llmq.rollout import SamplingParams
+
 Step = Hashable
 State = tuple  # the steps so far; the question is implicit in the callables
 
@@ -162,27 +165,6 @@ def astar_search(
 
 
 
-def rollout_max_labels(step_rewards: list[float], continuation_returns: list[list[float]]) -> list[float]:
-    """§4.4 item 2: ``ŷ(s, a) = r(s, a) + max_n R(τ_n)`` over the returns of completions sampled
-    from ``s ⊕ a`` (γ = 1); a Monte-Carlo lower estimate of ``Q_hard`` that tightens as N grows."""
-    return [reward + max(returns) for reward, returns in zip(step_rewards, continuation_returns)]
-
-
-def fqi_labels(step_rewards: list[float], dones: list[bool], next_q_values: list[list[float]]) -> list[float]:
-    """§4.4 item 1: ``ŷ(s, a) = r(s, a) + max_c Q_prev(s', c)`` over candidate steps at ``s' = s ⊕ a``
-    (γ = 1; no bootstrap after a final step)."""
-    return [reward + (0.0 if done else max(values)) for reward, done, values in zip(step_rewards, dones, next_q_values)]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReasoningStep:
-    """One step of a solution: its text (with the delimiter that ended it) and whether the model
-    ended its answer there (end of sequence)."""
-
-    text: str
-    final: bool
-
-
 class LLMStepProposer:
     """K candidate next steps per state from an llmq engine: each sample stops at the step delimiter.
 
@@ -198,8 +180,6 @@ class LLMStepProposer:
     """
 
     def __init__(self, engine, prompt: str, eos_token_ids: set[int], *, delimiter: str = "\n", max_step_tokens: int = 96, temperature: float = 0.8, seed: int = 0) -> None:
-        from llmq.rollout import SamplingParams
-
         self.engine, self.prompt, self.eos_token_ids, self.delimiter = engine, prompt, eos_token_ids, delimiter
         self.sampling = SamplingParams(max_new_tokens=max_step_tokens, temperature=temperature, stop=(delimiter,), seed=seed)
         self.generated_tokens = 0
@@ -218,35 +198,6 @@ class LLMStepProposer:
                 steps.append(ReasoningStep(completion.text + (self.delimiter if cut else ""), final))
             proposals.append(steps)
         return proposals
-
-
-class FeatureQVM:
-    """A Q-value model ``Q(s, a)`` = mean over heads of :class:`llmq.models.value_heads.CriticHeads`
-    on frozen features of the question + steps so far (state) and of the candidate step (action),
-    read through the state's KV cache (:func:`llmq.models.features.score_continuations`)."""
-
-    def __init__(self, model, tokenizer, heads, prompt: str, layer: int | None = None) -> None:
-        self.model, self.tokenizer, self.heads, self.prompt, self.layer = model, tokenizer, heads, prompt, layer
-
-    def __call__(self, pairs: list[tuple[State, ReasoningStep]]) -> list[float]:
-        import torch
-
-        from llmq.models.features import score_continuations
-
-        # An answer that ends right after a delimiter ends with an empty final step: the end-of-sequence token is its text.
-        def text(step: ReasoningStep) -> str:
-            return step.text or self.tokenizer.eos_token
-
-        states = list(dict.fromkeys(state for state, _ in pairs))
-        steps_of = {state: list(dict.fromkeys(text(step) for s, step in pairs if s == state)) for state in states}
-        prefixes = [self.prompt + "".join(step.text for step in state) for state in states]
-        state_features, step_features, _ = score_continuations(self.model, self.tokenizer, prefixes, [steps_of[s] for s in states], layer=self.layer, progress=False)
-        values: dict[tuple[State, str], float] = {}
-        with torch.no_grad():
-            for state, features, candidates in zip(states, state_features, step_features):
-                q = self.heads.q(features[None], candidates[None]).mean(0)[0]
-                values.update({(state, step_text): value for step_text, value in zip(steps_of[state], q.tolist())})
-        return [values[(state, text(step))] for state, step in pairs]
 
 
 def qstar_answer(model, tokenizer, engine, prompt: str, heads, *, layer: int | None, delimiter: str, budget: int, num_candidates: int, lam: float,

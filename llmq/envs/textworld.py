@@ -9,10 +9,11 @@ increase of a step: sparse, usually a single point when the quest is completed.
 * :class:`TextWorldEnv` plays one game: ``reset()`` and ``step(text)``.
 * :func:`collect_trajectories` plays a policy on several games at once and returns step-level rows
   (state, action, reward, next state, done, Monte-Carlo return, admissible commands).
-* :func:`evaluate_agent` reports success rate and normalised score with bootstrap 95% intervals.
+* :func:`evaluate_agent` reports success rate (Wilson 95% interval) and normalised score (bootstrap).
 
 Policies are callables ``(states, admissible) -> actions`` over a batch of parallel games:
-:func:`llm_policy` (an llmq engine), :func:`random_policy` and :func:`walkthrough_policy`.
+:func:`llm_policy` (an llmq engine writes a command), :func:`likelihood_policy` (an LM ranks the
+admissible commands by their likelihood), :func:`random_policy` and :func:`walkthrough_policy`.
 
 Example::
 
@@ -43,8 +44,9 @@ try:
 except ImportError as error:  # an optional extra: say how to get it
     raise ImportError("llmq.envs.textworld needs TextWorld: pip install 'llmq[agents]'") from error
 
-from llmq.evaluation import bootstrap_interval
+from llmq.models.features import score_continuations
 from llmq.rollout import Engine, SamplingParams
+from llmq.stats import bootstrap_interval, wilson_interval
 
 Policy = Callable[[list[str], list[list[str]]], list[str]]
 """``policy(states, admissible) -> actions``: one free-text action per state (a batch of games)."""
@@ -88,10 +90,10 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _HISTORY_ENTRY_CHARS = 80
 
 
-def make_games(output_dir: str | Path, count: int, seed: int, *, world_size: int = 1, nb_objects: int = 3, quest_length: int = 2) -> list[Path]:
+def make_games(output_dir: str | Path, count: int, seed: int, *, rooms: int = 1, nb_objects: int = 3, quest_length: int = 2) -> list[Path]:
     """Generate ``count`` TextWorld games from seeds ``seed, seed + 1, ...`` into ``output_dir``.
 
-    Each game is a story file ``tw-w{world_size}-o{nb_objects}-q{quest_length}-s{seed}.z8`` with its
+    Each game is a story file ``tw-w{rooms}-o{nb_objects}-q{quest_length}-s{seed}.z8`` with its
     ``.json`` metadata beside it; the same seed and settings give the same game, so a train/test
     split is two disjoint seed ranges.  Games already in ``output_dir`` are kept (the story file is
     moved in last, so an interrupted run leaves no half-written game behind).
@@ -100,7 +102,7 @@ def make_games(output_dir: str | Path, count: int, seed: int, *, world_size: int
         output_dir: folder of the games; created if missing.
         count: number of games.
         seed: seed of the first game.
-        world_size: number of rooms.
+        rooms: number of rooms.
         nb_objects: number of objects, quest objects included (distractors fill the rest).
         quest_length: number of actions the quest needs (the walkthrough can be shorter when the
             generated world already satisfies a step).
@@ -108,17 +110,17 @@ def make_games(output_dir: str | Path, count: int, seed: int, *, world_size: int
     Returns:
         The story-file paths, in seed order.
     """
-    if count < 0 or world_size < 1 or nb_objects < 0 or quest_length < 1:
-        raise ValueError(f"invalid game settings: count={count}, world_size={world_size}, nb_objects={nb_objects}, quest_length={quest_length}")
+    if count < 0 or rooms < 1 or nb_objects < 0 or quest_length < 1:
+        raise ValueError(f"invalid game settings: count={count}, rooms={rooms}, nb_objects={nb_objects}, quest_length={quest_length}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     games = []
     for game_seed in range(seed, seed + count):
-        path = output_dir / f"tw-w{world_size}-o{nb_objects}-q{quest_length}-s{game_seed}.z8"
+        path = output_dir / f"tw-w{rooms}-o{nb_objects}-q{quest_length}-s{game_seed}.z8"
         if not (path.is_file() and path.with_suffix(".json").is_file()):
             options = textworld.GameOptions()
             options.seeds = game_seed
-            options.nb_rooms = world_size
+            options.nb_rooms = rooms
             options.nb_objects = nb_objects
             options.quest_length = quest_length
             with tempfile.TemporaryDirectory(dir=output_dir) as scratch:
@@ -356,6 +358,37 @@ def llm_policy(engine: Engine, sampling: SamplingParams = SamplingParams(max_new
     return policy
 
 
+def command_logprobs(model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8) -> list[list[float]]:
+    """``log π(command ⊕ end-of-turn | chat prompt)`` of every admissible command of every state.
+
+    The prompt is :func:`policy_prompt` through the chat template, read once
+    per state (:func:`llmq.models.features.score_continuations`); the end-of-turn token makes a
+    command's score that of the whole reply, not of a prefix.
+    """
+    prompts = [tokenizer.apply_chat_template(policy_prompt(state, commands), tokenize=False, add_generation_prompt=True) for state, commands in zip(states, admissible)]
+    replies = [[command + (tokenizer.eos_token or "") for command in commands] for commands in admissible]
+    _, _, logprobs = score_continuations(model, tokenizer, prompts, replies, batch_size=batch_size, progress=False)
+    return [scores.tolist() for scores in logprobs]
+
+
+def likelihood_policy(model, tokenizer, *, temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> Policy:
+    """A TextWorld policy that picks an admissible command by the LM's likelihood of it:
+    the most likely one (``temperature`` 0) or a sample from ``softmax(log π / temperature)``."""
+    rng = np.random.default_rng(seed)
+
+    def policy(states: list[str], admissible: list[list[str]]) -> list[str]:
+        chosen = []
+        for commands, scores in zip(admissible, command_logprobs(model, tokenizer, states, admissible, batch_size)):
+            if temperature == 0:
+                chosen.append(commands[int(np.argmax(scores))])
+            else:
+                weights = np.exp((np.asarray(scores) - max(scores)) / temperature)
+                chosen.append(commands[rng.choice(len(commands), p=weights / weights.sum())])
+        return chosen
+
+    return policy
+
+
 @dataclasses.dataclass
 class _Episode:
     game: str
@@ -484,7 +517,7 @@ def evaluate_agent(policy: Policy, games: Sequence[str | Path], max_steps: int, 
 
     Returns:
         ``success_rate`` and ``normalized_score`` (score / max score) means over games, each with
-        a bootstrap 95% interval (``*_ci95``), ``steps_mean``, ``invalid_action_rate`` (over all
+        a 95% interval (``*_ci95``: Wilson for the success rate, a bootstrap for the score), ``steps_mean``, ``invalid_action_rate`` (over all
         steps), ``episodes`` and ``games``: per game ``game``, ``won``, ``score``, ``max_score``,
         ``normalized_score``, ``steps`` and ``invalid_actions``.
     """
@@ -508,7 +541,7 @@ def evaluate_agent(policy: Policy, games: Sequence[str | Path], max_steps: int, 
     return {
         "episodes": len(per_game),
         "success_rate": float(success.mean()),
-        "success_rate_ci95": list(bootstrap_interval(success, seed=seed)),
+        "success_rate_ci95": list(wilson_interval(int(success.sum()), len(success))),
         "normalized_score": float(scores.mean()),
         "normalized_score_ci95": list(bootstrap_interval(scores, seed=seed)),
         "steps_mean": steps / len(per_game),

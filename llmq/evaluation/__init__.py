@@ -1,5 +1,7 @@
-"""Evaluation on benchmark task specs (``eval/*.yaml``): generation, answer scoring, intervals, reports."""
+"""Running a model on a task: ``llmq eval`` reports and ``llmq generate`` scored datasets."""
 
-from llmq.evaluation.run import EvalConfig, bootstrap_interval, evaluate, pass_at_k
+from llmq.evaluation.generate import GenerateConfig, build_offline_dataset
+from llmq.evaluation.report import format_report
+from llmq.evaluation.run import EvalConfig, evaluate
 
-__all__ = ["EvalConfig", "bootstrap_interval", "evaluate", "pass_at_k"]
+__all__ = ["EvalConfig", "GenerateConfig", "build_offline_dataset", "evaluate", "format_report"]

@@ -230,7 +230,7 @@ def load_model(
 
 
 def load_from_config(model_args, device: str | torch.device | None = None):
-    """``(model, tokenizer)`` of a recipe's :class:`llmq.recipes.ModelConfig` (name, dtype, revision,
+    """``(model, tokenizer)`` of a recipe's :class:`llmq.config.ModelConfig` (name, dtype, revision,
     remote-code and attention settings), the model moved to ``device``."""
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
     model = load_model(

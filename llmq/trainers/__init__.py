@@ -1,6 +1,7 @@
 """One ``XTrainer(transformers.Trainer)`` + ``XConfig(TrainingArguments)`` pair per method."""
 
+from llmq.trainers.critic import CriticConfig, CriticTrainer
 from llmq.trainers.shiq import ShiQConfig, ShiQTrainer
 from llmq.trainers.trl_configs import DPOConfig, SFTConfig
 
-__all__ = ["DPOConfig", "SFTConfig", "ShiQConfig", "ShiQTrainer"]
+__all__ = ["CriticConfig", "CriticTrainer", "DPOConfig", "SFTConfig", "ShiQConfig", "ShiQTrainer"]

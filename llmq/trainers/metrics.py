@@ -19,7 +19,8 @@ from llmq.errors import NonFiniteLossError, UserError
 
 class LossMetricsTrainer(Trainer):
     """A ``Trainer`` whose ``compute_loss`` hands the loss function's metrics to :meth:`record_metrics`;
-    each log line then carries their means since the previous one (``eval_``-prefixed in evaluation).
+    each log line then carries their means since the previous one, averaged over the training
+    processes (``eval_``-prefixed in evaluation).
 
     A NaN or infinite training loss stops the run before the optimizer applies it: the weights of
     the last finished step are saved as a full checkpoint (resumable with ``resume_from_checkpoint``)
@@ -31,15 +32,16 @@ class LossMetricsTrainer(Trainer):
     """
 
     def __init__(self, *args, **kwargs) -> None:
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
 
     def record_metrics(self, metrics: dict[str, torch.Tensor], training: bool) -> None:
-        """Keep every metric but ``loss`` (the Trainer logs that itself)."""
+        """Keep every metric but ``loss`` (the Trainer logs that itself), as detached tensors: no
+        host sync per step."""
         mode = "train" if training else "eval"
         for name, value in metrics.items():
             if name != "loss":
-                self._metrics[mode][name].append(float(value))
+                self._metrics[mode][name].append(torch.as_tensor(value, dtype=torch.float32).detach())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -89,7 +91,9 @@ class LossMetricsTrainer(Trainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._metrics[mode].items():
-            logs[prefix + name] = sum(values) / len(values)
+            # Every process logs the same metrics at the same steps, as TRL's trainers: the mean over processes.
+            mean = torch.stack(values).mean().to(self.accelerator.device)
+            logs[prefix + name] = self.accelerator.gather(mean).mean().item()
         self._metrics[mode].clear()
         super().log(logs, start_time)
 

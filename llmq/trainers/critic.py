@@ -1,10 +1,12 @@
-"""Digi-Q critic: double Q/V heads on frozen features, trained by offline TD (ALGORITHMS.md §5.5).
+"""Q/V heads on frozen features, trained by offline TD: Digi-Q's critic (§5.5) and Q*'s QVM (§4.4).
 
 The backbone never runs here: :func:`llmq.models.features.extract_features` computes the features
 once, and this trainer fits :class:`llmq.models.value_heads.CriticHeads` to them with
 :func:`llmq.losses.td_loss`, moving a Polyak target copy after every ``target_update_steps``
-optimizer steps.  The policy is improved afterwards by Best-of-N extraction
-(:func:`llmq.losses.best_of_n_advantages`) and supervised fine-tuning on the chosen actions.
+optimizer steps.  For Digi-Q the policy is improved afterwards by Best-of-N extraction
+(:func:`llmq.losses.best_of_n_advantages`) and supervised fine-tuning on the chosen actions.  With
+every transition terminal the Q target is the reward itself: plain regression on labels, which is
+how ``llmq train --method qvm`` fits Q*'s Q-value model.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ FEATURE_COLUMNS = ("state_features", "action_features", "next_state_features")
 
 
 @dataclass
-class DigiQConfig(TrainingArguments):
-    """Training arguments of :class:`DigiQCriticTrainer` (everything else as in ``TrainingArguments``).
+class CriticConfig(TrainingArguments):
+    """Training arguments of :class:`CriticTrainer` (everything else as in ``TrainingArguments``).
 
     Args:
         gamma: discount per environment step (Digi-Q: 0.95).
@@ -38,7 +40,7 @@ class DigiQConfig(TrainingArguments):
 
     gamma: float = field(default=0.95, metadata={"help": "Discount per environment step."})
     target_update_rate: float = field(default=0.1, metadata={"help": "Polyak rate of the target heads (1 copies them)."})
-    target_update_steps: int = field(default=1, metadata={"help": "Optimizer steps between target updates."})
+    target_update_steps: int = field(default=10, metadata={"help": "Optimizer steps between target updates."})
     expectile: float | None = field(default=None, metadata={"help": "None: MSE value regression (behaviour values); in (0.5, 1): expectile (IQL)."})
     hidden_size: int = field(default=256, metadata={"help": "Width of the heads' hidden layers."})
     num_layers: int = field(default=2, metadata={"help": "Hidden layers per head (0: linear heads)."})
@@ -56,10 +58,10 @@ class DigiQConfig(TrainingArguments):
         super().__post_init__()
 
 
-def critic_config(training_args, output_dir: str, steps: int, **fields) -> DigiQConfig:
-    """A :class:`DigiQConfig` for a critic fitted inside a larger run: the run's device, seed,
+def critic_config(training_args, output_dir: str, steps: int, **fields) -> CriticConfig:
+    """A :class:`CriticConfig` for a critic fitted inside a larger run: the run's device, seed,
     logging and progress settings, ``steps`` optimizer steps, no checkpoints; ``fields`` set the rest."""
-    return DigiQConfig(
+    return CriticConfig(
         output_dir=output_dir,
         max_steps=steps,
         logging_steps=max(1, steps // 10),
@@ -96,12 +98,12 @@ class _UpdateTarget(TrainerCallback):
             self.critic.update_target(self.rate)
 
 
-class DigiQCriticTrainer(LossMetricsTrainer):
+class CriticTrainer(LossMetricsTrainer):
     """Fits Q/V heads to logged transitions on frozen features (TRL-style trainer + config pair).
 
     Args:
         model: a :class:`DigiQCritic`; ``None`` builds one from the config and the dataset's feature widths.
-        args: a :class:`DigiQConfig`.
+        args: a :class:`CriticConfig`.
         train_dataset: transitions with ``state_features``, ``action_features``,
             ``next_state_features`` (float lists), ``reward``, ``done`` and optionally ``weight``.
         eval_dataset: the same columns, for held-out TD error.
@@ -110,8 +112,8 @@ class DigiQCriticTrainer(LossMetricsTrainer):
     Logged metrics: ``loss``, ``q/mean``, ``v/mean``, ``td_error/abs_mean``.
     """
 
-    def __init__(self, model: DigiQCritic | None = None, args: DigiQConfig | None = None, train_dataset=None, eval_dataset=None, callbacks=None) -> None:
-        args = args if args is not None else DigiQConfig(output_dir="outputs/digiq_critic")
+    def __init__(self, model: DigiQCritic | None = None, args: CriticConfig | None = None, train_dataset=None, eval_dataset=None, callbacks=None) -> None:
+        args = args if args is not None else CriticConfig(output_dir="outputs/digiq_critic")
         if model is None:
             first = train_dataset[0]
             heads = CriticHeads(len(first["state_features"]), len(first["action_features"]), args.hidden_size, args.num_layers, args.num_heads)

@@ -1,4 +1,4 @@
-"""YAML recipes → validated dataclasses, in the style of TRL's ``TrlParser``.
+"""Recipes and command lines → validated config dataclasses, in the style of TRL's ``TrlParser``.
 
 A recipe is one flat YAML mapping whose keys are the fields of the command's dataclasses (all of
 them share one namespace), plus an optional ``env:`` block exported to the environment.
@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,27 @@ def _rephrase(message: str) -> str:
         key, _, rest = message[len("argument --"):].partition(": ")
         return f"key '{key.split('/')[0]}': {rest}"
     return message
+
+
+def check_output_path(path: str | os.PathLike, key: str) -> None:
+    """Raise :class:`UserError` naming ``key`` unless a file or folder can be written at ``path``:
+    checked before any work starts, so that hours of generation are never lost to a bad path."""
+    location = Path(path).absolute()
+    existing = next(folder for folder in (location, *location.parents) if folder.exists())
+    if existing == location and not location.is_dir():
+        raise UserError(f"key '{key}': '{path}' exists and is not a folder")
+    if not existing.is_dir():
+        raise UserError(f"key '{key}': '{path}' cannot be created: '{existing}' is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"key '{key}': '{path}' is not writable ({error.strerror or error}: {existing})") from None
+
+
+def mirror(config_type: type, name: str, **metadata: str) -> dataclasses.Field:
+    """A field with the default and help of ``config_type``'s field ``name``, for a recipe key that
+    sets that field of another config (``build_temperature`` → ``GenerateConfig.temperature``):
+    one source for the default, so the two never drift apart."""
+    source = next(field for field in dataclasses.fields(config_type) if field.name == name)
+    return dataclasses.field(default=source.default, metadata={**source.metadata, **metadata})

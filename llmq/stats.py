@@ -1,0 +1,118 @@
+"""Intervals and estimators: the one home for every confidence interval llmq reports.
+
+- Proportions (accuracy, pass@N, success rate) get the Wilson score interval, which is never zero-width:
+  0/500 correct reads "0.0% (95% CI 0.0–0.8%)", not "0.0–0.0%". ``exact_interval`` is Clopper–Pearson.
+- Means of real values (pass@k estimates, scores) and paired per-question differences get scipy's bootstrap,
+  BCa where it is defined and the percentile bootstrap where it is not (constant values: the interval is (c, c)).
+- ``pass_at_k`` is the unbiased pass@k estimator of Chen et al. (2021).
+
+Numpy and scipy only: this is a primitives layer, it imports nothing else from llmq.
+"""
+
+import inspect
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.stats
+
+# scipy >= 1.15 seeds resampling with `rng=`; older releases only take `random_state=`.
+_SEED_KEYWORD = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
+
+
+def _check_proportion(successes: int, trials: int, level: float) -> None:
+    if trials < 1:
+        raise ValueError(f"an interval for a proportion needs at least one trial, got trials={trials}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be between 0 and trials={trials}, got {successes}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for the proportion ``successes / trials``.
+
+    Never zero-width for trials >= 1 (0/500 gives (0, 0.0076)) and stays inside [0, 1].
+    Raises ValueError when trials == 0.
+    """
+    _check_proportion(successes, trials, level)
+    n, p, z = trials, successes / trials, float(scipy.stats.norm.ppf((1 + level) / 2))
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    low = 0.0 if successes == 0 else max(0.0, float(centre - half))  # the edges exactly, not float rounding off them
+    high = 1.0 if successes == trials else min(1.0, float(centre + half))
+    return low, high
+
+
+def exact_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper–Pearson ("exact") interval for the proportion ``successes / trials``.
+
+    Conservative: its coverage is at least ``level`` for every true proportion. Raises ValueError when trials == 0.
+    """
+    _check_proportion(successes, trials, level)
+    interval = scipy.stats.binomtest(successes, trials).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
+
+
+def proportion_summary(outcomes: Sequence[bool | int], level: float = 0.95) -> dict:
+    """``{"mean", "ci95", "count"}`` of 0/1 outcomes, the shape the evaluation reports use.
+
+    ``ci95`` is the Wilson interval at ``level`` (0.95 by default; the key keeps its name at other levels) and
+    ``count`` is the number of successes. Raises ValueError for no outcomes.
+    """
+    array = np.asarray(outcomes, dtype=float)
+    if not np.isin(array, (0.0, 1.0)).all():
+        raise ValueError("outcomes must be booleans or 0/1")
+    successes = int(array.sum())
+    low, high = wilson_interval(successes, len(array), level)
+    return {"mean": successes / len(array), "ci95": [low, high], "count": successes}
+
+
+def bootstrap_interval(values: Sequence[float] | np.ndarray, samples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of the mean of ``values`` (scipy.stats.bootstrap, ``samples`` resamples).
+
+    BCa where it is defined; the percentile bootstrap where it is not (all values equal, where BCa is NaN).
+    Constant values give (c, c) and a single value v gives (v, v). Deterministic for a given seed.
+    """
+    values = np.asarray(values, dtype=float).ravel()
+    if len(values) == 0:
+        raise ValueError("an interval of the mean needs at least one value")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if len(values) == 1:  # every resample is the one value
+        return float(values[0]), float(values[0])
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)  # BCa undefined: we fall back
+            seeded = {_SEED_KEYWORD: np.random.default_rng(seed)}
+            result = scipy.stats.bootstrap((values,), np.mean, n_resamples=samples, confidence_level=level,
+                                           method=method, vectorized=True, **seeded)
+        low, high = result.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            break
+    # A resampled mean lies between the smallest and largest value; the clip only removes float rounding.
+    low, high = np.clip([low, high], values.min(), values.max())
+    return float(low), float(high)
+
+
+def paired_difference(before: Sequence[float] | np.ndarray, after: Sequence[float] | np.ndarray, samples: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> dict:
+    """``{"mean", "ci95_paired"}`` of the per-question differences ``after - before``.
+
+    The interval is ``bootstrap_interval`` of the differences (BCa where defined), at ``level`` (0.95 by default).
+    """
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if before.shape != after.shape:
+        raise ValueError(f"before and after must pair up question by question, got {before.shape} and {after.shape}")
+    difference = after - before
+    low, high = bootstrap_interval(difference, samples, seed, level)
+    return {"mean": float(difference.mean()), "ci95_paired": [low, high]}
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from ``correct`` of ``samples`` answers (Chen et al. 2021): the chance that ``k`` answers
+    drawn without replacement include a correct one, 1 - C(n-c, k) / C(n, k)."""
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(samples - correct + 1, samples + 1)))
