@@ -1,6 +1,6 @@
 """``llmq explain``: a credit map of one response — the per-token implicit reward β·log π_θ/π_ref.
 
-For a DPO-trained policy this is the token-level reward that DPO learned (ALGORITHMS.md §3.5:
+For a DPO-trained policy this is the token-level reward that DPO learned (docs/algorithms.md §3.5:
 tokens that introduce an error get strongly negative values); for a ShiQ policy it is the soft
 advantage Q − V.  Both are the same quantity of the pair (policy, reference).
 """

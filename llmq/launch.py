@@ -14,6 +14,10 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import yaml
+from accelerate.commands.launch import launch_command, launch_command_parser
+
 from llmq.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "accelerate_configs"
@@ -64,10 +68,6 @@ class LaunchConfig:
 
 def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
     """Run ``llmq train ARGV`` in ``launch.num_processes`` processes through ``accelerate launch``."""
-    import torch
-    import yaml
-    from accelerate.commands.launch import launch_command, launch_command_parser
-
     config_file = launch.config_file()
     config = yaml.safe_load(config_file.read_text()) or {}
     deepspeed = config.get("distributed_type") == "DEEPSPEED"

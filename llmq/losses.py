@@ -42,7 +42,7 @@ def shiq_loss(
     truncated: torch.Tensor | None = None,
     loss_type: Literal["multistep", "one_step"] = "multistep",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ShiQ: squared Bellman residuals on the LM's own logits (ALGORITHMS.md §2.3–2.4).
+    """ShiQ: squared Bellman residuals on the LM's own logits (docs/algorithms.md §2.3–2.4).
 
     With ``ρ = log π_θ − log π_ref`` and the logit value shift ``u = LSE ℓ_θ − LSE ℓ_ref``, the
     multi-step residual at every action token ``t`` of a trajectory is (S3)
@@ -137,7 +137,7 @@ def dpo_loss(
     beta: float,
     label_smoothing: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sigmoid DPO: Bradley–Terry maximum likelihood of the implicit reward (ALGORITHMS.md §3.3).
+    """Sigmoid DPO: Bradley–Terry maximum likelihood of the implicit reward (docs/algorithms.md §3.3).
 
     With the sequence-level implicit rewards ``r_w = β log π_θ(y^w|x)/π_ref(y^w|x)`` and
     ``r_l = β log π_θ(y^l|x)/π_ref(y^l|x)`` — each the sum over the response's action tokens of the
@@ -209,7 +209,7 @@ def td_loss(
     expectile: float | None = None,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Digi-Q's critic loss (ALGORITHMS.md §5.5): TD on the *logged* action, independent head chains.
+    """Digi-Q's critic loss (docs/algorithms.md §5.5): TD on the *logged* action, independent head chains.
 
     Every argument but the scalars is ``[H, B]`` (H heads, usually 2) or ``[B]``:
 

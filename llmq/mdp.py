@@ -1,4 +1,4 @@
-"""Tensor primitives of the token MDP (ALGORITHMS.md §1.1, §7.2).
+"""Tensor primitives of the token MDP (docs/algorithms.md §1.1, §7.2).
 
 Every per-token tensor in llmq is aligned with ``input_ids``: position ``p`` holds the quantity
 for the action ``input_ids[:, p]`` taken in the state ``input_ids[:, :p]``.  A causal LM scores
@@ -73,7 +73,7 @@ def last_action_positions(act_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_rewards_to_tokens(rewards: torch.Tensor, act_mask: torch.Tensor) -> torch.Tensor:
-    """Place one reward per row on its last action token (ALGORITHMS.md §1.1), zeros elsewhere."""
+    """Place one reward per row on its last action token (docs/algorithms.md §1.1), zeros elsewhere."""
     last = last_action_positions(act_mask)
     if (last < 0).any():
         raise ValueError(f"rows {torch.nonzero(last < 0).flatten().tolist()} have no action token to carry their reward")

@@ -1,4 +1,4 @@
-"""Q-function views of a policy LM and its reference (ALGORITHMS.md §7.1, DESIGN.md §3).
+"""Q-function views of a policy LM and its reference (docs/algorithms.md §7.1).
 
 A view reads Q-values, state values and advantages off the two models' logits, with the same
 shapes whichever loss trained the policy, so decoding and evaluation never care which trainer

@@ -155,7 +155,8 @@ def test_no_module_imports_a_higher_layer(graph: Graph) -> None:
 
 
 def test_function_local_imports_are_only_for_optional_heavy_dependencies(graph: Graph) -> None:
-    heavy = {imp.source for imp in graph.imports if imp.scope == MODULE and imp.target.split(".")[0] in OPTIONAL}
+    # A bridge module (llmq.rollout.vllm, llmq.envs.textworld) imports an optional extra; importing it lazily is lazy too.
+    heavy = {imp.source for imp in graph.imports if imp.target.split(".")[0] in OPTIONAL}
     offenders = [
         f"{imp.where}: {imp.text}"
         for imp in graph.imports
@@ -166,7 +167,7 @@ def test_function_local_imports_are_only_for_optional_heavy_dependencies(graph: 
     ]
     assert not offenders, (
         f"a function-local import must target an optional dependency ({', '.join(sorted(OPTIONAL))}) or an llmq "
-        "module importing one at module level, with a comment saying why; move these to module level:\n"
+        "module importing one, with a comment saying why; move these to module level:\n"
         + "\n".join(dict.fromkeys(offenders))
     )
 
@@ -175,5 +176,6 @@ def test_importing_llmq_pulls_in_no_method_runner() -> None:
     script = "import sys, llmq, llmq.cli; print(*sorted(sys.modules), sep='\\n')"
     run = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=REPO)
     runners = ("llmq.pipeline", "llmq.digiq", "llmq.qvm")
-    pulled = [name for name in run.stdout.split() if name.startswith("llmq.methods") or name in runners]
+    # The registry (llmq.methods itself) names the methods' modules; importing it imports none of them.
+    pulled = [name for name in run.stdout.split() if name.startswith("llmq.methods.") or name in runners]
     assert not pulled, f"import llmq / import llmq.cli loaded method runners: {', '.join(pulled)}"

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import datasets
 import yaml
+from reward_models.gsm8k import extract_strict, gold_answer, score_gsm8k
+from reward_models.math import score_math
 
 from llmq.errors import UserError
 
@@ -73,8 +76,6 @@ def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = N
                 except json.JSONDecodeError as error:
                     raise UserError(f"{path}:{number}: not a JSON line ({error.msg})") from None
     else:
-        import datasets
-
         try:
             raw = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
         except Exception as error:  # offline, unknown split, Hub or cache trouble: datasets raises many types
@@ -99,16 +100,12 @@ class Verdict(NamedTuple):
 def task_scorer(task: TaskSpec) -> Callable[[str, str], Verdict]:
     """The task's verifier: ``(completion text, raw gold field) → Verdict``."""
     if task.scorer == "gsm8k":
-        from reward_models.gsm8k import extract_strict, gold_answer, score_gsm8k
-
         def score(text: str, gold: str) -> Verdict:
             result = score_gsm8k(text, gold_answer(gold))
             return Verdict(result["reward"] == 1.0, result["answer"], extract_strict(text) is not None)
 
         return score
     if task.scorer == "math":
-        from reward_models.math import score_math
-
         def score(text: str, gold: str) -> Verdict:
             result = score_math(text, gold)
             return Verdict(result["reward"] == 1.0, result["answer"], result["answer"] is not None)

@@ -1,4 +1,4 @@
-"""Trajectories with rewards → the token-MDP batch schema (ALGORITHMS.md §7.2).
+"""Trajectories with rewards → the token-MDP batch schema (docs/algorithms.md §7.2).
 
 Accepted rows (one dataset uses one format):
 

@@ -1,4 +1,4 @@
-"""Token-level Q-guided decoding as a transformers ``LogitsProcessor`` (ALGORITHMS.md (B3), §6.1, §6.5).
+"""Token-level Q-guided decoding as a transformers ``LogitsProcessor`` (docs/algorithms.md (B3), §6.1, §6.5).
 
 The model that ``generate`` runs is the base π_ref; a guide LM π_θ trained against that base
 (by ShiQ, DPO, ...) supplies the advantage of every candidate token,

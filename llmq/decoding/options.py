@@ -23,10 +23,10 @@ class DecodingOptions:
         default="sample",
         metadata={
             "help": "sample (temperature / top-p; temperature 0 is greedy), greedy, beam (beam search ranking by the summed log-probs: on a DPO policy, "
-            "search on its implicit Q*, ALGORITHMS.md §3.6; with guide_model, on the guide's implicit reward), or guided (token-level sampling "
+            "search on its implicit Q*, docs/algorithms.md §3.6; with guide_model, on the guide's implicit reward), or guided (token-level sampling "
             "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_beta) on the top guidance_top_k tokens; temperature 0: argmax), "
             "best_of_n (sample num_candidates, keep the best by scorer), maj_at_n (sample num_candidates, keep one with the most frequent final answer), "
-            "or qstar (A* over reasoning steps guided by the Q-value model at qvm_path, ALGORITHMS.md §4).",
+            "or qstar (A* over reasoning steps guided by the Q-value model at qvm_path, docs/algorithms.md §4).",
             "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n", "qstar"],
         },
     )

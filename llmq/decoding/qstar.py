@@ -1,4 +1,4 @@
-"""Q* deliberative decoding: A* over reasoning steps guided by a Q-value model (ALGORITHMS.md §4).
+"""Q* deliberative decoding: A* over reasoning steps guided by a Q-value model (docs/algorithms.md §4).
 
 A state is the question plus the steps so far; an action is the next step.  The search keeps a
 frontier ordered by

@@ -1,4 +1,4 @@
-"""Agent environments for step-level offline RL (Digi-Q, ALGORITHMS.md §5).
+"""Agent environments for step-level offline RL (Digi-Q, docs/algorithms.md §5).
 
 ``llmq.envs.textworld``: TextWorld text games (needs the ``agents`` extra,
 ``pip install 'llmq[agents]'``) — game generation, a free-text environment, trajectory

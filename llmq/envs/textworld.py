@@ -1,4 +1,4 @@
-"""TextWorld text games as a step-level offline-RL benchmark (the Digi-Q setting, ALGORITHMS.md §5).
+"""TextWorld text games as a step-level offline-RL benchmark (the Digi-Q setting, docs/algorithms.md §5).
 
 A state is the text the agent sees — the goal, its previous actions and the current observation —
 rendered by :func:`render_state`; an action is one free-text command, matched against the game's
@@ -456,7 +456,7 @@ def collect_trajectories(
     (true on the last step of every episode: win, loss or ``max_steps``), ``truncated`` (the
     episode ended on ``max_steps`` alone), ``won`` (the episode was won; the same on all its rows),
     ``mc_return`` (``Σ_k γ^k r_{t+k}`` to the end of the episode, Digi-Q's Monte-Carlo return,
-    ALGORITHMS.md §5.2) and ``admissible`` (the state's admissible commands).
+    docs/algorithms.md §5.2) and ``admissible`` (the state's admissible commands).
 
     Args:
         policy: ``(states, admissible) -> actions`` on a batch of games.

@@ -1,4 +1,4 @@
-"""Frozen backbone features for value heads (Digi-Q, ALGORITHMS.md §5.4–5.5), computed once and cached.
+"""Frozen backbone features for value heads (Digi-Q, docs/algorithms.md §5.4–5.5), computed once and cached.
 
 Training small heads on a frozen backbone only pays off if the backbone runs once per text, not
 once per epoch: :func:`extract_features` stores the pooled hidden states in a safetensors file
@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 
@@ -77,10 +79,6 @@ def extract_features(
         cache_dir: where to keep ``<key>.safetensors``; ``None`` disables the cache.
         progress: show a progress bar over batches.
     """
-    from safetensors.torch import load_file, save_file
-
-    import numpy as np
-
     if images is not None and len(images) != len(texts):
         raise ValueError(f"{len(images)} images for {len(texts)} texts: give one image per text")
     index = feature_layer(model, layer)
@@ -153,8 +151,6 @@ def score_continuations(
         A prefix with no continuations gets its features only.
         The same ``cache_dir`` cache as :func:`extract_features`, keyed by all the texts.
     """
-    from safetensors.torch import load_file, save_file
-
     if len(prefixes) != len(continuations):
         raise ValueError(f"{len(continuations)} continuation lists for {len(prefixes)} prefixes: give one list (possibly empty) per prefix")
     index = feature_layer(model, layer)

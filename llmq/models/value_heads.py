@@ -1,4 +1,4 @@
-"""Q and V heads on frozen backbone features (Digi-Q, ALGORITHMS.md §5.5), with a Polyak target copy."""
+"""Q and V heads on frozen backbone features (Digi-Q, docs/algorithms.md §5.5), with a Polyak target copy."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ __all__ = ["Completion", "Engine", "HFEngine", "Prompt", "SamplingParams", "VLLM
 
 def __getattr__(name: str):
     if name in ("VLLMEngine", "VLLMServerEngine"):
-        from llmq.rollout import vllm
+        from llmq.rollout import vllm  # imports vLLM (an optional extra) when an engine is built: load it on first use
 
         return getattr(vllm, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ class SamplingParams:
     """How to decode: ``temperature == 0`` means greedy decoding; ``num_beams > 1`` means beam search.
 
     Beam search ranks sequences by the plain sum of their token log-probs (no length
-    normalisation: on a DPO policy this sum is the implicit regularised return, ALGORITHMS.md §3.6)
+    normalisation: on a DPO policy this sum is the implicit regularised return, docs/algorithms.md §3.6)
     and returns the best ``n <= num_beams`` of them; it ignores temperature, top-p and top-k.
     """
 

@@ -38,6 +38,10 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from llmq.models import load_tokenizer, resolve_dtype, resolve_model
 from llmq.rollout.base import Completion, Prompt, SamplingParams
 
 # Head sizes that vLLM 0.32's CPU attention backend runs (CPUAttentionBackend.get_supported_head_sizes).
@@ -111,8 +115,6 @@ def _checkpoint_names(directory: str) -> set[str] | None:
     files = sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []
     if not files:
         return None
-    from safetensors import safe_open
-
     names: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -165,18 +167,16 @@ class VLLMEngine:
         progress: bool = False,
         **llm_kwargs,
     ) -> None:
-        from llmq.models import load_tokenizer, resolve_dtype, resolve_model
-
         self.model_path = resolve_model(model_name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code, revision=revision)
         self.progress = progress
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
-        import vllm.envs
+        import vllm.envs  # vLLM is an optional extra (llmq[vllm]): imported when an engine is built
 
         if hasattr(vllm.envs, "disable_envs_cache"):  # an earlier in-process engine froze the env
             vllm.envs.disable_envs_cache()
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # optional extra, as above
 
         cpu = current_platform.is_cpu()
         if cpu:
@@ -192,7 +192,7 @@ class VLLMEngine:
         if gpu_memory_utilization is not None:
             llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         dtype_name = str(resolve_dtype(dtype)).removeprefix("torch.")
-        from vllm import LLM
+        from vllm import LLM  # optional extra, as above
 
         self.llm = LLM(
             model=self.model_path,
@@ -208,8 +208,6 @@ class VLLMEngine:
         self._expected_weights = _checkpoint_names(self.model_path)
 
     def _check_cpu_head_size(self, trust_remote_code: bool, revision: str | None) -> None:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code, revision=revision)
         config = getattr(config, "text_config", None) or config
         heads = getattr(config, "num_attention_heads", None)
@@ -229,7 +227,7 @@ class VLLMEngine:
             return []
         if sampling.num_beams > 1:
             return self._beam_search(token_prompts, n, sampling)
-        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm import SamplingParams as VLLMSamplingParams  # optional extra (llmq[vllm])
 
         greedy = sampling.temperature == 0
         params = [
@@ -259,7 +257,7 @@ class VLLMEngine:
     def _beam_search(self, token_prompts: list[dict], n: int, sampling: SamplingParams) -> list[list[Completion]]:
         if n > sampling.num_beams:
             raise ValueError(f"beam search returns at most num_beams={sampling.num_beams} sequences per prompt, {n} asked for")
-        from vllm.sampling_params import BeamSearchParams
+        from vllm.sampling_params import BeamSearchParams  # optional extra (llmq[vllm])
 
         params = BeamSearchParams(beam_width=sampling.num_beams, max_tokens=sampling.max_new_tokens, length_penalty=0.0)
         outputs = self.llm.beam_search(token_prompts, params, use_tqdm=self.progress)
@@ -316,7 +314,7 @@ class VLLMEngine:
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # optional extra (llmq[vllm])
 
         cleanup_dist_env_and_memory()
 
@@ -350,8 +348,6 @@ class VLLMServerEngine:
         self.max_concurrency = max_concurrency
         self.model = model or self._request("GET", "/v1/models")["data"][0]["id"]
         if tokenizer is None or isinstance(tokenizer, str):
-            from llmq.models import load_tokenizer
-
             tokenizer = load_tokenizer(tokenizer or self.model)
         self.tokenizer = tokenizer
 

@@ -1,4 +1,4 @@
-"""Exact oracles for validating token-level RL losses (ALGORITHMS.md §8).
+"""Exact oracles for validating token-level RL losses (docs/algorithms.md §8).
 
 * :class:`TokenMDP`, :func:`toy_mdp`, :func:`random_mdp` — finite token MDPs, optionally with
   stochastic observation steps; :func:`make_batch` turns their trajectories into the llmq batch.

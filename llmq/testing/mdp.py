@@ -1,4 +1,4 @@
-"""Finite token MDPs: the exact test bed of ALGORITHMS.md §8 (notation of §1).
+"""Finite token MDPs: the exact test bed of docs/algorithms.md §8 (notation of §1).
 
 Token ids share one namespace, laid out as a causal LM would see them:
 
@@ -44,7 +44,7 @@ def _frozen(values: Sequence[float], shape: tuple[int, ...], what: str) -> np.nd
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenMDP:
-    """A finite KL-regularised token MDP (ALGORITHMS.md §1.1) with an optional stochastic environment.
+    """A finite KL-regularised token MDP (docs/algorithms.md §1.1) with an optional stochastic environment.
 
     Attributes:
         actions: names of the action tokens; their ids are their indices.
@@ -251,7 +251,7 @@ class TokenMDP:
 
 
 def toy_mdp(offset_seed: int | None = 0) -> TokenMDP:
-    """The reference toy MDP of ALGORITHMS.md §8.2.
+    """The reference toy MDP of docs/algorithms.md §8.2.
 
     Actions ``A, B, EOS``; H = 3; π_ref depends on the last token only; reward 1 for an "AB"
     bigram (on the B); γ = 1.  The reference logits are ``log π_ref + c(s)`` with per-state
@@ -330,7 +330,7 @@ def random_mdp(
 
 
 def make_batch(mdp: TokenMDP, sequences: Sequence[Sequence[int]] | None = None, policy: Policy | None = None) -> dict[str, torch.Tensor]:
-    """Sequences of the MDP in the llmq batch schema (ALGORITHMS.md §7.2).
+    """Sequences of the MDP in the llmq batch schema (docs/algorithms.md §7.2).
 
     Each row is BOS followed by the sequence, right-padded with EOS plus one extra padding column
     (like :class:`llmq.data.trajectories.TrajectoryCollator`), so that the state after a truncated

@@ -1,4 +1,4 @@
-"""Exact oracles by backward dynamic programming over a :class:`~llmq.testing.TokenMDP` (ALGORITHMS.md §8.1).
+"""Exact oracles by backward dynamic programming over a :class:`~llmq.testing.TokenMDP` (docs/algorithms.md §8.1).
 
 Everything is float64 numpy, keyed by state tuples.  Stochastic observation steps are handled
 exactly: ``Q(s, a) = r(s, a) + γ Σ_{s'} P(s'|s, a) V(s')`` (B1).

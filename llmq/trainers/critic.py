@@ -1,4 +1,4 @@
-"""Q/V heads on frozen features, trained by offline TD: Digi-Q's critic (§5.5) and Q*'s QVM (§4.4).
+"""Q/V heads on frozen features, trained by offline TD: Digi-Q's critic (§5.5) and Q*'s QVM (§4.5).
 
 The backbone never runs here: :func:`llmq.models.features.extract_features` computes the features
 once, and this trainer fits :class:`llmq.models.value_heads.CriticHeads` to them with

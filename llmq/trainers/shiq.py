@@ -4,7 +4,7 @@
                           train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
 
-The loss is :func:`llmq.losses.shiq_loss` (ALGORITHMS.md §2); the datasets are described in
+The loss is :func:`llmq.losses.shiq_loss` (docs/algorithms.md §2); the datasets are described in
 :mod:`llmq.data.trajectories`.
 """
 
@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
-from transformers import TrainingArguments
+from peft import get_peft_model
+from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from trl.models import prepare_deepspeed
 
 from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
 from llmq.errors import UserError
@@ -109,9 +111,6 @@ class ShiQTrainer(LossMetricsTrainer):
             model = load_model(model, dtype="auto")
         self.uses_peft = peft_config is not None
         if self.uses_peft:
-            from peft import get_peft_model
-            from transformers import set_seed
-
             set_seed(args.seed)  # LoRA's A matrices are random: make the adapters reproducible
             if args.gradient_checkpointing:
                 model.enable_input_require_grads()
@@ -145,8 +144,6 @@ class ShiQTrainer(LossMetricsTrainer):
         )
         if self.ref_model is not None:
             if self.is_deepspeed_enabled:
-                from trl.models import prepare_deepspeed
-
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)  # sharded like the policy under ZeRO-3
             else:
                 self.ref_model.to(self.accelerator.device)
