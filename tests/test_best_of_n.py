@@ -85,6 +85,7 @@ def test_likelihood_scores_are_the_summed_logprobs():
     assert likelihood_scores(["p"], [group]) == [[-1.5, -0.25]]
 
 
+@pytest.mark.slow
 def test_llmq_generate_best_of_n_keeps_the_top_candidates_with_their_scores(tmp_path, data_dir, tiny_model_dir):
     path = tmp_path / "data"
     argv = ["generate", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--max_new_tokens", "6", "--temperature", "1.0",
@@ -104,6 +105,7 @@ def test_best_of_n_extraction_that_keeps_nothing_is_an_error(tmp_path, capsys, d
     assert "min_score 1.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoding", ["best_of_n", "maj_at_n"])
 def test_llmq_eval_selects_one_answer_from_scored_candidates(decoding, tmp_path, data_dir, tiny_model_dir, guide_dir):
     out = tmp_path / "eval"
@@ -139,6 +141,7 @@ def test_inconsistent_best_of_n_settings_are_refused(flags, message, capsys, tin
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_llmq_train_sft_fine_tunes_on_extracted_best_of_n_samples(tmp_path, data_dir, tiny_model_dir):
     """method sft: extraction keeps each question's best sample above build_min_score, then TRL's SFTTrainer trains on it."""
     out = tmp_path / "sft"

@@ -64,14 +64,14 @@ def test_guided_sampling_driven_by_q_star_samples_pi_star():
     assert reference_tv > 0.1
 
 
-def test_a_smaller_guidance_beta_on_a_bandit_gives_the_optimum_at_that_beta():
+def test_a_smaller_guidance_temperature_on_a_bandit_gives_the_optimum_at_that_beta():
     """One step: A* = r − V*, so π_ref·exp(A*_β/β_dec) = π*_{β_dec} for any β_dec."""
     mdp = random_mdp(3, vocab_size=4, horizon=1)
     guide, _ = optimal_guide(mdp, beta=1.0)
     scores = TabularLM.reference(mdp)(torch.tensor([[mdp.bos_id]])).logits[:, -1]
-    for guidance_beta in (0.25, 0.5, 2.0):
-        guided = torch.softmax(QGuidedLogitsProcessor(guide, beta=1.0, guidance_beta=guidance_beta, top_k=0)(torch.tensor([[mdp.bos_id]]), scores), dim=-1)
-        np.testing.assert_allclose(guided[0, : mdp.n_actions].numpy(), soft_optimal(mdp, guidance_beta).pi[()], atol=1e-9)
+    for guidance_temperature in (0.25, 0.5, 2.0):
+        guided = torch.softmax(QGuidedLogitsProcessor(guide, beta=1.0, guidance_temperature=guidance_temperature, top_k=0)(torch.tensor([[mdp.bos_id]]), scores), dim=-1)
+        np.testing.assert_allclose(guided[0, : mdp.n_actions].numpy(), soft_optimal(mdp, guidance_temperature).pi[()], atol=1e-9)
 
 
 PROMPTS = ["Hello there, a much longer prompt", "Hi", "What is 2+2? then"]
@@ -106,7 +106,7 @@ def test_guided_sampling_in_generate_follows_the_guide_through_its_kv_cache(base
         torch.testing.assert_close(torch.log_softmax(scores, dim=-1), expected[:, prompt_length - 1 + step], atol=1e-4, rtol=0)
 
 
-def test_guided_beam_search_at_guidance_beta_equal_to_beta_is_beam_search_on_the_guide(base_and_guide):
+def test_guided_beam_search_at_guidance_temperature_equal_to_beta_is_beam_search_on_the_guide(base_and_guide):
     """§3.6: ranking by Σ log π_ref + A/β is ranking by the guide's likelihood; the processor
     follows beam search's row reordering."""
     base, guide, tokenizer = base_and_guide
@@ -124,7 +124,7 @@ def test_guided_scores_are_the_weighted_log_ratio_on_the_base_top_k(base_and_gui
     encoded = encode(tokenizer)
     with torch.no_grad():
         scores = base(**encoded).logits[:, -1]
-    processor = QGuidedLogitsProcessor(guide, beta=0.1, guidance_beta=0.05, top_k=5, pad_token_id=tokenizer.pad_token_id)
+    processor = QGuidedLogitsProcessor(guide, beta=0.1, guidance_temperature=0.05, top_k=5, pad_token_id=tokenizer.pad_token_id)
     guided = processor(encoded["input_ids"], scores)
     base_logp = torch.log_softmax(scores, dim=-1)
     guide_logp = full_forward_logprobs(guide, encoded["input_ids"], encoded["attention_mask"])[:, -1]
@@ -164,6 +164,7 @@ def test_engine_beam_search_returns_the_top_beams_with_the_models_logprobs(base_
         engine.generate(PROMPTS, n=4, sampling=SamplingParams(max_new_tokens=4, num_beams=3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoding", ["guided", "beam"])
 def test_llmq_generate_decodes_with_a_guide_and_records_how(decoding, tmp_path, data_dir, tiny_model_dir, guide_dir):
     import datasets
@@ -172,7 +173,7 @@ def test_llmq_generate_decodes_with_a_guide_and_records_how(decoding, tmp_path, 
 
     path = tmp_path / "data"
     argv = ["generate", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--num_completions", "2", "--max_new_tokens", "6",
-            "--decoding", decoding, "--num_beams", "3", "--guide_model", str(guide_dir), "--guide_beta", "0.1", "--guidance_beta", "0.05", "--dataset_path", str(path)]  # fmt: skip
+            "--decoding", decoding, "--num_beams", "3", "--guide_model", str(guide_dir), "--guide_beta", "0.1", "--guidance_temperature", "0.05", "--dataset_path", str(path)]  # fmt: skip
     assert main(argv) == 0
     dataset = datasets.load_from_disk(str(path))
     assert dataset["question_index"] == [0, 0, 1, 1]
@@ -213,6 +214,7 @@ def test_a_guide_with_another_vocabulary_is_refused(tmp_path, capsys, data_dir, 
     assert "tokenizer of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_llmq_eval_with_guided_beam_search_records_its_decoding(tmp_path, data_dir, tiny_model_dir, guide_dir):
     from llmq.cli import main
 

@@ -32,6 +32,7 @@ def test_command_logprobs_are_the_reply_log_likelihoods(tiny_model_and_tokenizer
     assert all(a in commands for a, commands in zip(sampled, admissible * 20)) and len(set(sampled[1::2])) > 1
 
 
+@pytest.mark.slow
 def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir):
     out = tmp_path / "digiq"
     argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--games_dir", str(tmp_path / "games"),
@@ -51,6 +52,7 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
 
 
 
+@pytest.mark.slow
 def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_model_dir, monkeypatch, capsys):
     import llmq.methods.digiq
 

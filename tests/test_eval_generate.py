@@ -17,6 +17,7 @@ def test_bootstrap_interval_brackets_the_mean():
     assert bootstrap_interval(np.zeros(10)) == (0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_llmq_eval_writes_a_report_with_the_protocol(tmp_path, capsys, data_dir, tiny_model_dir):
     out = tmp_path / "eval"
     argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "3", "--max_new_tokens", "8", "--output_dir", str(out)]
@@ -31,6 +32,7 @@ def test_llmq_eval_writes_a_report_with_the_protocol(tmp_path, capsys, data_dir,
     assert "first_sample" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_llmq_eval_with_samples_reports_pass_and_majority(tmp_path, data_dir, tiny_model_dir):
     out = tmp_path / "eval"
     argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--task", "math500", "--limit", "2",
@@ -62,6 +64,7 @@ def test_pass_at_k_is_the_chance_that_k_draws_include_a_correct_answer():
         assert pass_at_k(n, correct, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
+@pytest.mark.slow
 def test_llmq_generate_saves_a_scored_dataset_with_its_settings(tmp_path, data_dir, tiny_model_dir):
     path = tmp_path / "data"
     argv = ["generate", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--num_completions", "3",

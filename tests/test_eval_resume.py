@@ -80,6 +80,7 @@ def test_another_protocol_in_the_same_folder_is_refused_or_restarted(tmp_path, d
     assert len(completions_by_question(tmp_path)) == 5 and report["protocol"]["examples"] == 5
 
 
+@pytest.mark.slow
 def test_report_markdown_and_plot_compare_decodings(tmp_path, data_dir, tiny_model_dir):
     common = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "3", "--max_new_tokens", "6"]
     assert main([*common, "--output_dir", str(tmp_path / "greedy")]) == 0

@@ -23,6 +23,7 @@ def perturbed_policy_dir(tmp_path_factory, tiny_model_dir):
     return directory
 
 
+@pytest.mark.slow
 def test_credit_map_values_are_beta_log_ratios_of_the_response(tmp_path, capsys, perturbed_policy_dir):
     out = tmp_path / "explain"
     argv = ["explain", "--model_name_or_path", str(perturbed_policy_dir), "--ref_model_name_or_path", "tiny-llama", "--beta", "0.5",

@@ -35,6 +35,7 @@ def with_base(adapter_dir, tmp_path, base):
     return copy
 
 
+@pytest.mark.slow
 def test_a_valid_adapter_directory_loads_its_base_model_with_the_adapter(adapter_dir, tiny_model_dir, data_dir, tmp_path):
     assert sorted(path.name for path in adapter_dir.iterdir() if path.suffix != ".md") == ["adapter_config.json", "adapter_model.safetensors"]
     model = load_model(str(adapter_dir), dtype="float32")

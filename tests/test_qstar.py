@@ -108,6 +108,7 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
     assert result.expansions <= 3 and result.best.state and len(result.best.state) <= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["rollout", "fqi"])
 def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, data_dir, tiny_model_dir):
     import json

@@ -11,14 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmq.cli import main, train_config_types
-from llmq.errors import UserError
-from llmq.evaluation import EvalConfig
 from llmq.config import ModelConfig, parse_recipe
+from llmq.errors import UserError
+from llmq.evaluation import EvalConfig, GenerateConfig
 
 EVAL_KEYS = ["task", "split", "limit", "temperature", "num_samples", "decoding", "num_beams", "guide_model", "scorer", "max_new_tokens", "top_p", "seed", "dtype",
              "model_name_or_path", "compare_with", "env", "qvm_path", "search_budget", "batch_size"]  # fmt: skip
 TRAIN_KEYS = ["method", "beta", "gamma", "loss_type", "learning_rate", "max_steps", "dataset_path", "build_task", "build_limit", "num_train_epochs", "per_device_train_batch_size",
-              "train_games", "episode_steps", "critic_steps", "threshold", "label", "rollouts", "use_peft", "lora_r", "report_to"]  # fmt: skip
+              "train_games", "episode_steps", "critic_steps", "threshold", "label", "rollouts", "use_peft", "lora_r", "report_to",
+              "build_temperature", "build_num_completions", "sampling_temperature", "behaviour_temperature"]  # fmt: skip
+SAMPLING_KEYS = ["temperature", "top_p", "num_completions", "num_candidates", "num_beams", "decoding", "scorer", "seed", "min_score"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=6)
 
@@ -55,6 +57,52 @@ def test_random_train_recipes_parse_or_fail_in_one_line(recipe, method, tmp_path
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
     parse_or_refuse(train_config_types(method), path)
+
+
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10))
+
+
+@FUZZ
+@given(recipe=st.dictionaries(st.sampled_from(SAMPLING_KEYS), st.one_of(numbers, st.sampled_from(["sample", "greedy", "beam", "best_of_n", "verifier"]))))
+def test_sampling_settings_are_valid_for_sampling_or_refused_in_one_line(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    for types in ((ModelConfig, GenerateConfig), (ModelConfig, EvalConfig)):
+        parsed = parse_or_refuse(types, path)
+        if parsed is not None:  # what is accepted must be something a sampler can do
+            config = parsed[1]
+            assert 0 <= config.temperature < float("inf") and 0 < config.top_p <= 1, config
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["eval", "--limit", "1", "--temperature", "-1"], "temperature"),
+        (["eval", "--limit", "1", "--temperature", "nan"], "temperature"),
+        (["eval", "--limit", "1", "--temperature", "0.7", "--top_p", "0"], "top_p"),
+        (["generate", "--limit", "1", "--temperature", "-0.5"], "temperature"),
+        (["train", "--method", "shiq", "--build_task", "gsm8k", "--build_temperature", "-1"], "temperature"),
+        (["train", "--method", "qvm", "--sampling_temperature", "0"], "sampling_temperature"),
+    ],
+)
+def test_a_sampling_setting_out_of_range_is_one_line_exit_2_before_any_model_loads(argv, key, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'{key}'" in err and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, key", [("generate", "dataset_path"), ("generate", "pairs_path"), ("eval", "output_dir")])
+def test_an_output_location_that_cannot_be_written_is_refused_before_any_work(command, key, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output location was checked")
+
+    monkeypatch.setattr("llmq.cli.load_from_config", never)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([command, "--limit", "1", f"--{key}", str(blocker / "inside")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"key '{key}'" in err and "is a file" in err and "\n" not in err
 
 
 @FUZZ

@@ -136,6 +136,7 @@ def test_malformed_rows_name_their_index(tokenizer, row, message):
         tokenize_trajectory(row, tokenizer, max_length=512, index=3)
 
 
+@pytest.mark.slow
 def test_llmq_train_cli_end_to_end(tmp_path, capsys, shiq_recipe):
     recipe = shiq_recipe(
         tmp_path, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=0.01, use_cpu=True, save_strategy="no", beta=0.5
@@ -187,6 +188,7 @@ def test_preference_pairs_take_best_and_worst_per_question():
         preference_pairs(scored.select([3, 4]))
 
 
+@pytest.mark.slow
 def test_llmq_train_dpo_method_on_scored_data(tmp_path, tiny_model_dir):
     data = tmp_path / "scored.jsonl"
     rows = [dict(row, question_index=i // 2) for i, row in enumerate(ROWS)]

@@ -41,20 +41,20 @@ class QGuidedLogitsProcessor(LogitsProcessor):
     Args:
         guide_model: π_θ, a causal LM with the base model's vocabulary, on the base model's device.
         beta: the KL temperature β the guide was trained with (it turns log-ratios into rewards).
-        guidance_beta: the decoding temperature β_dec; default ``beta`` (sample the guide itself).
+        guidance_temperature: the decoding temperature β_dec; default ``beta`` (sample the guide itself).
         top_k: candidates per step, the base model's top-k tokens; 0 keeps every token.
         pad_token_id: the padding id of left-padded prompts; a prompt's leading run of it is
             masked out of the guide's attention, as ``generate`` masks it out of the base model's.
     """
 
-    def __init__(self, guide_model: torch.nn.Module, *, beta: float, guidance_beta: float | None = None, top_k: int = 20, pad_token_id: int | None = None) -> None:
-        guidance_beta = beta if guidance_beta is None else guidance_beta
-        if beta <= 0 or guidance_beta <= 0:
-            raise ValueError(f"beta and guidance_beta must be > 0, got {beta} and {guidance_beta}")
+    def __init__(self, guide_model: torch.nn.Module, *, beta: float, guidance_temperature: float | None = None, top_k: int = 20, pad_token_id: int | None = None) -> None:
+        guidance_temperature = beta if guidance_temperature is None else guidance_temperature
+        if beta <= 0 or guidance_temperature <= 0:
+            raise ValueError(f"beta and guidance_temperature must be > 0, got {beta} and {guidance_temperature}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.guide_model = guide_model
-        self.weight = beta / guidance_beta  # A/β_dec = (β/β_dec)·(log π_θ − log π_ref)
+        self.weight = beta / guidance_temperature  # A/β_dec = (β/β_dec)·(log π_θ − log π_ref)
         self.top_k = top_k
         self.pad_token_id = pad_token_id
         # transformers renamed `past_key_values` to `cache` within 5.x; both name one Cache object.
@@ -134,6 +134,6 @@ def guidance_processors(options: DecodingOptions, tokenizer, guide: torch.nn.Mod
         return []
     return [
         QGuidedLogitsProcessor(
-            guide, beta=options.guide_beta, guidance_beta=options.guidance_beta, top_k=options.guidance_top_k, pad_token_id=tokenizer.pad_token_id
+            guide, beta=options.guide_beta, guidance_temperature=options.guidance_temperature, top_k=options.guidance_top_k, pad_token_id=tokenizer.pad_token_id
         )
     ]

@@ -24,7 +24,7 @@ class DecodingOptions:
         metadata={
             "help": "sample (temperature / top-p; temperature 0 is greedy), greedy, beam (beam search ranking by the summed log-probs: on a DPO policy, "
             "search on its implicit Q*, docs/algorithms.md §3.6; with guide_model, on the guide's implicit reward), or guided (token-level sampling "
-            "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_beta) on the top guidance_top_k tokens; temperature 0: argmax), "
+            "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_temperature) on the top guidance_top_k tokens; temperature 0: argmax), "
             "best_of_n (sample num_candidates, keep the best by scorer), maj_at_n (sample num_candidates, keep one with the most frequent final answer), "
             "or qstar (A* over reasoning steps guided by the Q-value model at qvm_path, docs/algorithms.md §4).",
             "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n", "qstar"],
@@ -58,7 +58,7 @@ class DecodingOptions:
         },
     )
     guide_beta: float = dataclasses.field(default=0.1, metadata={"help": "The β guide_model was trained with: its advantages are β·log π_guide/π_model."})
-    guidance_beta: float | None = dataclasses.field(
+    guidance_temperature: float | None = dataclasses.field(
         default=None, metadata={"help": "Decoding temperature β_dec on the advantages; default guide_beta, which samples the guide itself. Smaller follows Q harder."}
     )
     guidance_top_k: int = dataclasses.field(default=20, metadata={"help": "Guided decoding reweights only the model's top-k tokens per step (0: all)."})
@@ -97,8 +97,8 @@ class DecodingOptions:
             return
         if not (self.decoding in ("guided", "beam") or (selecting and self.scorer == "implicit_reward")):
             raise UserError(f"key 'guide_model' is used by decoding guided or beam, or by scorer implicit_reward; not by decoding {self.decoding} with scorer {self.scorer}")
-        if self.guide_beta <= 0 or (self.guidance_beta is not None and self.guidance_beta <= 0) or self.guidance_top_k < 0:
-            raise UserError("keys 'guide_beta' and 'guidance_beta' must be > 0 and 'guidance_top_k' >= 0")
+        if self.guide_beta <= 0 or (self.guidance_temperature is not None and self.guidance_temperature <= 0) or self.guidance_top_k < 0:
+            raise UserError("keys 'guide_beta' and 'guidance_temperature' must be > 0 and 'guidance_top_k' >= 0")
         try:
             check_model_reference(self.guide_model)
         except UserError as error:

@@ -71,7 +71,7 @@ def decoding_label(report: dict) -> str:
     else:
         label = f"T={decoding['temperature']}"
     if decoding.get("guide_model") and mode in ("guided", "beam"):
-        label += f", guided by {Path(decoding['guide_model']).name} (β_dec={decoding['guidance_beta'] or decoding['guide_beta']})"
+        label += f", guided by {Path(decoding['guide_model']).name} (β_dec={decoding.get('guidance_temperature') or decoding['guide_beta']})"
     if decoding["num_samples"] > 1:
         label += f" ×{decoding['num_samples']}"
     return label
