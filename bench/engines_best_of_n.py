@@ -70,7 +70,9 @@ def run_one(engine_name: str, args: argparse.Namespace) -> dict:
         engine = HFEngine(model, load_tokenizer(args.model), batch_size=args.prompts, progress=False)
         dtype = str(model.dtype)
     load_s = time.perf_counter() - started
-    engine.generate(questions[:1], n=1, sampling=SamplingParams(max_new_tokens=8, temperature=args.temperature, seed=args.seed + 1))  # warm-up
+    engine.generate(
+        questions[:1], n=1, sampling=SamplingParams(max_new_tokens=8, temperature=args.temperature, seed=args.seed + 1)
+    )  # warm-up
 
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     started = time.perf_counter()
@@ -113,11 +115,27 @@ def main() -> None:
         print(json.dumps(run_one(args.only, args)))
         return
 
-    settings = ["--model", args.model, "--data_dir", args.data_dir, "--prompts", str(args.prompts), "--n", str(args.n),
-                "--max_new_tokens", str(args.max_new_tokens), "--temperature", str(args.temperature), "--seed", str(args.seed)]  # fmt: skip
+    settings = [
+        "--model",
+        args.model,
+        "--data_dir",
+        args.data_dir,
+        "--prompts",
+        str(args.prompts),
+        "--n",
+        str(args.n),
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+        "--temperature",
+        str(args.temperature),
+        "--seed",
+        str(args.seed),
+    ]
     results = {}
     for engine in ("vllm", "hf"):
-        finished = subprocess.run([sys.executable, __file__, "--only", engine, *settings], capture_output=True, text=True, check=False)
+        finished = subprocess.run(
+            [sys.executable, __file__, "--only", engine, *settings], capture_output=True, text=True, check=False
+        )
         if finished.returncode != 0:
             sys.exit(f"{engine} run failed:\n{finished.stderr[-3000:]}")
         results[engine] = json.loads(finished.stdout.strip().splitlines()[-1])
@@ -138,11 +156,17 @@ def main() -> None:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens max, T={args.temperature}, {args.model} ({hf['dtype']}, {report['device']})")
+    print(
+        f"{args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens max, T={args.temperature}, {args.model} ({hf['dtype']}, {report['device']})"
+    )
     print(f"{'':9}{'tokens/s':>10}{'seqs/s':>9}{'tokens':>8}{'seconds':>9}{'load s':>8}{'peak RSS GiB':>14}")
     for name, r in results.items():
-        print(f"{name:9}{r['tokens_per_s']:10.1f}{r['sequences_per_s']:9.3f}{r['generated_tokens']:8d}{r['seconds']:9.1f}{r['load_s']:8.1f}{r['peak_rss_gib']:14.2f}")
-    print(f"{'vLLM/HF':9}{ratios['tokens_per_s']:10.3f}{ratios['sequences_per_s']:9.3f}{'':17}{'':8}{ratios['peak_rss_gib']:14.3f}")
+        print(
+            f"{name:9}{r['tokens_per_s']:10.1f}{r['sequences_per_s']:9.3f}{r['generated_tokens']:8d}{r['seconds']:9.1f}{r['load_s']:8.1f}{r['peak_rss_gib']:14.2f}"
+        )
+    print(
+        f"{'vLLM/HF':9}{ratios['tokens_per_s']:10.3f}{ratios['sequences_per_s']:9.3f}{'':17}{'':8}{ratios['peak_rss_gib']:14.3f}"
+    )
     print(f"report: {args.output}")
 
 

@@ -39,10 +39,25 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
     if mode == "guided":
         guide = load_model(args.guide or args.model, dtype="auto", device=device).eval()
         processors.append(QGuidedLogitsProcessor(guide, beta=0.1, top_k=20, pad_token_id=tokenizer.pad_token_id))
-    rows = [json.loads(line) for line in (Path(args.data_dir) / "gsm8k" / "test.jsonl").read_text().splitlines()[: args.prompts]]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": row["question"]}], tokenize=False, add_generation_prompt=True) for row in rows]
+    rows = [
+        json.loads(line)
+        for line in (Path(args.data_dir) / "gsm8k" / "test.jsonl").read_text().splitlines()[: args.prompts]
+    ]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["question"]}], tokenize=False, add_generation_prompt=True
+        )
+        for row in rows
+    ]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    options = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, logits_processor=processors)
+    options = dict(
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=processors,
+    )
 
     with torch.no_grad():
         model.generate(**encoded, max_new_tokens=4, min_new_tokens=4, **options)  # warm-up
@@ -58,7 +73,10 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
         "wall_s": wall,
         "tokens": generated,
         "tokens_per_s": generated / wall,
-        "peak_memory_gib": (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 2**30,
         "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "dtype": str(model.dtype),
@@ -81,7 +99,20 @@ def main() -> None:
 
     results = {}
     for mode in ("plain", "guided"):
-        command = [sys.executable, __file__, "--only", mode, "--model", args.model, "--data_dir", args.data_dir, "--prompts", str(args.prompts), "--new_tokens", str(args.new_tokens)]
+        command = [
+            sys.executable,
+            __file__,
+            "--only",
+            mode,
+            "--model",
+            args.model,
+            "--data_dir",
+            args.data_dir,
+            "--prompts",
+            str(args.prompts),
+            "--new_tokens",
+            str(args.new_tokens),
+        ]
         if args.guide:
             command += ["--guide", args.guide]
         finished = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -89,14 +120,29 @@ def main() -> None:
             sys.exit(f"{mode} run failed:\n{finished.stderr[-3000:]}")
         results[mode] = json.loads(finished.stdout.strip().splitlines()[-1])
     plain, guided = results["plain"], results["guided"]
-    ratios = {"wall_time": guided["wall_s"] / plain["wall_s"], "tokens_per_s": guided["tokens_per_s"] / plain["tokens_per_s"], "peak_memory": guided["peak_memory_gib"] / plain["peak_memory_gib"]}
-    report = {"model": args.model, "guide": args.guide or f"copy of {args.model}", "prompts": args.prompts, "new_tokens": args.new_tokens, "results": results, "guided_over_plain": ratios}
+    ratios = {
+        "wall_time": guided["wall_s"] / plain["wall_s"],
+        "tokens_per_s": guided["tokens_per_s"] / plain["tokens_per_s"],
+        "peak_memory": guided["peak_memory_gib"] / plain["peak_memory_gib"],
+    }
+    report = {
+        "model": args.model,
+        "guide": args.guide or f"copy of {args.model}",
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "results": results,
+        "guided_over_plain": ratios,
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':8}{'wall s':>9}{'tokens/s':>10}{'peak GiB':>10}   ({plain['device']}, {plain['dtype']}, {args.prompts} prompts x {args.new_tokens} tokens, greedy)")
+    print(
+        f"{'':8}{'wall s':>9}{'tokens/s':>10}{'peak GiB':>10}   ({plain['device']}, {plain['dtype']}, {args.prompts} prompts x {args.new_tokens} tokens, greedy)"
+    )
     for name, result in results.items():
         print(f"{name:8}{result['wall_s']:9.2f}{result['tokens_per_s']:10.1f}{result['peak_memory_gib']:10.2f}")
-    print(f"{'guided/plain':12} wall time {ratios['wall_time']:.3f}x, tokens/s {ratios['tokens_per_s']:.3f}x, peak memory {ratios['peak_memory']:.3f}x")
+    print(
+        f"{'guided/plain':12} wall time {ratios['wall_time']:.3f}x, tokens/s {ratios['tokens_per_s']:.3f}x, peak memory {ratios['peak_memory']:.3f}x"
+    )
     print(f"report: {args.output}")
 
 

@@ -29,7 +29,14 @@ def write_rows(data_dir: Path, rows: int, folder: Path) -> tuple[Path, int]:
     from llmq.models import load_tokenizer
 
     examples = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[:rows]]
-    dataset = [{"prompt": [{"role": "user", "content": e["question"]}], "completion": [{"role": "assistant", "content": e["answer"]}], "reward": 1.0} for e in examples]
+    dataset = [
+        {
+            "prompt": [{"role": "user", "content": e["question"]}],
+            "completion": [{"role": "assistant", "content": e["answer"]}],
+            "reward": 1.0,
+        }
+        for e in examples
+    ]
     path = folder / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in dataset))
     tokenizer = load_tokenizer(ARGS.model)
@@ -40,9 +47,38 @@ def write_rows(data_dir: Path, rows: int, folder: Path) -> tuple[Path, int]:
 
 def run(processes: int, dataset: Path, folder: Path) -> dict:
     output_dir = folder / f"out_{processes}"
-    command = [sys.executable, "-m", "llmq.cli", "train", "--model_name_or_path", ARGS.model, "--dataset_path", str(dataset), "--output_dir", str(output_dir)]
-    command += ["--max_steps", str(ARGS.steps), "--per_device_train_batch_size", str(ARGS.global_batch // processes), "--learning_rate", "1e-6"]
-    command += ["--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--max_length", "1024"]
+    command = [
+        sys.executable,
+        "-m",
+        "llmq.cli",
+        "train",
+        "--model_name_or_path",
+        ARGS.model,
+        "--dataset_path",
+        str(dataset),
+        "--output_dir",
+        str(output_dir),
+    ]
+    command += [
+        "--max_steps",
+        str(ARGS.steps),
+        "--per_device_train_batch_size",
+        str(ARGS.global_batch // processes),
+        "--learning_rate",
+        "1e-6",
+    ]
+    command += [
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--max_length",
+        "1024",
+    ]
     command += ["--bf16", "true"] if ARGS.bf16 else []
     if processes > 1:
         command += ["--accelerate_config", ARGS.accelerate_config, "--num_processes", str(processes)]
@@ -50,7 +86,12 @@ def run(processes: int, dataset: Path, folder: Path) -> dict:
     if finished.returncode != 0:
         sys.exit(f"{processes}-process run failed:\n{finished.stderr[-3000:]}")
     metrics = json.loads((output_dir / "summary.json").read_text())["train"]
-    return {"processes": processes, "train_runtime_s": metrics["train_runtime"], "train_loss": metrics["train_loss"], "peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    return {
+        "processes": processes,
+        "train_runtime_s": metrics["train_runtime"],
+        "train_loss": metrics["train_loss"],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+    }
 
 
 def main() -> None:
@@ -76,30 +117,43 @@ def main() -> None:
             result["tokens_per_s"] = tokens / result["train_runtime_s"]
             results[processes] = result
     one, many = results[1], results[ARGS.processes]
-    ratios = {"tokens_per_s": many["tokens_per_s"] / one["tokens_per_s"], "peak_rss_per_process": many["peak_rss_gib"] / one["peak_rss_gib"]}
+    ratios = {
+        "tokens_per_s": many["tokens_per_s"] / one["tokens_per_s"],
+        "peak_rss_per_process": many["peak_rss_gib"] / one["peak_rss_gib"],
+    }
     report = {
         "model": ARGS.model,
         "accelerate_config": ARGS.accelerate_config,
         "steps": ARGS.steps,
         "global_batch": ARGS.global_batch,
         "tokens": tokens,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": "bfloat16" if ARGS.bf16 else "float32",
         "results": {str(k): v for k, v in results.items()},
         f"{ARGS.processes}_over_1": ratios,
     }
     Path(ARGS.output).parent.mkdir(parents=True, exist_ok=True)
     Path(ARGS.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'processes':10}{'runtime s':>11}{'tokens/s':>10}{'peak GiB':>10}   ({report['device']}, {report['dtype']}, {ARGS.steps} steps x {ARGS.global_batch} rows, {tokens} tokens)")
+    print(
+        f"{'processes':10}{'runtime s':>11}{'tokens/s':>10}{'peak GiB':>10}   ({report['device']}, {report['dtype']}, {ARGS.steps} steps x {ARGS.global_batch} rows, {tokens} tokens)"
+    )
     for processes, result in results.items():
-        print(f"{processes:<10}{result['train_runtime_s']:11.1f}{result['tokens_per_s']:10.1f}{result['peak_rss_gib']:10.2f}")
-    print(f"{ARGS.processes} processes / 1 ({ARGS.accelerate_config}): tokens/s {ratios['tokens_per_s']:.3f}x, peak memory of the largest process {ratios['peak_rss_per_process']:.3f}x")
+        print(
+            f"{processes:<10}{result['train_runtime_s']:11.1f}{result['tokens_per_s']:10.1f}{result['peak_rss_gib']:10.2f}"
+        )
+    print(
+        f"{ARGS.processes} processes / 1 ({ARGS.accelerate_config}): tokens/s {ratios['tokens_per_s']:.3f}x, peak memory of the largest process {ratios['peak_rss_per_process']:.3f}x"
+    )
     print(f"report: {ARGS.output}")
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m-instruct")
-parser.add_argument("--accelerate_config", default="ddp", help="preset or accelerate config file of the multi-process run")
+parser.add_argument(
+    "--accelerate_config", default="ddp", help="preset or accelerate config file of the multi-process run"
+)
 parser.add_argument("--processes", type=int, default=2)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--global_batch", type=int, default=4)

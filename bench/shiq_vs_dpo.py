@@ -24,7 +24,14 @@ from pathlib import Path
 def gsm8k_texts(data_dir: Path, pairs: int) -> list[dict]:
     rows = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[: 2 * pairs]]
     # chosen = the question's reference solution, rejected = another question's (a similar length).
-    return [{"prompt": f"Question: {rows[i]['question']}\nAnswer:", "chosen": " " + rows[i]["answer"], "rejected": " " + rows[i + pairs]["answer"]} for i in range(pairs)]
+    return [
+        {
+            "prompt": f"Question: {rows[i]['question']}\nAnswer:",
+            "chosen": " " + rows[i]["answer"],
+            "rejected": " " + rows[i + pairs]["answer"],
+        }
+        for i in range(pairs)
+    ]
 
 
 def run_one(method: str, args: argparse.Namespace) -> dict:
@@ -56,12 +63,23 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         from trl import DPOConfig, DPOTrainer
 
         dataset = datasets.Dataset.from_list(pairs)
-        trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=dataset, processing_class=tokenizer)
+        trainer = DPOTrainer(
+            model=model, args=DPOConfig(beta=0.1, **common), train_dataset=dataset, processing_class=tokenizer
+        )
     else:
         from llmq.trainers import ShiQConfig, ShiQTrainer
 
-        rows = [{"prompt": p["prompt"], "completion": p[key], "reward": float(key == "chosen")} for p in pairs for key in ("chosen", "rejected")]
-        trainer = ShiQTrainer(model=model, args=ShiQConfig(beta=0.1, **common), train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+        rows = [
+            {"prompt": p["prompt"], "completion": p[key], "reward": float(key == "chosen")}
+            for p in pairs
+            for key in ("chosen", "rejected")
+        ]
+        trainer = ShiQTrainer(
+            model=model,
+            args=ShiQConfig(beta=0.1, **common),
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
 
     step_times: list[float] = []
     tokens: list[int] = []
@@ -100,7 +118,10 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         "seconds_per_step": per_step,
         "steps_per_s": 1 / per_step,
         "tokens_per_s": sum(tokens[1:]) / max(1, len(tokens) - 1) / per_step,
-        "peak_memory_gib": (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 2**30,
         "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "wall_s": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
@@ -112,7 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (ShiQ sees 2x this many sequences)")
+    parser.add_argument(
+        "--pairs", type=int, default=2, help="preference pairs per step (ShiQ sees 2x this many sequences)"
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--output", default="outputs/bench/shiq_vs_dpo.json")
     parser.add_argument("--only", choices=["shiq", "dpo"], help=argparse.SUPPRESS)
@@ -123,7 +146,20 @@ def main() -> None:
 
     results = {}
     for method in ("shiq", "dpo"):
-        command = [sys.executable, __file__, "--only", method, "--model", args.model, "--data_dir", args.data_dir, "--pairs", str(args.pairs), "--steps", str(args.steps)]
+        command = [
+            sys.executable,
+            __file__,
+            "--only",
+            method,
+            "--model",
+            args.model,
+            "--data_dir",
+            args.data_dir,
+            "--pairs",
+            str(args.pairs),
+            "--steps",
+            str(args.steps),
+        ]
         finished = subprocess.run(command, capture_output=True, text=True, check=False)
         if finished.returncode != 0:
             sys.exit(f"{method} run failed:\n{finished.stderr[-3000:]}")
@@ -133,10 +169,14 @@ def main() -> None:
     report = {"model": args.model, "pairs_per_step": args.pairs, "results": results, "shiq_over_dpo": ratios}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':8}{'steps/s':>10}{'tokens/s':>11}{'peak GiB':>10}   ({shiq['device']}, {shiq['dtype']}, {2 * args.pairs} sequences/step)")
+    print(
+        f"{'':8}{'steps/s':>10}{'tokens/s':>11}{'peak GiB':>10}   ({shiq['device']}, {shiq['dtype']}, {2 * args.pairs} sequences/step)"
+    )
     for name, result in results.items():
         print(f"{name:8}{result['steps_per_s']:10.3f}{result['tokens_per_s']:11.1f}{result['peak_memory_gib']:10.2f}")
-    print(f"{'ShiQ/DPO':8}{ratios['steps_per_s']:10.3f}{ratios['tokens_per_s']:11.3f}{ratios['peak_memory_gib']:10.3f}")
+    print(
+        f"{'ShiQ/DPO':8}{ratios['steps_per_s']:10.3f}{ratios['tokens_per_s']:11.3f}{ratios['peak_memory_gib']:10.3f}"
+    )
     print(f"report: {args.output}")
 
 

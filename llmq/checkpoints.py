@@ -70,7 +70,9 @@ def _read_safetensors(file: Path, names: set[str] | None = None) -> None:
     except (OSError, SafetensorError) as error:
         raise UserError(f"{file} is truncated or corrupt ({error}); {_what_to_do(file.parent)}") from None
     if names is not None and not names <= keys:
-        raise UserError(f"{file} lacks {len(names - keys)} tensor(s) that {WEIGHTS_INDEX} places in it, e.g. '{min(names - keys)}'; {_what_to_do(file.parent)}")
+        raise UserError(
+            f"{file} lacks {len(names - keys)} tensor(s) that {WEIGHTS_INDEX} places in it, e.g. '{min(names - keys)}'; {_what_to_do(file.parent)}"
+        )
 
 
 def _weights(folder: Path) -> dict[Path, set[str] | None]:
@@ -83,7 +85,9 @@ def _weights(folder: Path) -> dict[Path, set[str] | None]:
         try:
             weight_map = json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{folder / WEIGHTS_INDEX} is not a safetensors index ({type(error).__name__}: {error}); {_what_to_do(folder)}") from None
+            raise UserError(
+                f"{folder / WEIGHTS_INDEX} is not a safetensors index ({type(error).__name__}: {error}); {_what_to_do(folder)}"
+            ) from None
         for tensor, shard in weight_map.items():
             files.setdefault(folder / shard, set()).add(tensor)
     for file in files:
@@ -101,7 +105,9 @@ def _check_deepspeed(step_folder: Path) -> None:
         except (OSError, zipfile.BadZipFile) as error:
             raise UserError(f"{file} is truncated or corrupt ({error}); {_what_to_do(step_folder.parent)}") from None
         if damaged is not None:
-            raise UserError(f"{file} is corrupt (its entry '{damaged}' fails its checksum); {_what_to_do(step_folder.parent)}")
+            raise UserError(
+                f"{file} is corrupt (its entry '{damaged}' fails its checksum); {_what_to_do(step_folder.parent)}"
+            )
 
 
 def validate_checkpoint(path: str | os.PathLike) -> Path:
@@ -116,13 +122,19 @@ def validate_checkpoint(path: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} does not exist or is not a directory")
     if not (folder / TRAINER_STATE).is_file():
-        raise UserError(f"checkpoint {folder} is incomplete: it has no {TRAINER_STATE}, which the Trainer writes last (its save was interrupted); {_what_to_do(folder)}")
+        raise UserError(
+            f"checkpoint {folder} is incomplete: it has no {TRAINER_STATE}, which the Trainer writes last (its save was interrupted); {_what_to_do(folder)}"
+        )
     if not is_complete(folder):
-        raise UserError(f"checkpoint {folder} is incomplete: its {TRAINER_STATE} is not valid JSON (its save was interrupted); {_what_to_do(folder)}")
+        raise UserError(
+            f"checkpoint {folder} is incomplete: its {TRAINER_STATE} is not valid JSON (its save was interrupted); {_what_to_do(folder)}"
+        )
     weights = _weights(folder)
     deepspeed = sorted(child for child in folder.glob("global_step*") if child.is_dir())
     if not weights and not deepspeed:
-        raise UserError(f"checkpoint {folder} has no weights ({WEIGHTS}, {WEIGHTS_INDEX}, {ADAPTER_WEIGHTS} or a DeepSpeed global_step folder); {_what_to_do(folder)}")
+        raise UserError(
+            f"checkpoint {folder} has no weights ({WEIGHTS}, {WEIGHTS_INDEX}, {ADAPTER_WEIGHTS} or a DeepSpeed global_step folder); {_what_to_do(folder)}"
+        )
     for file, names in weights.items():
         _read_safetensors(file, names)
     for step_folder in deepspeed:

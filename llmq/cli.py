@@ -46,7 +46,11 @@ def train_config_types(method: str) -> tuple[type, ...]:
 
 def _train(argv: Sequence[str]) -> int:
     # The method picks the trainer's config class, so read it before parsing everything else.
-    method = load_recipe_file(argv[0]).get("method", DEFAULT_METHOD) if argv and not argv[0].startswith("-") else DEFAULT_METHOD
+    method = (
+        load_recipe_file(argv[0]).get("method", DEFAULT_METHOD)
+        if argv and not argv[0].startswith("-")
+        else DEFAULT_METHOD
+    )
     if "--method" in argv[:-1]:
         method = argv[argv.index("--method") + 1]
     model_args, training_args, config, launch = parse_recipe(
@@ -60,13 +64,22 @@ def _train(argv: Sequence[str]) -> int:
     )
     if launch.distributed and not METHODS[config.method].multi_process:
         several = ", ".join(name for name, entry in METHODS.items() if entry.multi_process)
-        raise UserError(f"method {config.method} trains in one process; accelerate_config and num_processes apply to methods {several}")
+        raise UserError(
+            f"method {config.method} trains in one process; accelerate_config and num_processes apply to methods {several}"
+        )
     module = method_module(config.method)
     if not is_launched_process():  # the launching process checks the checkpoint and hands it to the training processes
         if launch.resume:
             training_args.resume_from_checkpoint = resume_point(training_args.output_dir)  # validated
-            print(f"resuming from {training_args.resume_from_checkpoint}" if training_args.resume_from_checkpoint else f"no checkpoint in {training_args.output_dir}: the fine-tuning starts from its first step", flush=True)
-        elif training_args.resume_from_checkpoint:  # a damaged checkpoint fails now, not after data building, benchmarks and half a load
+            print(
+                f"resuming from {training_args.resume_from_checkpoint}"
+                if training_args.resume_from_checkpoint
+                else f"no checkpoint in {training_args.output_dir}: the fine-tuning starts from its first step",
+                flush=True,
+            )
+        elif (
+            training_args.resume_from_checkpoint
+        ):  # a damaged checkpoint fails now, not after data building, benchmarks and half a load
             validate_checkpoint(training_args.resume_from_checkpoint)
     summary = module.run(model_args, training_args, config, launch, argv)
     if is_launched_process():  # the launching process reports

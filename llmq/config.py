@@ -40,15 +40,22 @@ class ModelConfig(trl.ModelConfig):
 
     model_name_or_path: str = dataclasses.field(
         default=EMBEDDED_MODEL,
-        metadata={"help": f"Registered model name (see `llmq models list`), local directory, or Hugging Face Hub id. Default: {EMBEDDED_MODEL}."},
+        metadata={
+            "help": f"Registered model name (see `llmq models list`), local directory, or Hugging Face Hub id. Default: {EMBEDDED_MODEL}."
+        },
     )
     dtype: str = dataclasses.field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (bf16 on a CUDA GPU, fp32 on CPU), float32, bfloat16 or float16.", "choices": ["auto", "float32", "bfloat16", "float16"]},
+        metadata={
+            "help": "Weights dtype: auto (bf16 on a CUDA GPU, fp32 on CPU), float32, bfloat16 or float16.",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
     )
     trust_remote_code: bool = dataclasses.field(
         default=False,
-        metadata={"help": "Run model code shipped with a Hub repository. Off by default; only turn it on for repositories you trust."},
+        metadata={
+            "help": "Run model code shipped with a Hub repository. Off by default; only turn it on for repositories you trust."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -77,7 +84,9 @@ def make_parser(dataclass_types: Sequence[type], prog: str, description: str) ->
         # trust_remote_code) becomes one option whose value both receive.
         conflict_handler="resolve",
     )
-    parser.add_argument("recipe", nargs="?", help="YAML recipe; its keys are the options below, and flags given here override it")
+    parser.add_argument(
+        "recipe", nargs="?", help="YAML recipe; its keys are the options below, and flags given here override it"
+    )
     return parser
 
 
@@ -124,7 +133,9 @@ def _export_env(block: Any, source: str) -> None:
     def valid_name(name: Any) -> bool:
         return isinstance(name, str) and bool(name) and "=" not in name and "\0" not in name
 
-    if not isinstance(block, dict) or not all(valid_name(k) and isinstance(v, (str, int, float, bool)) and "\0" not in str(v) for k, v in block.items()):
+    if not isinstance(block, dict) or not all(
+        valid_name(k) and isinstance(v, (str, int, float, bool)) and "\0" not in str(v) for k, v in block.items()
+    ):
         raise RecipeError(f"{source}: 'env' must map variable names (non-empty, without '=') to strings or numbers")
     for name, value in block.items():
         os.environ[str(name)] = str(value)
@@ -146,7 +157,11 @@ def parse_recipe(
     recipe_path = argv.pop(0) if argv and not argv[0].startswith("-") else None
     options = _option_strings(parser)
     # Which keys may be null: their field's annotation admits None (annotations are strings here).
-    nullable = {f.name: any(word in str(f.type) for word in ("None", "Optional", "Any")) or f.default is None for t in dataclass_types for f in dataclasses.fields(t)}
+    nullable = {
+        f.name: any(word in str(f.type) for word in ("None", "Optional", "Any")) or f.default is None
+        for t in dataclass_types
+        for f in dataclasses.fields(t)
+    }
 
     recipe_argv: list[str] = []
     source = "command line"
@@ -158,7 +173,11 @@ def parse_recipe(
         for key, value in content.items():
             if key not in options:
                 close = difflib.get_close_matches(str(key), options, n=3)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; see `{prog} --help` for the allowed keys"
+                hint = (
+                    f"; did you mean {', '.join(repr(c) for c in close)}?"
+                    if close
+                    else f"; see `{prog} --help` for the allowed keys"
+                )
                 raise RecipeError(f"{recipe_path}: unknown key '{key}'{hint}")
             if value is None:
                 if not nullable.get(key, True):
@@ -201,7 +220,7 @@ def parse_recipe(
 def _rephrase(message: str) -> str:
     """argparse says 'argument --lr: invalid float value' — say 'key lr: ...' so it reads for YAML too."""
     if message.startswith("argument --"):
-        key, _, rest = message[len("argument --"):].partition(": ")
+        key, _, rest = message[len("argument --") :].partition(": ")
         return f"key '{key.split('/')[0]}': {rest}"
     return message
 

@@ -23,13 +23,28 @@ from llmq.visualize import render_credit_html, render_credit_png, token_strings
 class ExplainConfig:
     """What to explain; the policy is ``model_name_or_path``, every field is a recipe key or ``--flag``."""
 
-    prompt: str | None = dataclasses.field(default=None, metadata={"help": "The prompt (a user message when chat is on). Required."})
-    response: str | None = dataclasses.field(default=None, metadata={"help": "The response to explain; default: the policy's own greedy answer."})
-    ref_model_name_or_path: str = dataclasses.field(default=EMBEDDED_MODEL, metadata={"help": "The reference model the policy was trained against."})
-    beta: float = dataclasses.field(default=0.1, metadata={"help": "The beta the policy was trained with (scales the rewards)."})
-    chat: bool = dataclasses.field(default=True, metadata={"help": "Render prompt and response with the tokenizer's chat template."})
-    max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "Length of the generated response when none is given."})
-    output_dir: str = dataclasses.field(default="outputs/explain", metadata={"help": "Where credit_map.html, credit_map.png and credit_map.json are written."})
+    prompt: str | None = dataclasses.field(
+        default=None, metadata={"help": "The prompt (a user message when chat is on). Required."}
+    )
+    response: str | None = dataclasses.field(
+        default=None, metadata={"help": "The response to explain; default: the policy's own greedy answer."}
+    )
+    ref_model_name_or_path: str = dataclasses.field(
+        default=EMBEDDED_MODEL, metadata={"help": "The reference model the policy was trained against."}
+    )
+    beta: float = dataclasses.field(
+        default=0.1, metadata={"help": "The beta the policy was trained with (scales the rewards)."}
+    )
+    chat: bool = dataclasses.field(
+        default=True, metadata={"help": "Render prompt and response with the tokenizer's chat template."}
+    )
+    max_new_tokens: int = dataclasses.field(
+        default=256, metadata={"help": "Length of the generated response when none is given."}
+    )
+    output_dir: str = dataclasses.field(
+        default="outputs/explain",
+        metadata={"help": "Where credit_map.html, credit_map.png and credit_map.json are written."},
+    )
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -47,16 +62,24 @@ def explain(model, tokenizer, config: ExplainConfig, model_name: str, dtype: str
     response = config.response
     if response is None:
         prompt = [{"role": "user", "content": config.prompt}] if config.chat else config.prompt
-        [[completion]] = HFEngine(model, tokenizer, progress=False).generate([prompt], sampling=SamplingParams(max_new_tokens=config.max_new_tokens))
+        [[completion]] = HFEngine(model, tokenizer, progress=False).generate(
+            [prompt], sampling=SamplingParams(max_new_tokens=config.max_new_tokens)
+        )
         response = completion.text
     if config.chat:
-        row = {"prompt": [{"role": "user", "content": config.prompt}], "completion": [{"role": "assistant", "content": response}], "reward": 0.0}
+        row = {
+            "prompt": [{"role": "user", "content": config.prompt}],
+            "completion": [{"role": "assistant", "content": response}],
+            "reward": 0.0,
+        }
     else:
         row = {"prompt": config.prompt, "completion": response, "reward": 0.0}
     tokenized = tokenize_trajectory(row, tokenizer, max_length=10**9, index=0)
     batch = TrajectoryCollator(tokenizer.pad_token_id)([tokenized])
     reference = load_model(config.ref_model_name_or_path, dtype=dtype).to(model.device).eval()
-    rewards = ImplicitQ(model, reference, config.beta).advantages(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+    rewards = ImplicitQ(model, reference, config.beta).advantages(
+        batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    )
     actions = batch["act_mask"][0].nonzero().flatten().tolist()
     ids = [tokenized["input_ids"][p] for p in actions]
     tokens, values = token_strings(tokenizer, ids), rewards[0, actions].float().cpu().tolist()
@@ -65,10 +88,20 @@ def explain(model, tokenizer, config: ExplainConfig, model_name: str, dtype: str
     output_dir.mkdir(parents=True, exist_ok=True)
     title = f"{model_name} vs {config.ref_model_name_or_path} (β={config.beta})"
     value_name = "implicit reward β·log π/π_ref"
-    (output_dir / "credit_map.html").write_text(render_credit_html(tokens, values, title=title, prompt=config.prompt, value_name=value_name))
+    (output_dir / "credit_map.html").write_text(
+        render_credit_html(tokens, values, title=title, prompt=config.prompt, value_name=value_name)
+    )
     render_credit_png(tokens, values, output_dir / "credit_map.png", title=title, value_name=value_name)
-    record = {"model": model_name, "reference": config.ref_model_name_or_path, "beta": config.beta, "prompt": config.prompt, "response": response,
-              "tokens": tokens, "values": values, "sum": sum(values)}
+    record = {
+        "model": model_name,
+        "reference": config.ref_model_name_or_path,
+        "beta": config.beta,
+        "prompt": config.prompt,
+        "response": response,
+        "tokens": tokens,
+        "values": values,
+        "sum": sum(values),
+    }
     (output_dir / "credit_map.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -76,5 +109,7 @@ def explain(model, tokenizer, config: ExplainConfig, model_name: str, dtype: str
 def format_summary(record: dict, top: int = 3) -> str:
     ranked = sorted(zip(record["values"], record["tokens"]))
     describe = lambda items: ", ".join(f"{token!r} {value:+.3f}" for value, token in items)  # noqa: E731
-    return (f"{len(record['tokens'])} response tokens, total implicit reward {record['sum']:+.3f}\n"
-            f"  most negative: {describe(ranked[:top])}\n  most positive: {describe(reversed(ranked[-top:]))}")
+    return (
+        f"{len(record['tokens'])} response tokens, total implicit reward {record['sum']:+.3f}\n"
+        f"  most negative: {describe(ranked[:top])}\n  most positive: {describe(reversed(ranked[-top:]))}"
+    )

@@ -40,10 +40,14 @@ class LaunchConfig:
             "Default: ddp when num_processes > 1."
         },
     )
-    num_processes: int = dataclasses.field(default=1, metadata={"help": "Training processes (GPUs, or CPU processes on a machine without CUDA)."})
+    num_processes: int = dataclasses.field(
+        default=1, metadata={"help": "Training processes (GPUs, or CPU processes on a machine without CUDA)."}
+    )
     resume: bool = dataclasses.field(
         default=False,
-        metadata={"help": "Continue from the newest complete checkpoint in output_dir (start from scratch when there is none)."},
+        metadata={
+            "help": "Continue from the newest complete checkpoint in output_dir (start from scratch when there is none)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -63,7 +67,9 @@ class LaunchConfig:
             return PRESETS_DIR / f"{name}.yaml"
         if Path(name).is_file():
             return Path(name)
-        raise UserError(f"key 'accelerate_config': '{name}' is neither a preset ({', '.join(preset_names())}) nor an existing file")
+        raise UserError(
+            f"key 'accelerate_config': '{name}' is neither a preset ({', '.join(preset_names())}) nor an existing file"
+        )
 
 
 def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
@@ -92,7 +98,9 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
         launch_command(launch_command_parser().parse_args(launch_args))
     except Exception as error:  # torch's ChildFailedError, or the launcher refusing the config
         summary = " ".join(str(error).split())[:300]
-        raise UserError(f"training with {launch.num_processes} processes ({config_file.name}) failed: {summary}; the processes' own messages are above") from None
+        raise UserError(
+            f"training with {launch.num_processes} processes ({config_file.name}) failed: {summary}; the processes' own messages are above"
+        ) from None
     finally:
         for name, value in previous.items():
             if value is None:

@@ -95,8 +95,12 @@ def shiq_loss(
     if truncated is not None and truncated.any():
         after_last = last + 1
         if (after_last[truncated] >= u_all.shape[1]).any():
-            raise ValueError("a truncated row needs one position after its last action token (pad it) to read u(s_{T+1})")
-        bootstrap = torch.where(truncated, u_all.gather(1, after_last.clamp(max=u_all.shape[1] - 1)[:, None]).squeeze(1), 0.0).detach()
+            raise ValueError(
+                "a truncated row needs one position after its last action token (pad it) to read u(s_{T+1})"
+            )
+        bootstrap = torch.where(
+            truncated, u_all.gather(1, after_last.clamp(max=u_all.shape[1] - 1)[:, None]).squeeze(1), 0.0
+        ).detach()
 
     if loss_type == "multistep":
         returns = reverse_discounted_cumsum(rewards, gamma, mask)
@@ -123,7 +127,9 @@ def shiq_loss(
             "u/mean": u.sum() / count,
             "kl": rho.sum(1).mean(),
             "rewards/mean": returns_per_row.mean(),
-            "rewards/std": returns_per_row.std() if returns_per_row.numel() > 1 else torch.zeros_like(returns_per_row[0]),
+            "rewards/std": returns_per_row.std()
+            if returns_per_row.numel() > 1
+            else torch.zeros_like(returns_per_row[0]),
         }
     return loss, metrics
 
@@ -186,7 +192,9 @@ def dpo_loss(
     return loss, metrics
 
 
-def implicit_token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, act_mask: torch.Tensor, beta: float) -> torch.Tensor:
+def implicit_token_rewards(
+    logp: torch.Tensor, ref_logp: torch.Tensor, act_mask: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Per-token implicit reward ``r_θ(s_t, a_t) = β(log π_θ(a_t|s_t) − log π_ref(a_t|s_t))`` (§3.5), ``[B, L]``.
 
     ``logp`` and ``ref_logp`` are aligned like :func:`llmq.mdp.token_logprobs`; the result is 0
@@ -232,7 +240,9 @@ def td_loss(
     y_q = rewards + gamma * (1 - dones.to(rewards.dtype)) * target_v_next.detach()
     y_v = target_q.detach()
     q_error, v_error = y_q - q, y_v - v
-    v_weight = torch.ones_like(v_error) if expectile is None else torch.abs(expectile - (v_error < 0).to(v_error.dtype))
+    v_weight = (
+        torch.ones_like(v_error) if expectile is None else torch.abs(expectile - (v_error < 0).to(v_error.dtype))
+    )
     loss = (weights * q_error.pow(2)).sum() + (weights * v_weight * v_error.pow(2)).sum()
     metrics = {
         "loss": loss.detach(),
@@ -243,7 +253,9 @@ def td_loss(
     return loss, metrics
 
 
-def best_of_n_advantages(q: torch.Tensor, v: torch.Tensor, *, threshold: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def best_of_n_advantages(
+    q: torch.Tensor, v: torch.Tensor, *, threshold: float, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digi-Q's Best-of-N policy extraction (§5.6): which candidate action to imitate, and whether.
 
     ``q`` ``[H, B, N]`` are the heads' Q-values of N candidate actions per state, ``v`` ``[H, B]``
@@ -270,4 +282,6 @@ def rollout_max_labels(step_rewards: list[float], continuation_returns: list[lis
 def fqi_labels(step_rewards: list[float], dones: list[bool], next_q_values: list[list[float]]) -> list[float]:
     """Q*'s fitted-Q-iteration labels (§4.4 item 1): ``ŷ(s, a) = r(s, a) + max_c Q_prev(s', c)`` over
     candidate steps at ``s' = s ⊕ a`` (γ = 1; no bootstrap after a final step)."""
-    return [reward + (0.0 if done else max(values)) for reward, done, values in zip(step_rewards, dones, next_q_values)]
+    return [
+        reward + (0.0 if done else max(values)) for reward, done, values in zip(step_rewards, dones, next_q_values)
+    ]

@@ -25,7 +25,9 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch
         and ``lse[:, p] = LSE ℓ(s_p)`` over the full vocabulary; column 0 is 0 in both.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
-        raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} do not align as [B, L, V] / [B, L]")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} do not align as [B, L, V] / [B, L]"
+        )
     scores = logits[:, :-1]
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
     lse = torch.logsumexp(scores, dim=-1)
@@ -55,7 +57,9 @@ def action_mask_from_spans(spans: Sequence[Sequence[tuple[int, int]]], seq_len: 
     for row, row_spans in enumerate(spans):
         for start, end in row_spans:
             if not 0 < start <= end <= seq_len:
-                raise ValueError(f"row {row}: action span ({start}, {end}) is outside 1..{seq_len} (position 0 cannot be an action)")
+                raise ValueError(
+                    f"row {row}: action span ({start}, {end}) is outside 1..{seq_len} (position 0 cannot be an action)"
+                )
             mask[row, start:end] = True
     return mask
 
@@ -76,7 +80,9 @@ def sequence_rewards_to_tokens(rewards: torch.Tensor, act_mask: torch.Tensor) ->
     """Place one reward per row on its last action token (docs/algorithms.md §1.1), zeros elsewhere."""
     last = last_action_positions(act_mask)
     if (last < 0).any():
-        raise ValueError(f"rows {torch.nonzero(last < 0).flatten().tolist()} have no action token to carry their reward")
+        raise ValueError(
+            f"rows {torch.nonzero(last < 0).flatten().tolist()} have no action token to carry their reward"
+        )
     token_rewards = torch.zeros(act_mask.shape, dtype=torch.float32, device=act_mask.device)
     token_rewards[torch.arange(act_mask.shape[0], device=act_mask.device), last] = rewards.float()
     return token_rewards

@@ -42,13 +42,17 @@ class QFunction(abc.ABC):
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if ref_model is None and not hasattr(model, "disable_adapter"):
-            raise ValueError(f"ref_model=None needs a PEFT model (its reference is the model with adapters disabled); got a {type(model).__name__}")
+            raise ValueError(
+                f"ref_model=None needs a PEFT model (its reference is the model with adapters disabled); got a {type(model).__name__}"
+            )
         self.model = model
         self.ref_model = ref_model
         self.beta = beta
 
     @torch.no_grad()
-    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy and reference logits ``[B, L, V]`` in the HF convention (row ``p − 1`` scores token ``p``)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         logits = self.model(**inputs).logits

@@ -68,8 +68,9 @@ def proportion_summary(outcomes: Sequence[bool | int], level: float = 0.95) -> d
     return {"mean": successes / len(array), "ci95": [low, high], "count": successes}
 
 
-def bootstrap_interval(values: Sequence[float] | np.ndarray, samples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray, samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Bootstrap interval of the mean of ``values`` (scipy.stats.bootstrap, ``samples`` resamples).
 
     BCa where it is defined; the percentile bootstrap where it is not (all values equal, where BCa is NaN).
@@ -86,8 +87,15 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, samples: int = 1000
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)  # BCa undefined: we fall back
             seeded = {_SEED_KEYWORD: np.random.default_rng(seed)}
-            result = scipy.stats.bootstrap((values,), np.mean, n_resamples=samples, confidence_level=level,
-                                           method=method, vectorized=True, **seeded)
+            result = scipy.stats.bootstrap(
+                (values,),
+                np.mean,
+                n_resamples=samples,
+                confidence_level=level,
+                method=method,
+                vectorized=True,
+                **seeded,
+            )
         low, high = result.confidence_interval
         if np.isfinite(low) and np.isfinite(high):
             break
@@ -96,8 +104,13 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, samples: int = 1000
     return float(low), float(high)
 
 
-def paired_difference(before: Sequence[float] | np.ndarray, after: Sequence[float] | np.ndarray, samples: int = 1000,
-                      seed: int = 0, level: float = 0.95) -> dict:
+def paired_difference(
+    before: Sequence[float] | np.ndarray,
+    after: Sequence[float] | np.ndarray,
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """``{"mean", "ci95_paired"}`` of the per-question differences ``after - before``.
 
     The interval is ``bootstrap_interval`` of the differences (BCa where defined), at ``level`` (0.95 by default).

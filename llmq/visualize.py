@@ -33,7 +33,13 @@ from matplotlib.patches import Rectangle
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["plot_accuracy_vs_tokens", "render_credit_html", "render_credit_png", "render_search_tree_html", "token_strings"]
+__all__ = [
+    "plot_accuracy_vs_tokens",
+    "render_credit_html",
+    "render_credit_png",
+    "render_search_tree_html",
+    "token_strings",
+]
 
 _NEGATIVE_RGB = (0xD7, 0x30, 0x27)
 _POSITIVE_RGB = (0x45, 0x75, 0xB4)
@@ -179,11 +185,15 @@ def render_credit_html(
     )
     prompt_block = f'<div class="prompt">{esc(prompt)}</div>\n' if prompt is not None else ""
     css = _CSS.replace("{neg}", _hex(_rgb(-1, 1))).replace("{pos}", _hex(_rgb(1, 1)))
-    return _page(title, css, f"""<div class="legend"><span>{esc(value_name)}</span><span>{-scale:+.4g}</span><span class="bar"></span><span>{scale:+.4g}</span>
+    return _page(
+        title,
+        css,
+        f"""<div class="legend"><span>{esc(value_name)}</span><span>{-scale:+.4g}</span><span class="bar"></span><span>{scale:+.4g}</span>
 <span>(0 = white; hover a token for its exact value)</span></div>
 {prompt_block}<div class="response">{"".join(spans)}</div>
 <h2>Summary</h2>
-<table class="summary">{summary_rows}</table>""")
+<table class="summary">{summary_rows}</table>""",
+    )
 
 
 # PNG layout, in points unless noted.  A monospace font makes text width a function of the
@@ -284,7 +294,9 @@ def render_credit_png(
     return path
 
 
-def _draw_token_boxes(ax, boxes: Sequence[tuple[int, float, float, str]], values: Sequence[float], scale: float, width: int, lines: int) -> None:
+def _draw_token_boxes(
+    ax, boxes: Sequence[tuple[int, float, float, str]], values: Sequence[float], scale: float, width: int, lines: int
+) -> None:
     """One box per token at its (line, column, span), coloured by its value, with its text."""
     ax.set_xlim(0, width)
     ax.set_ylim(lines, 0)  # line 0 at the top
@@ -294,26 +306,52 @@ def _draw_token_boxes(ax, boxes: Sequence[tuple[int, float, float, str]], values
         ax.add_patch(Rectangle((column, line + 0.08), span, 0.84, facecolor=rgb, edgecolor="#c8c8c8", linewidth=0.4))
         if text.strip():
             ax.text(
-                column + span / 2, line + 0.5, text,
-                ha="center", va="center", family=_FONT, fontsize=_FONT_SIZE,
-                color=_text_colour(rgb), parse_math=False,  # "$" is common in maths answers
+                column + span / 2,
+                line + 0.5,
+                text,
+                ha="center",
+                va="center",
+                family=_FONT,
+                fontsize=_FONT_SIZE,
+                color=_text_colour(rgb),
+                parse_math=False,  # "$" is common in maths answers
             )
 
 
-def _draw_header(fig, title: str, stats: dict[str, str], scale: float, value_name: str, bar_w_in: float, fig_w_in: float, fig_h_in: float) -> None:
+def _draw_header(
+    fig,
+    title: str,
+    stats: dict[str, str],
+    scale: float,
+    value_name: str,
+    bar_w_in: float,
+    fig_w_in: float,
+    fig_h_in: float,
+) -> None:
     """Title, summary line and the diverging colour bar above the body."""
     top = 1 - _MARGIN_IN / 2 / fig_h_in
     fig.text(0.5, top, title, ha="center", va="top", fontsize=12, weight="bold", parse_math=False)
     summary = "   ".join(f"{key} {text}" for key, text in stats.items())
     fig.text(0.5, top - 0.32 / fig_h_in, summary, ha="center", va="top", fontsize=8, color="#444", parse_math=False)
-    cax = fig.add_axes((0.5 - bar_w_in / 2 / fig_w_in, 1 - (_HEADER_IN - 0.25) / fig_h_in, bar_w_in / fig_w_in, 0.12 / fig_h_in))
+    cax = fig.add_axes(
+        (0.5 - bar_w_in / 2 / fig_w_in, 1 - (_HEADER_IN - 0.25) / fig_h_in, bar_w_in / fig_w_in, 0.12 / fig_h_in)
+    )
     cmap = LinearSegmentedColormap.from_list("credit", [_rgb(-1, 1), (1, 1, 1), _rgb(1, 1)])
-    colourbar = fig.colorbar(ScalarMappable(norm=Normalize(-scale, scale), cmap=cmap), cax=cax, orientation="horizontal")
+    colourbar = fig.colorbar(
+        ScalarMappable(norm=Normalize(-scale, scale), cmap=cmap), cax=cax, orientation="horizontal"
+    )
     colourbar.ax.tick_params(labelsize=7)
     colourbar.set_label(value_name, fontsize=8)
 
 
-def render_search_tree_html(nodes: Sequence, answer_path: Sequence[int], *, title: str, prompt: str | None = None, step_text: Callable[[object], str] = str) -> str:
+def render_search_tree_html(
+    nodes: Sequence,
+    answer_path: Sequence[int],
+    *,
+    title: str,
+    prompt: str | None = None,
+    step_text: Callable[[object], str] = str,
+) -> str:
     """A self-contained HTML page of a Q* search tree: every state as a nested list item showing its
     last step, ``f = g + λh`` with ``g`` and ``h``, whether it was expanded or is terminal; the answer's
     path is highlighted.  Text is escaped and scripts are forbidden, as in :func:`render_credit_html`.
@@ -336,8 +374,10 @@ def render_search_tree_html(nodes: Sequence, answer_path: Sequence[int], *, titl
         marks = "".join(mark for flag, mark in ((node.expanded, " expanded"), (node.terminal, " terminal")) if flag)
         classes = "node" + (" path" if node.id in on_path else "") + marks
         below = "".join(item(child) for child in sorted(children.get(node.id, []), key=lambda n: -n.f))
-        return (f'<li class="{classes}"><span class="step">{esc(label)}</span> <span class="val">f={node.f:.3f} g={node.g:.3f} h={node.h:.3f}'
-                f'{esc(marks)}</span>{"<ul>" + below + "</ul>" if below else ""}</li>')  # fmt: skip
+        return (
+            f'<li class="{classes}"><span class="step">{esc(label)}</span> <span class="val">f={node.f:.3f} g={node.g:.3f} h={node.h:.3f}'
+            f"{esc(marks)}</span>{'<ul>' + below + '</ul>' if below else ''}</li>"
+        )
 
     roots = "".join(item(node) for node in children.get(None, []))
     prompt_block = f'<div class="prompt">{esc(prompt)}</div>\n' if prompt is not None else ""
@@ -385,16 +425,26 @@ def plot_accuracy_vs_tokens(reports: list[dict], path: Path, labels: Sequence[st
         metric, examples = report["metrics"]["first_sample"], report["protocol"]["examples"]
         x, y = report["generated_tokens"] / examples, 100 * metric["mean"]
         low, high = (100 * bound for bound in metric["ci95"])
-        axes.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=4, label=f"{report['protocol']['model']}: {label}")
+        axes.errorbar(
+            [x], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=4, label=f"{report['protocol']['model']}: {label}"
+        )
         curve = tuple(100 * point["mean"] for point in report.get("pass_at_k", {}).values())
         if curve and curve not in curves_drawn:  # best-of-N and maj@N share their sampler's curve
             curves_drawn.add(curve)
             tokens_per_answer = x / len(curve)
-            axes.plot([tokens_per_answer * k for k in range(1, len(curve) + 1)], curve, "--", alpha=0.7, label=f"pass@k of the T={report['protocol']['decoding']['temperature']} sampler, k = 1…{len(curve)}")
+            axes.plot(
+                [tokens_per_answer * k for k in range(1, len(curve) + 1)],
+                curve,
+                "--",
+                alpha=0.7,
+                label=f"pass@k of the T={report['protocol']['decoding']['temperature']} sampler, k = 1…{len(curve)}",
+            )
     protocol = reports[0]["protocol"]
     axes.set_xlabel("tokens generated per question (all samples)")
     axes.set_ylabel("accuracy, first answer (%)")
-    axes.set_title(f"{protocol['task']} {protocol['split']}, {protocol['examples']} questions (95% Wilson CI)", fontsize=10)
+    axes.set_title(
+        f"{protocol['task']} {protocol['split']}, {protocol['examples']} questions (95% Wilson CI)", fontsize=10
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()

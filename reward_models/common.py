@@ -66,7 +66,9 @@ class _VerifyWorker:
         ready, _, _ = select.select([self._process.stdout], [], [], _STARTUP_TIMEOUT_S)
         if not ready or self._process.stdout.readline() != "ready\n":
             self.close()
-            raise RuntimeError("the math-verify worker process did not start (its stderr is above); is math-verify installed?")
+            raise RuntimeError(
+                "the math-verify worker process did not start (its stderr is above); is math-verify installed?"
+            )
 
     def close(self) -> None:
         if self._process is not None:
@@ -87,7 +89,9 @@ def _serve() -> None:
     for line in sys.stdin:
         gold, prediction = json.loads(line)
         try:
-            ok = verify(parse(gold, parsing_timeout=None), parse(prediction, parsing_timeout=None), timeout_seconds=None)
+            ok = verify(
+                parse(gold, parsing_timeout=None), parse(prediction, parsing_timeout=None), timeout_seconds=None
+            )
         except Exception:
             ok = False
         channel.write("1\n" if ok else "0\n")

@@ -71,4 +71,7 @@ def score_gsm8k(completion: str, gold: str, timeout: float = 5.0) -> dict[str, A
 
 def gsm8k_reward(completions: list[Any], answer: list[str], **kwargs: Any) -> list[float]:
     """TRL reward function: one 0/1 reward per completion; ``answer`` is the dataset column (raw or final)."""
-    return [score_gsm8k(completion_text(completion), gold)["reward"] for completion, gold in zip(completions, answer, strict=True)]
+    return [
+        score_gsm8k(completion_text(completion), gold)["reward"]
+        for completion, gold in zip(completions, answer, strict=True)
+    ]

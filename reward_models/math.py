@@ -61,4 +61,7 @@ def score_math(completion: str, gold: str, timeout: float = 5.0) -> dict[str, An
 
 def math_reward(completions: list[Any], answer: list[str], **kwargs: Any) -> list[float]:
     """TRL reward function: one 0/1 reward per completion; ``answer`` is the dataset's gold column."""
-    return [score_math(completion_text(completion), gold)["reward"] for completion, gold in zip(completions, answer, strict=True)]
+    return [
+        score_math(completion_text(completion), gold)["reward"]
+        for completion, gold in zip(completions, answer, strict=True)
+    ]

@@ -67,7 +67,14 @@ def guide_dir(base_and_guide, tmp_path_factory):
 
 
 # Rewarded completions for the tiny model: half correct (reward 1), half not.
-SCORED_ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}." if i % 2 else " No idea", "reward": float(i % 2)} for i in range(8)]
+SCORED_ROWS = [
+    {
+        "prompt": f"Q{i}: what is 1+{i}?",
+        "completion": f" It is {1 + i}." if i % 2 else " No idea",
+        "reward": float(i % 2),
+    }
+    for i in range(8)
+]
 
 
 @pytest.fixture
@@ -82,7 +89,9 @@ def shiq_recipe(tiny_model_dir):
         data = folder / "data.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in SCORED_ROWS))
         recipe = folder / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump({"model_name_or_path": "tiny-llama", "dataset_path": str(data), **keys}, sort_keys=False))
+        recipe.write_text(
+            yaml.safe_dump({"model_name_or_path": "tiny-llama", "dataset_path": str(data), **keys}, sort_keys=False)
+        )
         return recipe
 
     return write

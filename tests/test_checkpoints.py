@@ -27,9 +27,19 @@ from llmq.trainers import ShiQConfig, ShiQTrainer
 from conftest import SCORED_ROWS as ROWS
 
 
-
 def make_trainer(output_dir, peft_config=None, callbacks=None, **overrides):
-    options = dict(output_dir=str(output_dir), max_steps=3, save_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, use_cpu=True, seed=0, report_to="none", disable_tqdm=True)
+    options = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        save_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        report_to="none",
+        disable_tqdm=True,
+    )
     options.update(overrides)
     return ShiQTrainer(
         model=load_model("tiny-llama", dtype="float32"),
@@ -77,14 +87,20 @@ def test_a_half_written_checkpoint_is_skipped(run, damage):
     else:
         truncate(newest / "trainer_state.json")
     assert resume_point(run) == str(run / "checkpoint-2")
-    with pytest.raises(UserError, match=f"checkpoint {newest} is incomplete: .*; delete {newest} and resume from {run / 'checkpoint-2'}$"):
+    with pytest.raises(
+        UserError,
+        match=f"checkpoint {newest} is incomplete: .*; delete {newest} and resume from {run / 'checkpoint-2'}$",
+    ):
         validate_checkpoint(newest)
 
 
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        ("truncated", "is truncated or corrupt (Error while deserializing header: incomplete metadata, file not fully covered)"),
+        (
+            "truncated",
+            "is truncated or corrupt (Error while deserializing header: incomplete metadata, file not fully covered)",
+        ),
         ("empty", "is truncated or corrupt (Error while deserializing header: header too small)"),
         ("garbage header", "is truncated or corrupt (Error while deserializing header:"),
     ],
@@ -107,7 +123,10 @@ def test_damaged_weights_name_the_file_and_the_previous_checkpoint(run, damage, 
 
 def test_missing_weights_and_the_oldest_checkpoint(run):
     (run / "checkpoint-1" / "model.safetensors").unlink()
-    with pytest.raises(UserError, match=r"checkpoint .*checkpoint-1 has no weights \(model.safetensors, .*\); delete .*checkpoint-1 and train from the start$"):
+    with pytest.raises(
+        UserError,
+        match=r"checkpoint .*checkpoint-1 has no weights \(model.safetensors, .*\); delete .*checkpoint-1 and train from the start$",
+    ):
         validate_checkpoint(run / "checkpoint-1")
     with pytest.raises(UserError, match="does not exist or is not a directory"):
         validate_checkpoint(run / "checkpoint-9")
@@ -124,21 +143,31 @@ def test_sharded_weights_are_read_shard_by_shard(run):
     with pytest.raises(UserError, match=f"{shards[-1]} is truncated or corrupt"):
         validate_checkpoint(folder)
     shards[-1].unlink()
-    with pytest.raises(UserError, match=f"{shards[-1]}, named by model.safetensors.index.json, is missing; delete {folder} and resume from {run / 'checkpoint-2'}"):
+    with pytest.raises(
+        UserError,
+        match=f"{shards[-1]}, named by model.safetensors.index.json, is missing; delete {folder} and resume from {run / 'checkpoint-2'}",
+    ):
         validate_checkpoint(folder)
     # A shard that lacks a tensor the index places in it.
     save_file({"unrelated": torch.zeros(2)}, str(shards[-1]))
-    with pytest.raises(UserError, match=f"{shards[-1]} lacks .* tensor\\(s\\) that model.safetensors.index.json places in it"):
+    with pytest.raises(
+        UserError, match=f"{shards[-1]} lacks .* tensor\\(s\\) that model.safetensors.index.json places in it"
+    ):
         validate_checkpoint(folder)
 
 
 def test_a_lora_checkpoint_holds_adapter_weights_only(tmp_path, tiny_model_dir):
-    make_trainer(tmp_path, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), max_steps=1).train()
+    make_trainer(
+        tmp_path, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), max_steps=1
+    ).train()
     folder = tmp_path / "checkpoint-1"
     assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
     assert resume_point(tmp_path) == str(folder)
     truncate(folder / "adapter_model.safetensors")
-    with pytest.raises(UserError, match=f"{folder / 'adapter_model.safetensors'} is truncated or corrupt.*; delete {folder} and train from the start$"):
+    with pytest.raises(
+        UserError,
+        match=f"{folder / 'adapter_model.safetensors'} is truncated or corrupt.*; delete {folder} and train from the start$",
+    ):
         resume_point(tmp_path)
 
 
@@ -152,7 +181,10 @@ def test_a_deepspeed_checkpoint_is_checked_through_its_global_step_archives(run)
     torch.save({"module": state}, archive)
     assert resume_point(run) == str(folder)
     truncate(archive, keep=0.9)
-    with pytest.raises(UserError, match=f"{archive} is truncated or corrupt .*; delete {folder} and resume from {run / 'checkpoint-2'}$"):
+    with pytest.raises(
+        UserError,
+        match=f"{archive} is truncated or corrupt .*; delete {folder} and resume from {run / 'checkpoint-2'}$",
+    ):
         resume_point(run)
 
 
@@ -161,13 +193,27 @@ def test_an_explicit_damaged_checkpoint_fails_before_training(run, tmp_path, cap
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(dict(row, question_index=i // 2)) + "\n" for i, row in enumerate(ROWS)))
     truncate(run / "checkpoint-2" / "model.safetensors")
-    argv = ["train", "--method", method, "--model_name_or_path", "tiny-llama", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
-            "--resume_from_checkpoint", str(run / "checkpoint-2")]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        method,
+        "--model_name_or_path",
+        "tiny-llama",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "true",
+        "--resume_from_checkpoint",
+        str(run / "checkpoint-2"),
+    ]
     if method != "digiq":
         argv += ["--dataset_path", str(data)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"llmq train: error: {run / 'checkpoint-2' / 'model.safetensors'} is truncated or corrupt") and err.count("\n") == 1, err
+    assert (
+        err.startswith(f"llmq train: error: {run / 'checkpoint-2' / 'model.safetensors'} is truncated or corrupt")
+        and err.count("\n") == 1
+    ), err
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
@@ -196,8 +242,14 @@ class FileSizeLimitAfterFirstSave(TrainerCallback):
 @pytest.mark.parametrize(
     "limit, reported",
     [
-        (100_000, "SafetensorError: Error while serializing: I/O error: File too large (os error 27);"),  # model.safetensors (~360 kB) fails
-        (500_000, "RuntimeError: [enforce fail at inline_container.cc"),  # the weights fit, optimizer.pt (~740 kB, torch.save) fails
+        (
+            100_000,
+            "SafetensorError: Error while serializing: I/O error: File too large (os error 27);",
+        ),  # model.safetensors (~360 kB) fails
+        (
+            500_000,
+            "RuntimeError: [enforce fail at inline_container.cc",
+        ),  # the weights fit, optimizer.pt (~740 kB, torch.save) fails
     ],
 )
 def test_a_checkpoint_the_os_cannot_write_is_removed_and_named(tmp_path, tiny_model_dir, limit, reported):
@@ -209,8 +261,13 @@ def test_a_checkpoint_the_os_cannot_write_is_removed_and_named(tmp_path, tiny_mo
     finally:
         file_size_limit.restore()
     message = str(failure.value)
-    assert message.startswith(f"could not save the checkpoint of step 2 in {tmp_path / 'checkpoint-2'} ({reported}"), message
-    assert f"the partial folder was removed and the last good checkpoint is {tmp_path / 'checkpoint-1'}" in message and "\n" not in message
+    assert message.startswith(f"could not save the checkpoint of step 2 in {tmp_path / 'checkpoint-2'} ({reported}"), (
+        message
+    )
+    assert (
+        f"the partial folder was removed and the last good checkpoint is {tmp_path / 'checkpoint-1'}" in message
+        and "\n" not in message
+    )
     assert not (tmp_path / "checkpoint-2").exists()
     assert resume_point(tmp_path) == str(tmp_path / "checkpoint-1")
     reloaded = load_model(str(tmp_path / "checkpoint-1"), dtype="float32").state_dict()
@@ -225,7 +282,14 @@ def test_a_checkpoint_the_os_cannot_write_is_removed_and_named(tmp_path, tiny_mo
 
 def test_llmq_train_with_a_file_size_limit_exits_2_with_one_line(tmp_path, shiq_recipe):
     recipe = shiq_recipe(
-        tmp_path, output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1, per_device_train_batch_size=4, use_cpu=True, report_to="none", disable_tqdm=True
+        tmp_path,
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        save_steps=1,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
     )
 
     def limit_file_size():  # in the child: files past 200 kB fail with EFBIG (an ignored signal stays ignored across exec)
@@ -233,10 +297,21 @@ def test_llmq_train_with_a_file_size_limit_exits_2_with_one_line(tmp_path, shiq_
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "llmq.cli", "train", str(recipe)], capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "llmq.cli", "train", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+        env=env,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"llmq train: error: could not save the checkpoint of step 1 in {tmp_path / 'out' / 'checkpoint-1'} (SafetensorError:")
-    assert last.endswith("the partial folder was removed and there is no earlier checkpoint; free disk space (or raise the file size limit) and start again")
+    assert last.startswith(
+        f"llmq train: error: could not save the checkpoint of step 1 in {tmp_path / 'out' / 'checkpoint-1'} (SafetensorError:"
+    )
+    assert last.endswith(
+        "the partial folder was removed and there is no earlier checkpoint; free disk space (or raise the file size limit) and start again"
+    )
     assert not (tmp_path / "out" / "checkpoint-1").exists() and resume_point(tmp_path / "out") is None

@@ -24,7 +24,9 @@ def optimal_guide(mdp, beta):
     return guide, values
 
 
-MDPS = [("toy", toy_mdp(), 0.5), ("toy-beta1", toy_mdp(), 1.0)] + [(f"random-{seed}", random_mdp(seed, vocab_size=3, horizon=3), 0.5 + 0.25 * seed) for seed in range(3)]
+MDPS = [("toy", toy_mdp(), 0.5), ("toy-beta1", toy_mdp(), 1.0)] + [
+    (f"random-{seed}", random_mdp(seed, vocab_size=3, horizon=3), 0.5 + 0.25 * seed) for seed in range(3)
+]
 
 
 @pytest.mark.parametrize(("name", "mdp", "beta"), MDPS, ids=[m[0] for m in MDPS])
@@ -70,8 +72,15 @@ def test_a_smaller_guidance_temperature_on_a_bandit_gives_the_optimum_at_that_be
     guide, _ = optimal_guide(mdp, beta=1.0)
     scores = TabularLM.reference(mdp)(torch.tensor([[mdp.bos_id]])).logits[:, -1]
     for guidance_temperature in (0.25, 0.5, 2.0):
-        guided = torch.softmax(QGuidedLogitsProcessor(guide, beta=1.0, guidance_temperature=guidance_temperature, top_k=0)(torch.tensor([[mdp.bos_id]]), scores), dim=-1)
-        np.testing.assert_allclose(guided[0, : mdp.n_actions].numpy(), soft_optimal(mdp, guidance_temperature).pi[()], atol=1e-9)
+        guided = torch.softmax(
+            QGuidedLogitsProcessor(guide, beta=1.0, guidance_temperature=guidance_temperature, top_k=0)(
+                torch.tensor([[mdp.bos_id]]), scores
+            ),
+            dim=-1,
+        )
+        np.testing.assert_allclose(
+            guided[0, : mdp.n_actions].numpy(), soft_optimal(mdp, guidance_temperature).pi[()], atol=1e-9
+        )
 
 
 PROMPTS = ["Hello there, a much longer prompt", "Hi", "What is 2+2? then"]
@@ -83,9 +92,14 @@ def encode(tokenizer):
 
 
 def full_forward_logprobs(model, sequences, prompt_mask):
-    mask = torch.cat([prompt_mask, torch.ones(len(sequences), sequences.shape[1] - prompt_mask.shape[1], dtype=prompt_mask.dtype)], dim=1)
+    mask = torch.cat(
+        [prompt_mask, torch.ones(len(sequences), sequences.shape[1] - prompt_mask.shape[1], dtype=prompt_mask.dtype)],
+        dim=1,
+    )
     with torch.no_grad():
-        logits = model(input_ids=sequences, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        logits = model(
+            input_ids=sequences, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
     return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -97,13 +111,22 @@ def test_guided_sampling_in_generate_follows_the_guide_through_its_kv_cache(base
     processor = QGuidedLogitsProcessor(guide, beta=0.1, top_k=0, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     output = base.generate(
-        **encoded, do_sample=True, top_k=0, num_return_sequences=2, max_new_tokens=8, logits_processor=LogitsProcessorList([processor]),
-        output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        **encoded,
+        do_sample=True,
+        top_k=0,
+        num_return_sequences=2,
+        max_new_tokens=8,
+        logits_processor=LogitsProcessorList([processor]),
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     prompt_length = encoded["input_ids"].shape[1]
     expected = full_forward_logprobs(guide, output.sequences, encoded["attention_mask"].repeat_interleave(2, dim=0))
     for step, scores in enumerate(output.scores):
-        torch.testing.assert_close(torch.log_softmax(scores, dim=-1), expected[:, prompt_length - 1 + step], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.log_softmax(scores, dim=-1), expected[:, prompt_length - 1 + step], atol=1e-4, rtol=0
+        )
 
 
 def test_guided_beam_search_at_guidance_temperature_equal_to_beta_is_beam_search_on_the_guide(base_and_guide):
@@ -111,7 +134,16 @@ def test_guided_beam_search_at_guidance_temperature_equal_to_beta_is_beam_search
     follows beam search's row reordering."""
     base, guide, tokenizer = base_and_guide
     encoded = encode(tokenizer)
-    options = dict(num_beams=3, num_return_sequences=3, length_penalty=0.0, max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    options = dict(
+        num_beams=3,
+        num_return_sequences=3,
+        length_penalty=0.0,
+        max_new_tokens=10,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     processor = QGuidedLogitsProcessor(guide, beta=0.1, top_k=0, pad_token_id=tokenizer.pad_token_id)
     guided = base.generate(**encoded, logits_processor=LogitsProcessorList([processor]), **options)
     direct = guide.generate(**encoded, **options)
@@ -124,7 +156,9 @@ def test_guided_scores_are_the_weighted_log_ratio_on_the_base_top_k(base_and_gui
     encoded = encode(tokenizer)
     with torch.no_grad():
         scores = base(**encoded).logits[:, -1]
-    processor = QGuidedLogitsProcessor(guide, beta=0.1, guidance_temperature=0.05, top_k=5, pad_token_id=tokenizer.pad_token_id)
+    processor = QGuidedLogitsProcessor(
+        guide, beta=0.1, guidance_temperature=0.05, top_k=5, pad_token_id=tokenizer.pad_token_id
+    )
     guided = processor(encoded["input_ids"], scores)
     base_logp = torch.log_softmax(scores, dim=-1)
     guide_logp = full_forward_logprobs(guide, encoded["input_ids"], encoded["attention_mask"])[:, -1]
@@ -141,9 +175,13 @@ def test_one_processor_serves_consecutive_generate_calls(base_and_guide):
     processor = QGuidedLogitsProcessor(guide, beta=0.1, pad_token_id=tokenizer.pad_token_id)
     engine = HFEngine(base, tokenizer, batch_size=2, progress=False, logits_processor=[processor])
     first = engine.generate(PROMPTS, sampling=SamplingParams(max_new_tokens=6))
-    again = HFEngine(base, tokenizer, batch_size=2, progress=False, logits_processor=[QGuidedLogitsProcessor(guide, beta=0.1, pad_token_id=tokenizer.pad_token_id)]).generate(
-        PROMPTS, sampling=SamplingParams(max_new_tokens=6)
-    )
+    again = HFEngine(
+        base,
+        tokenizer,
+        batch_size=2,
+        progress=False,
+        logits_processor=[QGuidedLogitsProcessor(guide, beta=0.1, pad_token_id=tokenizer.pad_token_id)],
+    ).generate(PROMPTS, sampling=SamplingParams(max_new_tokens=6))
     assert [c[0].token_ids for c in first] == [c[0].token_ids for c in again]
 
 
@@ -152,7 +190,15 @@ def test_engine_beam_search_returns_the_top_beams_with_the_models_logprobs(base_
     engine = HFEngine(base, tokenizer, batch_size=3, progress=False)
     results = engine.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, num_beams=3))
     encoded = encode(tokenizer)
-    direct = base.generate(**encoded, num_beams=3, num_return_sequences=2, length_penalty=0.0, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    direct = base.generate(
+        **encoded,
+        num_beams=3,
+        num_return_sequences=2,
+        length_penalty=0.0,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     prompt_length = encoded["input_ids"].shape[1]
     for row, completion in enumerate(c for pair in results for c in pair):
         generated = direct[row, prompt_length:].tolist()
@@ -172,13 +218,38 @@ def test_llmq_generate_decodes_with_a_guide_and_records_how(decoding, tmp_path, 
     from llmq.cli import main
 
     path = tmp_path / "data"
-    argv = ["generate", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--num_completions", "2", "--max_new_tokens", "6",
-            "--decoding", decoding, "--num_beams", "3", "--guide_model", str(guide_dir), "--guide_beta", "0.1", "--guidance_temperature", "0.05", "--dataset_path", str(path)]  # fmt: skip
+    argv = [
+        "generate",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--data_dir",
+        str(data_dir),
+        "--limit",
+        "2",
+        "--num_completions",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--decoding",
+        decoding,
+        "--num_beams",
+        "3",
+        "--guide_model",
+        str(guide_dir),
+        "--guide_beta",
+        "0.1",
+        "--guidance_temperature",
+        "0.05",
+        "--dataset_path",
+        str(path),
+    ]
     assert main(argv) == 0
     dataset = datasets.load_from_disk(str(path))
     assert dataset["question_index"] == [0, 0, 1, 1]
     settings = json.loads((path / "llmq_generation.json").read_text())
-    assert settings["generate_config"]["decoding"] == decoding and settings["generate_config"]["guide_model"] == str(guide_dir)
+    assert settings["generate_config"]["decoding"] == decoding and settings["generate_config"]["guide_model"] == str(
+        guide_dir
+    )
     assert settings["sampling"]["num_beams"] == (3 if decoding == "beam" else 1)
 
 
@@ -186,7 +257,10 @@ def test_llmq_generate_decodes_with_a_guide_and_records_how(decoding, tmp_path, 
     ("flags", "message"),
     [
         (["--decoding", "guided"], "decoding guided needs key 'guide_model'"),
-        (["--decoding", "sample", "--guide_model", "tiny-llama"], "key 'guide_model' is used by decoding guided or beam"),
+        (
+            ["--decoding", "sample", "--guide_model", "tiny-llama"],
+            "key 'guide_model' is used by decoding guided or beam",
+        ),
         (["--decoding", "beam", "--num_beams", "2", "--num_completions", "3"], "must not exceed 'num_beams'"),
         (["--decoding", "greedy", "--num_completions", "2"], "key 'num_completions' > 1 needs 'temperature' > 0"),
         (["--decoding", "guided", "--guide_model", "no/such/dir/"], "key 'guide_model'"),
@@ -208,8 +282,23 @@ def test_a_guide_with_another_vocabulary_is_refused(tmp_path, capsys, data_dir, 
     other.add_tokens(["<extra>"])
     guide.save_pretrained(tmp_path / "guide")
     other.save_pretrained(tmp_path / "guide")
-    argv = ["generate", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "1", "--num_completions", "1",
-            "--decoding", "guided", "--guide_model", str(tmp_path / "guide"), "--dataset_path", str(tmp_path / "data")]  # fmt: skip
+    argv = [
+        "generate",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--data_dir",
+        str(data_dir),
+        "--limit",
+        "1",
+        "--num_completions",
+        "1",
+        "--decoding",
+        "guided",
+        "--guide_model",
+        str(tmp_path / "guide"),
+        "--dataset_path",
+        str(tmp_path / "data"),
+    ]
     assert main(argv) == 2
     assert "tokenizer of" in capsys.readouterr().err
 
@@ -219,8 +308,27 @@ def test_llmq_eval_with_guided_beam_search_records_its_decoding(tmp_path, data_d
     from llmq.cli import main
 
     out = tmp_path / "eval"
-    argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--max_new_tokens", "6", "--num_samples", "2",
-            "--decoding", "beam", "--num_beams", "2", "--guide_model", str(guide_dir), "--output_dir", str(out)]  # fmt: skip
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--data_dir",
+        str(data_dir),
+        "--limit",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--num_samples",
+        "2",
+        "--decoding",
+        "beam",
+        "--num_beams",
+        "2",
+        "--guide_model",
+        str(guide_dir),
+        "--output_dir",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     decoding = report["protocol"]["decoding"]

@@ -23,13 +23,28 @@ def transitions(mdp):
     for s, a in pairs:
         [(nxt, _)] = mdp.transitions(s, a)
         done = mdp.is_terminal(nxt)
-        rows.append((state_row[s], pairs.index((s, a)), mdp.rewards[s][a], -1 if done else state_row[nxt], done, mdp.reference_policy[s][a]))
+        rows.append(
+            (
+                state_row[s],
+                pairs.index((s, a)),
+                mdp.rewards[s][a],
+                -1 if done else state_row[nxt],
+                done,
+                mdp.reference_policy[s][a],
+            )
+        )
     eye_s, eye_sa = torch.eye(len(states), dtype=torch.float64), torch.eye(len(pairs), dtype=torch.float64)
     state = eye_s[[r[0] for r in rows]]
     action = eye_sa[[r[1] for r in rows]]
-    next_state = torch.stack([eye_s[r[3]] if r[3] >= 0 else torch.zeros(len(states), dtype=torch.float64) for r in rows])
+    next_state = torch.stack(
+        [eye_s[r[3]] if r[3] >= 0 else torch.zeros(len(states), dtype=torch.float64) for r in rows]
+    )
     tensor = lambda i: torch.tensor([r[i] for r in rows], dtype=torch.float64)  # noqa: E731
-    return states, pairs, dict(state=state, action=action, next_state=next_state, reward=tensor(2), done=tensor(4), weight=tensor(5))
+    return (
+        states,
+        pairs,
+        dict(state=state, action=action, next_state=next_state, reward=tensor(2), done=tensor(4), weight=tensor(5)),
+    )
 
 
 def fit_critic(mdp, expectile=None, num_heads=2):
@@ -41,12 +56,28 @@ def fit_critic(mdp, expectile=None, num_heads=2):
         with torch.no_grad():
             target_q = critic.target.q(data["state"], data["action"])
             target_v_next = critic.target.v(data["next_state"])
-        optimizer = torch.optim.LBFGS(critic.online.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(
+            critic.online.parameters(),
+            lr=1,
+            max_iter=500,
+            tolerance_grad=1e-12,
+            tolerance_change=1e-14,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             optimizer.zero_grad()
-            loss, _ = td_loss(critic.online.q(data["state"], data["action"]), critic.online.v(data["state"]), target_q=target_q, target_v_next=target_v_next,
-                              rewards=data["reward"], dones=data["done"], gamma=mdp.gamma, expectile=expectile, weights=data["weight"])  # fmt: skip
+            loss, _ = td_loss(
+                critic.online.q(data["state"], data["action"]),
+                critic.online.v(data["state"]),
+                target_q=target_q,
+                target_v_next=target_v_next,
+                rewards=data["reward"],
+                dones=data["done"],
+                gamma=mdp.gamma,
+                expectile=expectile,
+                weights=data["weight"],
+            )
             loss.backward()
             return loss
 
@@ -55,8 +86,12 @@ def fit_critic(mdp, expectile=None, num_heads=2):
     return critic, states, pairs, data
 
 
-MDPS = [("toy", toy_mdp()), ("random-0", random_mdp(0, vocab_size=3, horizon=3)), ("random-1-gamma0.9", random_mdp(1, vocab_size=4, horizon=3, gamma=0.9)),
-        ("random-2-sequence", random_mdp(2, vocab_size=3, horizon=4, reward_placement="sequence"))]  # fmt: skip
+MDPS = [
+    ("toy", toy_mdp()),
+    ("random-0", random_mdp(0, vocab_size=3, horizon=3)),
+    ("random-1-gamma0.9", random_mdp(1, vocab_size=4, horizon=3, gamma=0.9)),
+    ("random-2-sequence", random_mdp(2, vocab_size=3, horizon=4, reward_placement="sequence")),
+]
 
 
 @pytest.mark.parametrize(("name", "mdp"), MDPS, ids=[m[0] for m in MDPS])
@@ -64,7 +99,10 @@ def test_td_on_logged_actions_converges_to_the_behaviour_values(name, mdp):
     critic, states, pairs, data = fit_critic(mdp)
     oracle = evaluate(mdp)  # Q^{π_ref}, V^{π_ref}
     with torch.no_grad():
-        q, v = critic.online.q(data["state"], data["action"]), critic.online.v(torch.eye(len(states), dtype=torch.float64))
+        q, v = (
+            critic.online.q(data["state"], data["action"]),
+            critic.online.v(torch.eye(len(states), dtype=torch.float64)),
+        )
     for head in range(2):
         np.testing.assert_allclose(q[head].numpy(), [oracle.q[s][a] for s, a in pairs], atol=1e-3)
         np.testing.assert_allclose(v[head].numpy(), [oracle.v[s] for s in states], atol=1e-3)
@@ -113,10 +151,20 @@ def test_invalid_candidates_get_zero_advantage():
 def test_td_loss_is_zero_at_the_fixed_point_and_checks_expectile():
     q = torch.tensor([[1.0, 0.5]])
     v = torch.tensor([[0.8, 0.2]])
-    loss, metrics = td_loss(q, v, target_q=torch.tensor([[0.8, 0.2]]), target_v_next=torch.tensor([[1.0, 9.0]]), rewards=torch.tensor([0.0, 0.5]), dones=torch.tensor([0.0, 1.0]), gamma=1.0)
+    loss, metrics = td_loss(
+        q,
+        v,
+        target_q=torch.tensor([[0.8, 0.2]]),
+        target_v_next=torch.tensor([[1.0, 9.0]]),
+        rewards=torch.tensor([0.0, 0.5]),
+        dones=torch.tensor([0.0, 1.0]),
+        gamma=1.0,
+    )
     assert loss.item() == 0.0 and metrics["td_error/abs_mean"].item() == 0.0
     with pytest.raises(ValueError, match="expectile"):
-        td_loss(q, v, target_q=q, target_v_next=v, rewards=torch.zeros(2), dones=torch.zeros(2), gamma=1.0, expectile=1.5)
+        td_loss(
+            q, v, target_q=q, target_v_next=v, rewards=torch.zeros(2), dones=torch.zeros(2), gamma=1.0, expectile=1.5
+        )
 
 
 def test_the_trainer_fits_the_behaviour_values_with_polyak_targets(tmp_path):
@@ -128,13 +176,33 @@ def test_the_trainer_fits_the_behaviour_values_with_polyak_targets(tmp_path):
     mdp = toy_mdp()
     states, pairs, data = transitions(mdp)
     rows = [
-        {"state_features": data["state"][i].tolist(), "action_features": data["action"][i].tolist(), "next_state_features": data["next_state"][i].tolist(),
-         "reward": float(data["reward"][i]), "done": bool(data["done"][i]), "weight": float(data["weight"][i])}
+        {
+            "state_features": data["state"][i].tolist(),
+            "action_features": data["action"][i].tolist(),
+            "next_state_features": data["next_state"][i].tolist(),
+            "reward": float(data["reward"][i]),
+            "done": bool(data["done"][i]),
+            "weight": float(data["weight"][i]),
+        }
         for i in range(len(pairs))
-    ]  # fmt: skip
-    args = CriticConfig(output_dir=str(tmp_path), gamma=mdp.gamma, num_layers=0, learning_rate=0.05, max_steps=800, per_device_train_batch_size=len(rows),
-                       target_update_rate=0.5, target_update_steps=10, max_grad_norm=10.0, report_to="none", save_strategy="no", logging_steps=50,
-                       use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    ]
+    args = CriticConfig(
+        output_dir=str(tmp_path),
+        gamma=mdp.gamma,
+        num_layers=0,
+        learning_rate=0.05,
+        max_steps=800,
+        per_device_train_batch_size=len(rows),
+        target_update_rate=0.5,
+        target_update_steps=10,
+        max_grad_norm=10.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=50,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     trainer = CriticTrainer(args=args, train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     critic = trainer.model.cpu()

@@ -17,12 +17,19 @@ from llmq.mdp import token_logprobs  # noqa: E402
 
 def test_command_logprobs_are_the_reply_log_likelihoods(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    states, admissible = ["Goal: eat the apple", "Goal: open the door\nYou see a door."], [["take apple", "eat apple"], ["open door", "look", "go north"]]
+    states, admissible = (
+        ["Goal: eat the apple", "Goal: open the door\nYou see a door."],
+        [["take apple", "eat apple"], ["open door", "look", "go north"]],
+    )
     scores = command_logprobs(model, tokenizer, states, admissible, batch_size=2)
     assert [len(s) for s in scores] == [2, 3]
-    prompt = tokenizer.apply_chat_template(policy_prompt(states[1], admissible[1]), tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        policy_prompt(states[1], admissible[1]), tokenize=False, add_generation_prompt=True
+    )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids + tokenizer("go north" + tokenizer.eos_token, add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor(
+        [prompt_ids + tokenizer("go north" + tokenizer.eos_token, add_special_tokens=False)["input_ids"]]
+    )
     with torch.no_grad():
         logp, _ = token_logprobs(model(ids).logits, ids)
     assert scores[1][2] == pytest.approx(logp[0, len(prompt_ids) :].sum().item(), abs=1e-4)
@@ -35,13 +42,50 @@ def test_command_logprobs_are_the_reply_log_likelihoods(tiny_model_and_tokenizer
 @pytest.mark.slow
 def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir):
     out = tmp_path / "digiq"
-    argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--games_dir", str(tmp_path / "games"),
-            "--train_games", "2", "--test_games", "1", "--episode_steps", "3", "--episodes_per_game", "1", "--critic_steps", "20", "--critic_batch_size", "4",
-            "--critic_hidden_size", "16", "--threshold", "-1000", "--representation_steps", "2", "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
-            "--save_strategy", "no", "--use_cpu", "true"]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        "digiq",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--output_dir",
+        str(out),
+        "--games_dir",
+        str(tmp_path / "games"),
+        "--train_games",
+        "2",
+        "--test_games",
+        "1",
+        "--episode_steps",
+        "3",
+        "--episodes_per_game",
+        "1",
+        "--critic_steps",
+        "20",
+        "--critic_batch_size",
+        "4",
+        "--critic_hidden_size",
+        "16",
+        "--threshold",
+        "-1000",
+        "--representation_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "digiq" and summary["data"]["transitions"] == len(datasets.load_from_disk(str(out / "trajectories")))
+    assert summary["method"] == "digiq" and summary["data"]["transitions"] == len(
+        datasets.load_from_disk(str(out / "trajectories"))
+    )
     assert summary["extraction"]["kept"] == summary["extraction"]["states"]  # threshold -1000 keeps every state
     extracted = datasets.load_from_disk(str(out / "extracted"))
     assert extracted[0]["completion"][0]["role"] == "assistant" and extracted[0]["prompt"][-1]["role"] == "user"
@@ -51,16 +95,48 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
     assert summary["representation"]["rows"] > 0 and 0 <= summary["representation"]["yes_fraction"] <= 1
 
 
-
 @pytest.mark.slow
 def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_model_dir, monkeypatch, capsys):
     import llmq.methods.digiq
 
     out = tmp_path / "digiq"
-    argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--games_dir", str(tmp_path / "games"),
-            "--train_games", "2", "--test_games", "1", "--episode_steps", "3", "--episodes_per_game", "1", "--critic_steps", "10", "--critic_batch_size", "4",
-            "--critic_hidden_size", "16", "--threshold", "-1000", "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none",
-            "--save_strategy", "no", "--use_cpu", "true"]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        "digiq",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--output_dir",
+        str(out),
+        "--games_dir",
+        str(tmp_path / "games"),
+        "--train_games",
+        "2",
+        "--test_games",
+        "1",
+        "--episode_steps",
+        "3",
+        "--episodes_per_game",
+        "1",
+        "--critic_steps",
+        "10",
+        "--critic_batch_size",
+        "4",
+        "--critic_hidden_size",
+        "16",
+        "--threshold",
+        "-1000",
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+    ]
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -86,16 +162,27 @@ def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_mod
     assert main(other) == 2  # the record of other settings is not taken for this run's
     assert "critic_steps" in capsys.readouterr().err
 
+
 def test_actionability_labels_follow_changes_of_the_world(tmp_path):
     from llmq.methods.digiq import ACTIONABILITY_QUESTION, actionability_rows
     from llmq.envs.textworld import collect_trajectories, make_games, random_policy, walkthrough_policy
 
     games = make_games(tmp_path, count=2, seed=0, rooms=1, nb_objects=3, quest_length=2)
-    walkthrough = actionability_rows(collect_trajectories(walkthrough_policy(games), games, episodes_per_game=1, max_steps=10))
-    assert walkthrough and all(row["completion"][0]["content"] == "Yes" for row in walkthrough)  # every walkthrough step changes the world
+    walkthrough = actionability_rows(
+        collect_trajectories(walkthrough_policy(games), games, episodes_per_game=1, max_steps=10)
+    )
+    assert walkthrough and all(
+        row["completion"][0]["content"] == "Yes" for row in walkthrough
+    )  # every walkthrough step changes the world
     data = collect_trajectories(random_policy(seed=0), games, episodes_per_game=3, max_steps=6)
     rows = actionability_rows(data)
     labels = {row["completion"][0]["content"] for row in rows}
-    assert labels == {"Yes", "No"} and all(row["prompt"][0]["content"].endswith(ACTIONABILITY_QUESTION) for row in rows)
-    looks = [row for row in rows if row["prompt"][0]["content"].split("Action: ")[-1].startswith(("look", "inventory", "examine"))]
+    assert labels == {"Yes", "No"} and all(
+        row["prompt"][0]["content"].endswith(ACTIONABILITY_QUESTION) for row in rows
+    )
+    looks = [
+        row
+        for row in rows
+        if row["prompt"][0]["content"].split("Action: ")[-1].startswith(("look", "inventory", "examine"))
+    ]
     assert all(row["completion"][0]["content"] == "No" for row in looks)

@@ -26,7 +26,14 @@ def recipe(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("distributed")
     # Completions of equal length: each process's mean over action tokens is then the global mean's share.
     # A constant learning rate: the first steps of a 4-step and a 6-step run are the same.
-    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "completion": f" The answer is {2 * i:03d}.", "reward": float(i % 3 == 0)} for i in range(16)]
+    rows = [
+        {
+            "prompt": f"Question {i}: what is {i} + {i}?",
+            "completion": f" The answer is {2 * i:03d}.",
+            "reward": float(i % 3 == 0),
+        }
+        for i in range(16)
+    ]
     (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     path = folder / "recipe.yaml"
     path.write_text(
@@ -45,7 +52,16 @@ def logged_losses(checkpoint) -> list[float]:
 @pytest.fixture(scope="module")
 def single_process(recipe, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("single") / "out"
-    argv = ["train", str(recipe), "--per_device_train_batch_size", "4", "--max_steps", str(RESUMED_STEPS), "--output_dir", str(output_dir)]
+    argv = [
+        "train",
+        str(recipe),
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        str(RESUMED_STEPS),
+        "--output_dir",
+        str(output_dir),
+    ]
     assert main(argv) == 0
     return output_dir
 
@@ -59,7 +75,13 @@ def test_presets_are_shipped_and_resolved_by_name(tmp_path):
     assert LaunchConfig(accelerate_config=str(own)).config_file() == own
 
 
-@pytest.mark.parametrize("argv, message", [(["--accelerate_config", "zero5"], "'zero5' is neither a preset"), (["--num_processes", "0"], "'num_processes' must be at least 1")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--accelerate_config", "zero5"], "'zero5' is neither a preset"),
+        (["--num_processes", "0"], "'num_processes' must be at least 1"),
+    ],
+)
 def test_bad_launch_keys_are_one_line_errors(recipe, capsys, argv, message):
     assert main(["train", str(recipe), *argv]) == 2
     assert message in capsys.readouterr().err
@@ -71,7 +93,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(preset, reci
     if preset.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (extra 'deepspeed')")
     output_dir = tmp_path / "out"
-    command = [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--accelerate_config", preset, "--num_processes", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "llmq.cli",
+        "train",
+        str(recipe),
+        "--accelerate_config",
+        preset,
+        "--num_processes",
+        "2",
+    ]
     command += ["--per_device_train_batch_size", "2", "--output_dir", str(output_dir)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -80,18 +112,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(preset, reci
     checkpoint = output_dir / f"checkpoint-{STEPS}"
     history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
     assert history[0]["epoch"] == pytest.approx(4 / 16)
-    assert logged_losses(checkpoint) == pytest.approx(logged_losses(single_process / f"checkpoint-{STEPS}"), rel=LOSS_RTOL)
+    assert logged_losses(checkpoint) == pytest.approx(
+        logged_losses(single_process / f"checkpoint-{STEPS}"), rel=LOSS_RTOL
+    )
     assert (output_dir / "checkpoint-2" / "trainer_state.json").is_file()
     assert validate_checkpoint(checkpoint) == checkpoint  # DeepSpeed's own layout (global_step folders) included
     assert json.loads((output_dir / "summary.json").read_text())["train"]["train_loss"] > 0
 
     # The saved model (gathered from the shards under ZeRO-3) reloads in this one process.
-    distributed, single = load_model(str(output_dir), dtype="float32"), load_model(str(single_process / f"checkpoint-{STEPS}"), dtype="float32")
+    distributed, single = (
+        load_model(str(output_dir), dtype="float32"),
+        load_model(str(single_process / f"checkpoint-{STEPS}"), dtype="float32"),
+    )
     for (name, weight), other in zip(distributed.named_parameters(), single.parameters()):
         assert torch.allclose(weight, other, atol=WEIGHT_ATOL), name
 
     # Resumed in 2 processes from the 2-process checkpoint, the run goes on as the single process did.
-    finished = subprocess.run([*command, "--resume", "--max_steps", str(RESUMED_STEPS)], capture_output=True, text=True, timeout=900)
+    finished = subprocess.run(
+        [*command, "--resume", "--max_steps", str(RESUMED_STEPS)], capture_output=True, text=True, timeout=900
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"resuming from {checkpoint}" in finished.stdout
     resumed = logged_losses(output_dir / f"checkpoint-{RESUMED_STEPS}")

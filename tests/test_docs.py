@@ -34,7 +34,9 @@ def package_sources() -> list[Path]:
 
 def package_text_files() -> list[Path]:
     return sorted(
-        path for path in PACKAGE.rglob("*") if path.is_file() and "__pycache__" not in path.parts and path.suffix not in BINARY_SUFFIXES
+        path
+        for path in PACKAGE.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in BINARY_SUFFIXES
     )
 
 
@@ -67,7 +69,11 @@ def cited_labels(text: str) -> set[str]:
 
 
 def document_headings() -> set[str]:
-    return {match.group(1) for line in ALGORITHMS.read_text(encoding="utf-8").splitlines() if (match := HEADING.match(line))}
+    return {
+        match.group(1)
+        for line in ALGORITHMS.read_text(encoding="utf-8").splitlines()
+        if (match := HEADING.match(line))
+    }
 
 
 def citations(parse) -> dict[str, list[str]]:
@@ -81,10 +87,25 @@ def citations(parse) -> dict[str, list[str]]:
 
 
 def test_the_citation_parsers_read_sections_ranges_and_labels_as_the_package_writes_them():
-    assert cited_sections("see ALGORITHMS.md §2.3–2.4 and §4.4 item 2, (§8.6.7), §4") == {"2.3", "2.4", "4.4", "8.6", "4"}
+    assert cited_sections("see ALGORITHMS.md §2.3–2.4 and §4.4 item 2, (§8.6.7), §4") == {
+        "2.3",
+        "2.4",
+        "4.4",
+        "8.6",
+        "4",
+    }
     assert cited_sections("§8.3–8.5; §5.4-5.5; §2–4") == {"8.3", "8.4", "8.5", "5.4", "5.5", "2", "3", "4"}
     assert cited_sections("(ALGORITHMS.md §7.1, DESIGN.md §3)") == {"7.1"}
-    assert cited_labels("(S3) and (S2, default); R2) B1–B3 (E6, the identity) E8:") == {"S3", "S2", "R2", "B1", "B2", "B3", "E6", "E8"}
+    assert cited_labels("(S3) and (S2, default); R2) B1–B3 (E6, the identity) E8:") == {
+        "S3",
+        "S2",
+        "R2",
+        "B1",
+        "B2",
+        "B3",
+        "E6",
+        "E8",
+    }
     assert cited_labels("S3Client, log2(B1x), 1.E5, BE2 and b2") == set()
 
 
@@ -109,7 +130,11 @@ def test_every_section_cited_in_the_package_exists_in_docs_algorithms():
 
 def test_every_equation_label_cited_in_the_package_is_defined_next_to_its_equation_in_docs_algorithms():
     # An equation line of the document ends with its label, e.g. "V*(s) = β log Σ_a … (B2)".
-    defined = {match.group(1) for line in ALGORITHMS.read_text(encoding="utf-8").splitlines() if (match := re.search(r"\(([BERS]\d{1,2})\)\s*$", line))}
+    defined = {
+        match.group(1)
+        for line in ALGORITHMS.read_text(encoding="utf-8").splitlines()
+        if (match := re.search(r"\(([BERS]\d{1,2})\)\s*$", line))
+    }
     assert {"B1", "B2", "B3", "S2", "S3", "R2"} <= defined
     missing = {label: places for label, places in citations(cited_labels).items() if label not in defined}
     assert not missing, "equation labels cited in llmq/ but not defined in docs/algorithms.md: " + "; ".join(

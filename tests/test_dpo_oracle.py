@@ -21,7 +21,15 @@ from llmq.testing import TabularLM, make_batch, random_mdp, soft_optimal, toy_md
 
 def minimise(model, objective):
     """Full-batch L-BFGS on a tabular model to the exact minimiser of ``objective()``."""
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=2000, tolerance_grad=1e-14, tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=2000,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -57,7 +65,9 @@ def fit_population_dpo(mdp, beta, weighting):
     def objective():
         logps = sequence_logps(model, batch)
         if weighting == "uniform":
-            return dpo_loss(logps[i], logps[j], ref_logps[i], ref_logps[j], beta=beta, label_smoothing=1 - prefers_i)[0]
+            return dpo_loss(logps[i], logps[j], ref_logps[i], ref_logps[j], beta=beta, label_smoothing=1 - prefers_i)[
+                0
+            ]
         h = beta * ((logps[i] - ref_logps[i]) - (logps[j] - ref_logps[j]))
         return -(pair_weights * (prefers_i * F.logsigmoid(h) + (1 - prefers_i) * F.logsigmoid(-h))).sum()
 
@@ -69,7 +79,12 @@ def state_errors(mdp, model, reference, values, beta):
     """Max over states of |π_θ − π*| and of |β log π_θ/π_ref − A*| (action columns)."""
     policy_error = advantage_error = 0.0
     for s in mdp.states:
-        implicit = beta * (torch.log_softmax(model.state_logits(s), -1) - torch.log_softmax(reference.state_logits(s), -1)).detach().numpy()
+        implicit = (
+            beta
+            * (torch.log_softmax(model.state_logits(s), -1) - torch.log_softmax(reference.state_logits(s), -1))
+            .detach()
+            .numpy()
+        )
         policy_error = max(policy_error, np.abs(model.policy_probs(s) - values.pi[s]).max())
         advantage_error = max(advantage_error, np.abs(implicit - (values.q[s] - values.v[s])).max())
     return policy_error, advantage_error
@@ -104,7 +119,9 @@ def test_population_dpo_recovers_pi_star_and_the_optimal_advantage(name, weighti
     assert policy_error < 1e-4 and advantage_error < 1e-3, (policy_error, advantage_error)
     assert trajectory_sum_error(mdp, model, reference, batch, values, beta) < 1e-3
     if name == "toy":  # the A* column of ALGORITHMS.md §8.3 (β = 0.5)
-        root = beta * (torch.log_softmax(model.state_logits(()), -1) - torch.log_softmax(reference.state_logits(()), -1))
+        root = beta * (
+            torch.log_softmax(model.state_logits(()), -1) - torch.log_softmax(reference.state_logits(()), -1)
+        )
         np.testing.assert_allclose(root.detach().numpy(), [0.190808, -0.185363, -0.596970], atol=1e-5)
 
 
@@ -125,7 +142,9 @@ def test_implicit_token_rewards_are_masked_and_sum_to_the_dpo_reward():
     act_mask = torch.tensor([[False, True, True, False]])
     rewards = implicit_token_rewards(logp, ref_logp, act_mask, beta=0.1)
     torch.testing.assert_close(rewards, torch.tensor([[0.0, 0.05, -0.1, 0.0]]))
-    _, metrics = dpo_loss(torch.tensor([-3.0]), torch.tensor([0.0]), torch.tensor([-2.5]), torch.tensor([0.0]), beta=0.1)
+    _, metrics = dpo_loss(
+        torch.tensor([-3.0]), torch.tensor([0.0]), torch.tensor([-2.5]), torch.tensor([0.0]), beta=0.1
+    )
     assert metrics["rewards/chosen"] == pytest.approx(rewards.sum().item())
 
 
@@ -183,10 +202,28 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
     ref_rejected, _ = llmq_sequence_logps(reference, tokenizer, PREFERENCES["prompt"], PREFERENCES["rejected"])
     loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta)
 
-    args = DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", gradient_checkpointing=False, per_device_train_batch_size=4, max_steps=1, logging_steps=1, beta=beta)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_dict(PREFERENCES), processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        logging_steps=1,
+        beta=beta,
+    )
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_dict(PREFERENCES),
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))  # all 4 rows: [chosen rows; rejected rows]
-    trl_completions = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True)]
+    trl_completions = [
+        row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True)
+    ]
     assert sorted(trl_completions[:4]) == chosen_ids and sorted(trl_completions[4:]) == rejected_ids
     trainer.model.train()
     with torch.no_grad():
@@ -196,8 +233,17 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
 
     assert abs(loss.item() - trl_loss.item()) < 1e-5
     assert 0 < metrics["rewards/accuracies"] < 1  # a batch where the accuracy metric is informative
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert logged[name] == pytest.approx(metrics[name].item(), rel=1e-6, abs=1e-5), name  # metrics are detached tensors
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
+        assert logged[name] == pytest.approx(metrics[name].item(), rel=1e-6, abs=1e-5), (
+            name
+        )  # metrics are detached tensors
 
 
 # --- Q-function views ---------------------------------------------------------------------------
@@ -218,13 +264,18 @@ def test_implicit_q_of_the_dpo_optimum_is_the_optimal_advantage():
     q = view.q_values(batch["input_ids"], batch["attention_mask"])
     v = view.values(batch["input_ids"], batch["attention_mask"])
     advantages = view.advantages(batch["input_ids"], batch["attention_mask"])
-    assert q.shape == (*batch["input_ids"].shape, mdp.n_tokens) and v.shape == advantages.shape == batch["input_ids"].shape
+    assert (
+        q.shape == (*batch["input_ids"].shape, mdp.n_tokens)
+        and v.shape == advantages.shape == batch["input_ids"].shape
+    )
     for b, p, state, action in action_positions(mdp, batch):
         a_star = values.q[state] - values.v[state]
         np.testing.assert_allclose(q[b, p, : mdp.n_actions].numpy(), a_star, atol=1e-3)
         assert abs(advantages[b, p].item() - a_star[action]) < 1e-3 and v[b, p].item() == 0.0
         # V ≡ 0 is the soft value of this Q: β log Σ_a π_ref(a|s) exp(Q(s,a)/β) = 0 (B2).
-        assert abs(beta * np.logaddexp.reduce(mdp.ref_log_probs(state) + q[b, p, : mdp.n_actions].numpy() / beta)) < 1e-9
+        assert (
+            abs(beta * np.logaddexp.reduce(mdp.ref_log_probs(state) + q[b, p, : mdp.n_actions].numpy() / beta)) < 1e-9
+        )
     torch.testing.assert_close(q.gather(-1, batch["input_ids"][..., None]).squeeze(-1) - v, advantages)
 
 
@@ -233,7 +284,9 @@ def test_shifted_logits_of_the_shiq_optimum_are_q_star_and_v_star():
     batch = make_batch(mdp)
     model, reference = TabularLM(mdp), TabularLM.reference(mdp)
     ref_logits = reference(batch["input_ids"]).logits
-    common = dict(input_ids=batch["input_ids"], act_mask=batch["act_mask"], rewards=batch["rewards"], beta=beta, gamma=mdp.gamma)
+    common = dict(
+        input_ids=batch["input_ids"], act_mask=batch["act_mask"], rewards=batch["rewards"], beta=beta, gamma=mdp.gamma
+    )
     minimise(model, lambda: shiq_loss(model(batch["input_ids"]).logits, ref_logits, **common)[0])
     values = soft_optimal(mdp, beta)
     view = ShiftedLogits(model, reference, beta)
@@ -261,7 +314,11 @@ def test_views_share_shapes_on_a_transformer_and_differ_by_the_value_shift(tiny_
     shifted, implicit = ShiftedLogits(policy, reference, 0.1), ImplicitQ(policy, reference, 0.1)
     outputs = {}
     for name, view in (("shifted", shifted), ("implicit", implicit)):
-        q, v, advantages = view.q_values(input_ids, attention_mask), view.values(input_ids, attention_mask), view.advantages(input_ids, attention_mask)
+        q, v, advantages = (
+            view.q_values(input_ids, attention_mask),
+            view.values(input_ids, attention_mask),
+            view.advantages(input_ids, attention_mask),
+        )
         assert q.shape == (*input_ids.shape, len(tokenizer)) and v.shape == advantages.shape == input_ids.shape
         assert q.dtype == v.dtype == advantages.dtype == torch.float32 and not q.requires_grad
         torch.testing.assert_close(q.gather(-1, input_ids[..., None]).squeeze(-1) - v, advantages)  # (B3)
@@ -279,7 +336,10 @@ def test_peft_reference_is_the_model_with_adapters_disabled():
 
     reference = load_model("tiny-llama", dtype="float32")
     torch.manual_seed(0)  # init_lora_weights=False draws a non-zero adapter from the global generator
-    model = get_peft_model(load_model("tiny-llama", dtype="float32"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        load_model("tiny-llama", dtype="float32"),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     input_ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     implicit_reference = ImplicitQ(model, None, 0.1).advantages(input_ids)
     torch.testing.assert_close(implicit_reference, ImplicitQ(model, reference, 0.1).advantages(input_ids))

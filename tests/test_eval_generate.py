@@ -20,7 +20,19 @@ def test_bootstrap_interval_brackets_the_mean():
 @pytest.mark.slow
 def test_llmq_eval_writes_a_report_with_the_protocol(tmp_path, capsys, data_dir, tiny_model_dir):
     out = tmp_path / "eval"
-    argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "3", "--max_new_tokens", "8", "--output_dir", str(out)]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--data_dir",
+        str(data_dir),
+        "--limit",
+        "3",
+        "--max_new_tokens",
+        "8",
+        "--output_dir",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"]["task"] == "gsm8k" and report["protocol"]["examples"] == 3
@@ -35,8 +47,25 @@ def test_llmq_eval_writes_a_report_with_the_protocol(tmp_path, capsys, data_dir,
 @pytest.mark.slow
 def test_llmq_eval_with_samples_reports_pass_and_majority(tmp_path, data_dir, tiny_model_dir):
     out = tmp_path / "eval"
-    argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--task", "math500", "--limit", "2",
-            "--max_new_tokens", "6", "--num_samples", "3", "--temperature", "1.0", "--output_dir", str(out)]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--data_dir",
+        str(data_dir),
+        "--task",
+        "math500",
+        "--limit",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--num_samples",
+        "3",
+        "--temperature",
+        "1.0",
+        "--output_dir",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     metrics, curve = report["metrics"], report["pass_at_k"]
@@ -67,8 +96,23 @@ def test_pass_at_k_is_the_chance_that_k_draws_include_a_correct_answer():
 @pytest.mark.slow
 def test_llmq_generate_saves_a_scored_dataset_with_its_settings(tmp_path, data_dir, tiny_model_dir):
     path = tmp_path / "data"
-    argv = ["generate", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--num_completions", "3",
-            "--max_new_tokens", "6", "--format_reward", "0.5", "--dataset_path", str(path)]
+    argv = [
+        "generate",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--data_dir",
+        str(data_dir),
+        "--limit",
+        "2",
+        "--num_completions",
+        "3",
+        "--max_new_tokens",
+        "6",
+        "--format_reward",
+        "0.5",
+        "--dataset_path",
+        str(path),
+    ]
     assert main(argv) == 0
     dataset = datasets.load_from_disk(str(path))
     assert len(dataset) == 6 and dataset["question_index"] == [0, 0, 0, 1, 1, 1]
@@ -76,15 +120,38 @@ def test_llmq_generate_saves_a_scored_dataset_with_its_settings(tmp_path, data_d
     assert all(r["reward"] == float(r["correct"]) + 0.5 * r["formatted"] for r in dataset)
     assert all(r["truncated"] for r in dataset)  # 6 tokens cut every answer of a random model
     settings = json.loads((path / "llmq_generation.json").read_text())
-    assert settings["sampling"]["max_new_tokens"] == 6 and settings["completions"] == 6 and settings["model"] == "tiny-llama"
+    assert (
+        settings["sampling"]["max_new_tokens"] == 6
+        and settings["completions"] == 6
+        and settings["model"] == "tiny-llama"
+    )
 
 
 @pytest.mark.slow
 def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsys, data_dir, embedded_model_dir):
     out = tmp_path / "quickstart"
-    argv = ["train", "recipes/quickstart.yaml", "--data_dir", str(data_dir), "--output_dir", str(out), "--dataset_path", str(out / "data"),
-            "--build_limit", "2", "--build_num_completions", "2", "--build_max_new_tokens", "24", "--benchmark_limit", "2",
-            "--benchmark_max_new_tokens", "24", "--per_device_train_batch_size", "2"]
+    argv = [
+        "train",
+        "recipes/quickstart.yaml",
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--dataset_path",
+        str(out / "data"),
+        "--build_limit",
+        "2",
+        "--build_num_completions",
+        "2",
+        "--build_max_new_tokens",
+        "24",
+        "--benchmark_limit",
+        "2",
+        "--benchmark_max_new_tokens",
+        "24",
+        "--per_device_train_batch_size",
+        "2",
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_rows"] == 4 and set(summary["change"]) == {"first_sample", "answer_format"}

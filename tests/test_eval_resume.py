@@ -15,7 +15,16 @@ from llmq.rollout import HFEngine
 
 
 def config(output_dir, data_dir, **overrides) -> EvalConfig:
-    settings = dict(data_dir=str(data_dir), limit=5, batch_size=2, max_new_tokens=6, temperature=1.0, num_samples=2, output_dir=str(output_dir), bootstrap_samples=200)
+    settings = dict(
+        data_dir=str(data_dir),
+        limit=5,
+        batch_size=2,
+        max_new_tokens=6,
+        temperature=1.0,
+        num_samples=2,
+        output_dir=str(output_dir),
+        bootstrap_samples=200,
+    )
     return EvalConfig(**(settings | overrides))
 
 
@@ -62,7 +71,10 @@ def test_a_killed_evaluation_resumes_to_the_same_report(tmp_path, data_dir, tiny
     assert completions_by_question(tmp_path / "resumed") == completions_by_question(tmp_path / "whole")
 
     calls.clear()  # a finished run re-reports without generating anything
-    assert evaluate(model, tokenizer, config(tmp_path / "resumed", data_dir), model_name="tiny-llama")["metrics"] == whole["metrics"]
+    assert (
+        evaluate(model, tokenizer, config(tmp_path / "resumed", data_dir), model_name="tiny-llama")["metrics"]
+        == whole["metrics"]
+    )
     assert calls == []
 
 
@@ -76,17 +88,46 @@ def test_another_protocol_in_the_same_folder_is_refused_or_restarted(tmp_path, d
         next(retrained.parameters()).add_(0.01)
     with pytest.raises(UserError, match="differs in: weights_checksum"):
         evaluate(retrained, tokenizer, config(tmp_path, data_dir), model_name="tiny-llama")
-    report = evaluate(retrained, tokenizer, config(tmp_path, data_dir), model_name="tiny-llama", restart_on_mismatch=True)
+    report = evaluate(
+        retrained, tokenizer, config(tmp_path, data_dir), model_name="tiny-llama", restart_on_mismatch=True
+    )
     assert len(completions_by_question(tmp_path)) == 5 and report["protocol"]["examples"] == 5
 
 
 @pytest.mark.slow
 def test_report_markdown_and_plot_compare_decodings(tmp_path, data_dir, tiny_model_dir):
-    common = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "3", "--max_new_tokens", "6"]
+    common = [
+        "eval",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--data_dir",
+        str(data_dir),
+        "--limit",
+        "3",
+        "--max_new_tokens",
+        "6",
+    ]
     assert main([*common, "--output_dir", str(tmp_path / "greedy")]) == 0
-    assert main([*common, "--decoding", "beam", "--num_beams", "2", "--output_dir", str(tmp_path / "beam"), "--compare_with", str(tmp_path / "greedy")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--decoding",
+                "beam",
+                "--num_beams",
+                "2",
+                "--output_dir",
+                str(tmp_path / "beam"),
+                "--compare_with",
+                str(tmp_path / "greedy"),
+            ]
+        )
+        == 0
+    )
     markdown = (tmp_path / "beam" / "report.md").read_text()
-    assert "| tiny-llama | beam 2 | first_sample |" in markdown and "| tiny-llama | greedy | first_sample |" in markdown
+    assert (
+        "| tiny-llama | beam 2 | first_sample |" in markdown and "| tiny-llama | greedy | first_sample |" in markdown
+    )
     assert (tmp_path / "beam" / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*common, "--output_dir", str(tmp_path / "x"), "--compare_with", str(tmp_path / "nothing")]) == 2
 

@@ -26,15 +26,32 @@ def perturbed_policy_dir(tmp_path_factory, tiny_model_dir):
 @pytest.mark.slow
 def test_credit_map_values_are_beta_log_ratios_of_the_response(tmp_path, capsys, perturbed_policy_dir):
     out = tmp_path / "explain"
-    argv = ["explain", "--model_name_or_path", str(perturbed_policy_dir), "--ref_model_name_or_path", "tiny-llama", "--beta", "0.5",
-            "--prompt", "What is 2+3?", "--response", "It is 5.", "--output_dir", str(out)]
+    argv = [
+        "explain",
+        "--model_name_or_path",
+        str(perturbed_policy_dir),
+        "--ref_model_name_or_path",
+        "tiny-llama",
+        "--beta",
+        "0.5",
+        "--prompt",
+        "What is 2+3?",
+        "--response",
+        "It is 5.",
+        "--output_dir",
+        str(out),
+    ]
     assert main(argv) == 0
     record = json.loads((out / "credit_map.json").read_text())
     assert "".join(record["tokens"]) == "It is 5.<|im_end|>"
-    assert (out / "credit_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "What is 2+3?" in (out / "credit_map.html").read_text()
+    assert (out / "credit_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "What is 2+3?" in (
+        out / "credit_map.html"
+    ).read_text()
 
     tokenizer = load_tokenizer("tiny-llama")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."}], tokenize=False).rstrip()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."}], tokenize=False
+    ).rstrip()
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         policy, _ = token_logprobs(load_model(str(perturbed_policy_dir), dtype="float32")(ids).logits, ids)

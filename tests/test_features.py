@@ -6,7 +6,14 @@ import copy
 import pytest
 import torch
 
-from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from llmq.models.features import extract_features, feature_layer
 from llmq.models.tiny import SPECIAL_TOKENS, byte_tokenizer
@@ -34,7 +41,11 @@ def test_pooled_features_match_unpadded_forward_passes(pooling, tiny_model_and_t
 def test_default_layer_is_the_middle_and_bad_layers_are_refused(tiny_model_and_tokenizer):
     model, _ = tiny_model_and_tokenizer
     layers = model.config.num_hidden_layers
-    assert feature_layer(model, None) == layers // 2 and feature_layer(model, -1) == layers and feature_layer(model, 0) == 0
+    assert (
+        feature_layer(model, None) == layers // 2
+        and feature_layer(model, -1) == layers
+        and feature_layer(model, 0) == 0
+    )
     with pytest.raises(ValueError, match="outside"):
         feature_layer(model, layers + 1)
 
@@ -58,7 +69,9 @@ def test_the_cache_hits_misses_and_invalidates(tmp_path, tiny_model_and_tokenize
     with torch.no_grad():
         next(retrained.parameters()).add_(0.05)
     changed = extract_features(retrained, tokenizer, TEXTS, cache_dir=tmp_path, progress=False)
-    assert not torch.equal(changed, first) and len(list(tmp_path.glob("*.safetensors"))) == 5  # new weights: recomputed
+    assert (
+        not torch.equal(changed, first) and len(list(tmp_path.glob("*.safetensors"))) == 5
+    )  # new weights: recomputed
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -68,14 +81,18 @@ def test_image_inputs_of_a_tiny_vlm_give_features_that_depend_on_the_image(tmp_p
     model, processor = tiny_llava()
     images = [np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8) for seed in range(3)]
     texts = ["<image> screen one > tap", "<image> a longer second screen > type hello", "<image> screen one > tap"]
-    features = extract_features(model, processor, texts, images=images, layer=-1, batch_size=2, cache_dir=tmp_path, progress=False)
+    features = extract_features(
+        model, processor, texts, images=images, layer=-1, batch_size=2, cache_dir=tmp_path, progress=False
+    )
     assert features.shape == (3, 64)
     single = processor(text=[texts[1]], images=[images[1]], return_tensors="pt")
     with torch.no_grad():
         expected = model(**single, output_hidden_states=True).hidden_states[-1][0, -1]
     torch.testing.assert_close(features[1], expected, atol=1e-5, rtol=0)
     assert not torch.allclose(features[0], features[2])  # same text, another image
-    swapped = extract_features(model, processor, texts, images=images[::-1], layer=-1, cache_dir=tmp_path, progress=False)
+    swapped = extract_features(
+        model, processor, texts, images=images[::-1], layer=-1, cache_dir=tmp_path, progress=False
+    )
     assert len(list(tmp_path.glob("*.safetensors"))) == 2 and torch.allclose(swapped[0], features[2])
     with pytest.raises(ValueError, match="one image per text"):
         extract_features(model, processor, texts, images=images[:2], progress=False)
@@ -88,8 +105,14 @@ def test_continuations_scored_through_the_prefix_cache_match_full_forward_passes
     model, tokenizer = tiny_model_and_tokenizer
     prefixes = ["Goal: eat the apple.\nYou see an apple.", "A second, longer state text with more tokens in it."]
     continuations = [["\nAction: take apple", "\nAction: eat apple", "\nAction: look"], ["\nAction: go north"]]
-    prefix_features, features, logprobs = score_continuations(model, tokenizer, prefixes, continuations, layer=-1, batch_size=2, cache_dir=tmp_path, progress=False)
-    assert prefix_features.shape == (2, 64) and [f.shape for f in features] == [(3, 64), (1, 64)] and [len(x) for x in logprobs] == [3, 1]
+    prefix_features, features, logprobs = score_continuations(
+        model, tokenizer, prefixes, continuations, layer=-1, batch_size=2, cache_dir=tmp_path, progress=False
+    )
+    assert (
+        prefix_features.shape == (2, 64)
+        and [f.shape for f in features] == [(3, 64), (1, 64)]
+        and [len(x) for x in logprobs] == [3, 1]
+    )
     for p, (prefix, options) in enumerate(zip(prefixes, continuations)):
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         for c, option in enumerate(options):
@@ -98,9 +121,13 @@ def test_continuations_scored_through_the_prefix_cache_match_full_forward_passes
                 out = model(ids, output_hidden_states=True)
             logp, _ = token_logprobs(out.logits, ids)
             torch.testing.assert_close(features[p][c], out.hidden_states[-1][0, -1], atol=1e-5, rtol=0)
-            torch.testing.assert_close(prefix_features[p], out.hidden_states[-1][0, len(prefix_ids) - 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                prefix_features[p], out.hidden_states[-1][0, len(prefix_ids) - 1], atol=1e-5, rtol=0
+            )
             assert logprobs[p][c].item() == pytest.approx(logp[0, len(prefix_ids) :].sum().item(), abs=1e-4)
-    cached = score_continuations(model, tokenizer, prefixes, continuations, layer=-1, cache_dir=tmp_path, progress=False)
+    cached = score_continuations(
+        model, tokenizer, prefixes, continuations, layer=-1, cache_dir=tmp_path, progress=False
+    )
     assert torch.equal(cached[0], prefix_features) and all(torch.equal(a, b) for a, b in zip(cached[2], logprobs))
 
 
@@ -111,9 +138,17 @@ def tiny_llava(seed: int = 0):
     """
     tokenizer = byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, "<image>"]})
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -127,5 +162,12 @@ def tiny_llava(seed: int = 0):
         model = LlavaForConditionalGeneration(config).eval()
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # "default" drops the CLS feature; the processor counts it among the additional tokens.
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
     return model, processor

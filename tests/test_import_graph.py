@@ -22,8 +22,16 @@ ROOT = "llmq"
 # prefix below ("llmq" itself matches only the root __init__), so every new top-level module must be placed here.
 LAYERS: dict[int, tuple[str, ...]] = {
     0: (  # primitives and infrastructure
-        "llmq", "llmq.errors", "llmq.stats", "llmq.mdp", "llmq.losses", "llmq.qfunctions", "llmq.testing",
-        "llmq.visualize", "llmq.checkpoints", "llmq.launch",
+        "llmq",
+        "llmq.errors",
+        "llmq.stats",
+        "llmq.mdp",
+        "llmq.losses",
+        "llmq.qfunctions",
+        "llmq.testing",
+        "llmq.visualize",
+        "llmq.checkpoints",
+        "llmq.launch",
     ),
     1: ("llmq.models", "llmq.rollout", "llmq.data", "llmq.envs", "llmq.config"),
     2: ("llmq.decoding", "llmq.trainers", "llmq.evaluation", "llmq.explain"),

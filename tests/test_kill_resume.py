@@ -26,15 +26,28 @@ def train_command(recipe, output_dir, *extra):
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, shiq_recipe):
     recipe = shiq_recipe(
-        tmp_path, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, logging_steps=1, seed=0, per_device_train_batch_size=4,
-        learning_rate=0.01, beta=0.5, use_cpu=True, report_to="none", disable_tqdm=True,
-    )  # fmt: skip
+        tmp_path,
+        max_steps=MAX_STEPS,
+        save_steps=SAVE_STEPS,
+        logging_steps=1,
+        seed=0,
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        beta=0.5,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+    )
     # One thread per process: the two runs share the machine's cores without oversubscribing them
     # (unbuffered, so the killed run's printed steps are all in its output).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     run, reference_dir = tmp_path / "run", tmp_path / "reference"
-    reference = subprocess.Popen(train_command(recipe, reference_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = subprocess.Popen(train_command(recipe, run), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    reference = subprocess.Popen(
+        train_command(recipe, reference_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killed = subprocess.Popen(
+        train_command(recipe, run), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         # Kill as soon as the save of checkpoint-6 has begun (34 of the 40 steps are still to come):
@@ -52,7 +65,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, shiq_
     resumed_from = int(point.rsplit("-", 1)[1])
     assert resumed_from == (KILL_AT if is_complete(run / f"checkpoint-{KILL_AT}") else KILL_AT - SAVE_STEPS)
     assert steps_done - resumed_from <= SAVE_STEPS  # at most save_steps steps lost
-    resumed = subprocess.run(train_command(recipe, run, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        train_command(recipe, run, "--resume"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {point}" in resumed.stdout
     assert len(LOSS_LINE.findall(resumed.stdout)) == MAX_STEPS - resumed_from  # it went on from there, not from step 0
@@ -65,4 +80,6 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, shiq_
     assert list(losses(run)) == list(range(1, MAX_STEPS + 1))
     assert losses(run) == pytest.approx(losses(reference_dir), abs=1e-6)
     final, expected = load_file(str(run / "model.safetensors")), load_file(str(reference_dir / "model.safetensors"))
-    assert final.keys() == expected.keys() and all(torch.allclose(final[name], expected[name], atol=1e-6) for name in expected)
+    assert final.keys() == expected.keys() and all(
+        torch.allclose(final[name], expected[name], atol=1e-6) for name in expected
+    )

@@ -21,7 +21,10 @@ ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}.", "r
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter on the tiny model, saved by peft: adapter_config.json + adapter_model.safetensors, no tokenizer, no config.json."""
-    model = get_peft_model(load_model("tiny-llama", dtype="float32"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        load_model("tiny-llama", dtype="float32"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     directory = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(directory)
     return directory
@@ -36,32 +39,68 @@ def with_base(adapter_dir, tmp_path, base):
 
 
 @pytest.mark.slow
-def test_a_valid_adapter_directory_loads_its_base_model_with_the_adapter(adapter_dir, tiny_model_dir, data_dir, tmp_path):
-    assert sorted(path.name for path in adapter_dir.iterdir() if path.suffix != ".md") == ["adapter_config.json", "adapter_model.safetensors"]
+def test_a_valid_adapter_directory_loads_its_base_model_with_the_adapter(
+    adapter_dir, tiny_model_dir, data_dir, tmp_path
+):
+    assert sorted(path.name for path in adapter_dir.iterdir() if path.suffix != ".md") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     model = load_model(str(adapter_dir), dtype="float32")
     base = load_model("tiny-llama", dtype="float32")
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, base(ids).logits)  # the adapter (non-zero B) is applied
     assert load_tokenizer(str(adapter_dir)).get_vocab() == load_tokenizer("tiny-llama").get_vocab()
-    argv = ["eval", "--model_name_or_path", str(adapter_dir), "--limit", "1", "--max_new_tokens", "4", "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "eval")]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        str(adapter_dir),
+        "--limit",
+        "1",
+        "--max_new_tokens",
+        "4",
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(tmp_path / "eval"),
+    ]
     assert main(argv) == 0 and (tmp_path / "eval" / "report.json").is_file()
 
 
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("empty directory", "model directory '{path}' has neither config.json nor adapter_config.json: it is not a saved model"),
-        ("truncated weights", "cannot load model '{path}': Error while deserializing header: incomplete metadata, file not fully covered"),
+        (
+            "empty directory",
+            "model directory '{path}' has neither config.json nor adapter_config.json: it is not a saved model",
+        ),
+        (
+            "truncated weights",
+            "cannot load model '{path}': Error while deserializing header: incomplete metadata, file not fully covered",
+        ),
         ("no weights", "cannot load model '{path}': Error no file named model.safetensors"),
-        ("adapter on a missing directory", "adapter '{path}': its base model '/nonexistent/base' (base_model_name_or_path in adapter_config.json) is neither an existing directory nor a Hub id"),
-        ("adapter on an unreachable Hub id", "cannot load model '{path}' (a PEFT adapter on base model 'nobody/no-such-model'): We couldn't connect to 'https://huggingface.co'"),
-        ("broken adapter config", "{path}/adapter_config.json does not name the adapter's base model (JSONDecodeError:"),
+        (
+            "adapter on a missing directory",
+            "adapter '{path}': its base model '/nonexistent/base' (base_model_name_or_path in adapter_config.json) is neither an existing directory nor a Hub id",
+        ),
+        (
+            "adapter on an unreachable Hub id",
+            "cannot load model '{path}' (a PEFT adapter on base model 'nobody/no-such-model'): We couldn't connect to 'https://huggingface.co'",
+        ),
+        (
+            "broken adapter config",
+            "{path}/adapter_config.json does not name the adapter's base model (JSONDecodeError:",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["train", "eval", "generate"])
-def test_an_unloadable_model_directory_is_one_line_exit_2(tmp_path, capsys, monkeypatch, tiny_model_dir, adapter_dir, case, command, message):
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import; read at each download
+def test_an_unloadable_model_directory_is_one_line_exit_2(
+    tmp_path, capsys, monkeypatch, tiny_model_dir, adapter_dir, case, command, message
+):
+    monkeypatch.setattr(
+        "huggingface_hub.constants.HF_HUB_OFFLINE", True
+    )  # what HF_HUB_OFFLINE=1 sets at import; read at each download
     if case.startswith("adapter on"):
         path = with_base(adapter_dir, tmp_path, "/nonexistent/base" if "missing" in case else "nobody/no-such-model")
     elif case == "broken adapter config":
@@ -97,22 +136,64 @@ def assert_one_line_error(err, start):
 
 def test_an_unknown_guide_model_is_one_line_exit_2(tmp_path, capsys, monkeypatch, tiny_model_dir, data_dir):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    argv = ["eval", "--model_name_or_path", "tiny-llama", "--decoding", "guided", "--guide_model", "nobody/no-such-guide", "--temperature", "0",
-            "--limit", "1", "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--decoding",
+        "guided",
+        "--guide_model",
+        "nobody/no-such-guide",
+        "--temperature",
+        "0",
+        "--limit",
+        "1",
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 2
-    assert_one_line_error(capsys.readouterr().err, "llmq eval: error: cannot load model 'nobody/no-such-guide': We couldn't connect to 'https://huggingface.co'")
+    assert_one_line_error(
+        capsys.readouterr().err,
+        "llmq eval: error: cannot load model 'nobody/no-such-guide': We couldn't connect to 'https://huggingface.co'",
+    )
 
 
 @pytest.mark.parametrize("data_dir_set", [True, False])
 def test_a_task_with_no_local_copy_and_no_hub_is_one_line_exit_2(tmp_path, tiny_model_dir, data_dir_set):
     # Offline, with an empty Hugging Face cache: the Hub is never reached and no cached copy is found.
-    env = {key: value for key, value in os.environ.items() if key != "LLMQ_DATA_DIR"} | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "llmq.cli", "eval", "--model_name_or_path", "tiny-llama", "--task", "gsm8k", "--limit", "1", "--output_dir", str(tmp_path / "out")]
+    env = {key: value for key, value in os.environ.items() if key != "LLMQ_DATA_DIR"} | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "llmq.cli",
+        "eval",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--task",
+        "gsm8k",
+        "--limit",
+        "1",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     if data_dir_set:
         (tmp_path / "empty").mkdir()
         argv += ["--data_dir", str(tmp_path / "empty")]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    local = f"no {tmp_path / 'empty' / 'gsm8k' / 'test.jsonl'}" if data_dir_set else "no local copy (gsm8k/test.jsonl under data_dir or $LLMQ_DATA_DIR, neither is set)"
+    local = (
+        f"no {tmp_path / 'empty' / 'gsm8k' / 'test.jsonl'}"
+        if data_dir_set
+        else "no local copy (gsm8k/test.jsonl under data_dir or $LLMQ_DATA_DIR, neither is set)"
+    )
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"llmq eval: error: task gsm8k, split test: {local}, and the Hub dataset 'openai/gsm8k' (config main) could not be loaded (ConnectionError: "), last
+    assert last.startswith(
+        f"llmq eval: error: task gsm8k, split test: {local}, and the Hub dataset 'openai/gsm8k' (config main) could not be loaded (ConnectionError: "
+    ), last

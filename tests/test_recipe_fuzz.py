@@ -15,14 +15,76 @@ from llmq.config import ModelConfig, parse_recipe
 from llmq.errors import UserError
 from llmq.evaluation import EvalConfig, GenerateConfig
 
-EVAL_KEYS = ["task", "split", "limit", "temperature", "num_samples", "decoding", "num_beams", "guide_model", "scorer", "max_new_tokens", "top_p", "seed", "dtype",
-             "model_name_or_path", "compare_with", "env", "qvm_path", "search_budget", "batch_size"]  # fmt: skip
-TRAIN_KEYS = ["method", "beta", "gamma", "loss_type", "learning_rate", "max_steps", "dataset_path", "build_task", "build_limit", "num_train_epochs", "per_device_train_batch_size",
-              "train_games", "episode_steps", "critic_steps", "threshold", "label", "rollouts", "use_peft", "lora_r", "report_to",
-              "build_temperature", "build_num_completions", "sampling_temperature", "behaviour_temperature"]  # fmt: skip
-SAMPLING_KEYS = ["temperature", "top_p", "num_completions", "num_candidates", "num_beams", "decoding", "scorer", "seed", "min_score"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=6)
+EVAL_KEYS = [
+    "task",
+    "split",
+    "limit",
+    "temperature",
+    "num_samples",
+    "decoding",
+    "num_beams",
+    "guide_model",
+    "scorer",
+    "max_new_tokens",
+    "top_p",
+    "seed",
+    "dtype",
+    "model_name_or_path",
+    "compare_with",
+    "env",
+    "qvm_path",
+    "search_budget",
+    "batch_size",
+]
+TRAIN_KEYS = [
+    "method",
+    "beta",
+    "gamma",
+    "loss_type",
+    "learning_rate",
+    "max_steps",
+    "dataset_path",
+    "build_task",
+    "build_limit",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "train_games",
+    "episode_steps",
+    "critic_steps",
+    "threshold",
+    "label",
+    "rollouts",
+    "use_peft",
+    "lora_r",
+    "report_to",
+    "build_temperature",
+    "build_num_completions",
+    "sampling_temperature",
+    "behaviour_temperature",
+]
+SAMPLING_KEYS = [
+    "temperature",
+    "top_p",
+    "num_completions",
+    "num_candidates",
+    "num_beams",
+    "decoding",
+    "scorer",
+    "seed",
+    "min_score",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=6,
+)
 
 
 def keys(known):
@@ -38,7 +100,11 @@ def parse_or_refuse(types, path):
         return None
 
 
-FUZZ = settings(max_examples=int(__import__("os").environ.get("LLMQ_FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(__import__("os").environ.get("LLMQ_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @FUZZ
@@ -51,7 +117,10 @@ def test_random_eval_recipes_parse_or_fail_in_one_line(recipe, tmp_path, monkeyp
 
 
 @FUZZ
-@given(recipe=st.dictionaries(keys(TRAIN_KEYS), values, max_size=5), method=st.sampled_from(["shiq", "dpo", "sft", "digiq", "qvm", "nonsense"]))
+@given(
+    recipe=st.dictionaries(keys(TRAIN_KEYS), values, max_size=5),
+    method=st.sampled_from(["shiq", "dpo", "sft", "digiq", "qvm", "nonsense"]),
+)
 def test_random_train_recipes_parse_or_fail_in_one_line(recipe, method, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output paths stay in the test folder
     path = tmp_path / "recipe.yaml"
@@ -63,7 +132,12 @@ numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(
 
 
 @FUZZ
-@given(recipe=st.dictionaries(st.sampled_from(SAMPLING_KEYS), st.one_of(numbers, st.sampled_from(["sample", "greedy", "beam", "best_of_n", "verifier"]))))
+@given(
+    recipe=st.dictionaries(
+        st.sampled_from(SAMPLING_KEYS),
+        st.one_of(numbers, st.sampled_from(["sample", "greedy", "beam", "best_of_n", "verifier"])),
+    )
+)
 def test_sampling_settings_are_valid_for_sampling_or_refused_in_one_line(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "recipe.yaml"
@@ -92,8 +166,12 @@ def test_a_sampling_setting_out_of_range_is_one_line_exit_2_before_any_model_loa
     assert f"'{key}'" in err and "\n" not in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command, key", [("generate", "dataset_path"), ("generate", "pairs_path"), ("eval", "output_dir")])
-def test_an_output_location_that_cannot_be_written_is_refused_before_any_work(command, key, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "command, key", [("generate", "dataset_path"), ("generate", "pairs_path"), ("eval", "output_dir")]
+)
+def test_an_output_location_that_cannot_be_written_is_refused_before_any_work(
+    command, key, tmp_path, capsys, monkeypatch
+):
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before the output location was checked")
 
@@ -115,7 +193,14 @@ def test_arbitrary_text_as_a_recipe_fails_in_one_line_or_parses(content, tmp_pat
 
 @pytest.mark.parametrize(
     "content",
-    [b"\xff\xfe\x00garbage", b"key: [unclosed", b"- a\n- b\n", b"!!python/object:os.system 'echo hi'\n", b"task: gsm8k\ntask: math500\n", "limit: 1e999\n".encode()],
+    [
+        b"\xff\xfe\x00garbage",
+        b"key: [unclosed",
+        b"- a\n- b\n",
+        b"!!python/object:os.system 'echo hi'\n",
+        b"task: gsm8k\ntask: math500\n",
+        "limit: 1e999\n".encode(),
+    ],
 )
 def test_malformed_recipes_through_the_cli_exit_2_with_one_line(content, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"

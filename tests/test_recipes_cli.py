@@ -25,7 +25,9 @@ def run_cli(capsys, *argv):
 
 def test_recipe_values_cli_overrides_and_env(tmp_path, monkeypatch):
     monkeypatch.delenv("LLMQ_TEST_FLAG", raising=False)
-    recipe = write(tmp_path, """
+    recipe = write(
+        tmp_path,
+        """
         model_name_or_path: tiny-llama
         limit: 3
         temperature: 0.5
@@ -33,7 +35,8 @@ def test_recipe_values_cli_overrides_and_env(tmp_path, monkeypatch):
         lora_target_modules: [q_proj, v_proj]
         env:
           LLMQ_TEST_FLAG: enabled
-    """)
+    """,
+    )
     model, evaluation = parse_recipe((ModelConfig, EvalConfig), [recipe, "--limit", "5"])
     assert model.model_name_or_path == "tiny-llama" and model.use_peft is True
     assert model.lora_target_modules == ["q_proj", "v_proj"]
@@ -130,6 +133,10 @@ def test_help_documents_every_option(capsys):
 
 def test_console_script_bad_input_has_no_traceback(tmp_path):
     recipe = write(tmp_path, "limit: many\n")
-    result = subprocess.run([sys.executable, "-m", "llmq.cli", "eval", recipe], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "llmq.cli", "eval", recipe], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"llmq eval: error: {recipe}: key 'limit': invalid int value: 'many'"]
+    assert result.stderr.strip().splitlines() == [
+        f"llmq eval: error: {recipe}: key 'limit': invalid int value: 'many'"
+    ]

@@ -73,7 +73,12 @@ def test_math_equal_from_worker_threads():
 
 @pytest.mark.parametrize(
     "field, gold",
-    [("She sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"), ("#### 1,000", "1000"), ("#### -3", "-3"), ("1,234", "1234")],
+    [
+        ("She sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+        ("#### 1,000", "1000"),
+        ("#### -3", "-3"),
+        ("1,234", "1234"),
+    ],
 )
 def test_gold_answer(field, gold):
     assert gold_answer(field) == gold

@@ -16,7 +16,11 @@ def engine(tiny_model_and_tokenizer):
     return HFEngine(model, tokenizer, batch_size=4, progress=False)
 
 
-PROMPTS = [[{"role": "user", "content": "What is 2+2?"}], "Once upon a time", [{"role": "user", "content": "A much longer question, to force left padding in the batch?"}]]
+PROMPTS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    "Once upon a time",
+    [{"role": "user", "content": "A much longer question, to force left padding in the batch?"}],
+]
 
 
 def test_greedy_matches_a_manual_argmax_loop_and_logprobs_match_a_forward_pass(engine):
@@ -39,7 +43,9 @@ def test_greedy_matches_a_manual_argmax_loop_and_logprobs_match_a_forward_pass(e
 def test_batching_does_not_change_greedy_results(engine, tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     batched = engine.generate(PROMPTS, sampling=SamplingParams(max_new_tokens=10))
-    single = HFEngine(model, tokenizer, batch_size=1, progress=False).generate(PROMPTS, sampling=SamplingParams(max_new_tokens=10))
+    single = HFEngine(model, tokenizer, batch_size=1, progress=False).generate(
+        PROMPTS, sampling=SamplingParams(max_new_tokens=10)
+    )
     assert [c[0].token_ids for c in batched] == [c[0].token_ids for c in single]
 
 
@@ -57,10 +63,14 @@ def test_sampling_n_per_prompt_is_seeded(engine):
 def test_length_and_stop_strings(engine):
     [[long]] = engine.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=5))
     assert len(long.token_ids) <= 5
-    [[sampled]] = engine.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1))
+    [[sampled]] = engine.generate(
+        ["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1)
+    )
     stop = sampled.text[3:5]
     assert stop and len(sampled.text) > 5
-    [[stopped]] = engine.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, stop=(stop,)))
+    [[stopped]] = engine.generate(
+        ["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, stop=(stop,))
+    )
     assert stopped.finish_reason == "stop" and stop not in stopped.text and sampled.text.startswith(stopped.text)
 
 
@@ -74,9 +84,15 @@ def test_a_stop_string_is_not_an_eos_when_the_pad_token_is_the_eos(tiny_model_an
     sampling = SamplingParams(max_new_tokens=30, temperature=1.0, seed=5)
     free = engine.generate(["Once upon a time"], n=4, sampling=sampling)[0]
     # a stop string that ends the first sample early while the others run on
-    stop = next(free[0].text[i : i + 2] for i in range(3, len(free[0].text) - 1) if all(ord(ch) < 128 for ch in free[0].text[i : i + 2]))
+    stop = next(
+        free[0].text[i : i + 2]
+        for i in range(3, len(free[0].text) - 1)
+        if all(ord(ch) < 128 for ch in free[0].text[i : i + 2])
+    )
     stopped = engine.generate(["Once upon a time"], n=4, sampling=dataclasses.replace(sampling, stop=(stop,)))[0]
-    assert max(len(c.token_ids) for c in stopped) > len(stopped[0].token_ids)  # the others ran on: the first row was padded
+    assert max(len(c.token_ids) for c in stopped) > len(
+        stopped[0].token_ids
+    )  # the others ran on: the first row was padded
     first = stopped[0]
     assert first.finish_reason == "stop" and tokenizer.eos_token_id not in first.token_ids
     assert first.token_ids == free[0].token_ids[: len(first.token_ids)] and len(first.logprobs) == len(first.token_ids)

@@ -18,9 +18,29 @@ def fit(mdp, beta, loss_type="multistep", batch=None, precomputed=False):
     model, reference = TabularLM(mdp), TabularLM.reference(mdp)
     with torch.no_grad():
         ref_logits = reference(batch["input_ids"]).logits
-    common = dict(input_ids=batch["input_ids"], act_mask=batch["act_mask"], rewards=batch["rewards"], beta=beta, gamma=mdp.gamma, truncated=batch["truncated"], loss_type=loss_type)
-    reference_stats = dict(ref_logp=batch["ref_logp"].double(), ref_lse=batch["ref_lse"].double()) if precomputed else dict(ref_logits=ref_logits)
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=2000, tolerance_grad=1e-14, tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+    common = dict(
+        input_ids=batch["input_ids"],
+        act_mask=batch["act_mask"],
+        rewards=batch["rewards"],
+        beta=beta,
+        gamma=mdp.gamma,
+        truncated=batch["truncated"],
+        loss_type=loss_type,
+    )
+    reference_stats = (
+        dict(ref_logp=batch["ref_logp"].double(), ref_lse=batch["ref_lse"].double())
+        if precomputed
+        else dict(ref_logits=ref_logits)
+    )
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=2000,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -87,7 +107,12 @@ def test_seeded_random_mdps_reach_the_exact_optimum(seed, vocab_size, horizon, b
     mdp = random_mdp(seed, vocab_size=vocab_size, horizon=horizon, gamma=gamma, reward_placement=placement)
     model, reference, loss = fit(mdp, beta)
     policy_error, shift_error, value_error = errors(mdp, model, reference, soft_optimal(mdp, beta), beta)
-    assert policy_error < 1e-4 and shift_error < 1e-3 and value_error < 1e-3, (loss, policy_error, shift_error, value_error)
+    assert policy_error < 1e-4 and shift_error < 1e-3 and value_error < 1e-3, (
+        loss,
+        policy_error,
+        shift_error,
+        value_error,
+    )
 
 
 def test_one_step_variant_has_the_same_fixed_point():
@@ -111,7 +136,14 @@ def test_truncated_prefixes_bootstrap_consistently_at_the_optimum():
     prefixes = make_batch(mdp, [s for s in mdp.states if len(s) >= 1])
     assert prefixes["truncated"].all()
     with torch.no_grad():
-        kwargs = dict(input_ids=prefixes["input_ids"], act_mask=prefixes["act_mask"], rewards=prefixes["rewards"], beta=beta, gamma=mdp.gamma, ref_logits=reference(prefixes["input_ids"]).logits)
+        kwargs = dict(
+            input_ids=prefixes["input_ids"],
+            act_mask=prefixes["act_mask"],
+            rewards=prefixes["rewards"],
+            beta=beta,
+            gamma=mdp.gamma,
+            ref_logits=reference(prefixes["input_ids"]).logits,
+        )
         bootstrapped, _ = shiq_loss(model(prefixes["input_ids"]).logits, truncated=prefixes["truncated"], **kwargs)
         terminal, _ = shiq_loss(model(prefixes["input_ids"]).logits, **kwargs)
     assert bootstrapped.item() < 1e-10 < terminal.item()
@@ -122,7 +154,14 @@ def test_zero_reward_loss_is_exactly_zero_at_the_reference():
     batch = make_batch(mdp)
     reference = TabularLM.reference(mdp)
     logits = reference(batch["input_ids"]).logits
-    loss, metrics = shiq_loss(logits, logits, input_ids=batch["input_ids"], act_mask=batch["act_mask"], rewards=torch.zeros_like(batch["rewards"]), beta=0.1)
+    loss, metrics = shiq_loss(
+        logits,
+        logits,
+        input_ids=batch["input_ids"],
+        act_mask=batch["act_mask"],
+        rewards=torch.zeros_like(batch["rewards"]),
+        beta=0.1,
+    )
     assert loss.item() == 0.0 and metrics["delta/abs_mean"] == 0.0
 
 

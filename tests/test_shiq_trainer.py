@@ -33,7 +33,16 @@ def tokenizer(tiny_model_dir):
 
 
 def make_trainer(tokenizer, tmp_path, rows=ROWS, peft_config=None, **overrides):
-    options = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", use_cpu=True, seed=0)
+    options = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
     options.update(overrides)
     return ShiQTrainer(
         model=load_model("tiny-llama", dtype="float32"),
@@ -79,7 +88,9 @@ def test_precomputed_reference_gives_the_same_losses_as_a_live_one(tokenizer, tm
 
 def test_lora_trains_adapters_only_and_its_reference_is_the_base_model(tokenizer, tmp_path):
     rows = [dict(row, reward=1.0) for row in ROWS]
-    trainer = make_trainer(tokenizer, tmp_path, rows=rows, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = make_trainer(
+        tokenizer, tmp_path, rows=rows, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     assert trainer.ref_model is None
     base = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_" not in name}
     trainer.train()
@@ -108,9 +119,16 @@ def test_multi_turn_masks_observations_and_places_turn_rewards(tokenizer):
 
 
 def test_truncated_rows_end_without_an_end_of_turn_action(tokenizer):
-    standard = tokenize_trajectory({"prompt": "Q", "completion": " abc", "reward": 0.0, "truncated": True}, tokenizer, 512, 0)
+    standard = tokenize_trajectory(
+        {"prompt": "Q", "completion": " abc", "reward": 0.0, "truncated": True}, tokenizer, 512, 0
+    )
     assert tokenizer.eos_token_id not in standard["input_ids"]
-    chat = {"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "abc"}], "reward": 0.0, "truncated": True}
+    chat = {
+        "prompt": [{"role": "user", "content": "Q"}],
+        "completion": [{"role": "assistant", "content": "abc"}],
+        "reward": 0.0,
+        "truncated": True,
+    }
     row = tokenize_trajectory(chat, tokenizer, 512, 0)
     assert tokenizer.decode([i for i, m in zip(row["input_ids"], row["act_mask"]) if m]) == "abc"
     assert row["truncated"] and tokenizer.decode(row["input_ids"]).endswith("assistant\nabc")
@@ -123,12 +141,22 @@ def test_truncated_rows_end_without_an_end_of_turn_action(tokenizer):
         ({"prompt": "Q", "completion": " a", "reward": float("nan")}, "row 3: reward must be a finite number"),
         ({"prompt": "", "completion": " a", "reward": 1.0}, "row 3: 'prompt' must be a non-empty string"),
         ({"prompt": "Q", "completion": " a"}, "row 3: needs 'reward', 'token_rewards' or 'turn_rewards'"),
-        ({"prompt": "Q", "completion": " a", "token_rewards": [1.0]}, "row 3: 'token_rewards' needs one number per action token (3)"),
+        (
+            {"prompt": "Q", "completion": " a", "token_rewards": [1.0]},
+            "row 3: 'token_rewards' needs one number per action token (3)",
+        ),
         ({"prompt": "Q" * 600, "completion": " a", "reward": 1.0}, "row 3: 603 tokens exceed max_length=512"),
         (dict(CONVERSATION, turn_rewards=[1.0]), "row 3: 'turn_rewards' needs one number per assistant turn (2)"),
         ({"messages": [{"role": "user", "content": "hi"}], "reward": 1.0}, "row 3: no assistant message"),
         ({"prompt": "Q", "completion": "  ", "reward": 1.0}, "row 3: the completion is empty"),
-        ({"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": ""}], "reward": 1.0}, "row 3: assistant message 1 is empty"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "Q"}],
+                "completion": [{"role": "assistant", "content": ""}],
+                "reward": 1.0,
+            },
+            "row 3: assistant message 1 is empty",
+        ),
     ],
 )
 def test_malformed_rows_name_their_index(tokenizer, row, message):
@@ -139,7 +167,14 @@ def test_malformed_rows_name_their_index(tokenizer, row, message):
 @pytest.mark.slow
 def test_llmq_train_cli_end_to_end(tmp_path, capsys, shiq_recipe):
     recipe = shiq_recipe(
-        tmp_path, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=0.01, use_cpu=True, save_strategy="no", beta=0.5
+        tmp_path,
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        use_cpu=True,
+        save_strategy="no",
+        beta=0.5,
     )
     assert main(["train", str(recipe), "--loss_type", "one_step"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -154,7 +189,9 @@ def test_llmq_train_cli_end_to_end(tmp_path, capsys, shiq_recipe):
 def test_gradient_checkpointing_gives_the_same_first_steps(tokenizer, tmp_path, use_lora):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
     plain = make_trainer(tokenizer, tmp_path / "plain", peft_config=lora, max_steps=2)
-    checkpointed = make_trainer(tokenizer, tmp_path / "ckpt", peft_config=lora, max_steps=2, gradient_checkpointing=True)
+    checkpointed = make_trainer(
+        tokenizer, tmp_path / "ckpt", peft_config=lora, max_steps=2, gradient_checkpointing=True
+    )
     plain.train()
     checkpointed.train()
     losses = lambda t: [entry["loss"] for entry in t.state.log_history if "loss" in entry]  # noqa: E731
@@ -163,13 +200,19 @@ def test_gradient_checkpointing_gives_the_same_first_steps(tokenizer, tmp_path, 
 
 def test_conversational_prompt_completion_rows_train(tokenizer, tmp_path):
     rows = [
-        {"prompt": [{"role": "user", "content": row["prompt"]}], "completion": [{"role": "assistant", "content": row["completion"]}], "reward": row["reward"]}
+        {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": row["completion"]}],
+            "reward": row["reward"],
+        }
         for row in ROWS
     ]
     trainer = make_trainer(tokenizer, tmp_path, rows=rows, max_steps=2)
     first = trainer.train_dataset[0]
     actions = tokenizer.decode([i for i, m in zip(first["input_ids"], first["act_mask"]) if m])
-    assert actions == ROWS[0]["completion"] + "<|im_end|>" and tokenizer.decode(first["input_ids"]).startswith("<|im_start|>user\n")
+    assert actions == ROWS[0]["completion"] + "<|im_end|>" and tokenizer.decode(first["input_ids"]).startswith(
+        "<|im_start|>user\n"
+    )
     trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
@@ -178,12 +221,29 @@ def test_preference_pairs_take_best_and_worst_per_question():
     from llmq.data.offline import preference_pairs
 
     def row(question, reward, text):
-        return {"prompt": [{"role": "user", "content": f"q{question}"}], "completion": [{"role": "assistant", "content": text}], "reward": reward, "question_index": question}
+        return {
+            "prompt": [{"role": "user", "content": f"q{question}"}],
+            "completion": [{"role": "assistant", "content": text}],
+            "reward": reward,
+            "question_index": question,
+        }
 
-    scored = datasets.Dataset.from_list([row(0, 0.0, "a"), row(0, 1.0, "b"), row(0, 0.5, "c"), row(1, 0.0, "d"), row(1, 0.0, "e"), row(2, 1.5, "f"), row(2, 0.5, "g")])
+    scored = datasets.Dataset.from_list(
+        [
+            row(0, 0.0, "a"),
+            row(0, 1.0, "b"),
+            row(0, 0.5, "c"),
+            row(1, 0.0, "d"),
+            row(1, 0.0, "e"),
+            row(2, 1.5, "f"),
+            row(2, 0.5, "g"),
+        ]
+    )
     pairs = preference_pairs(scored)
     assert pairs["question_index"] == [0, 2]  # question 1 has no preference
-    assert [p[0]["content"] for p in pairs["chosen"]] == ["b", "f"] and [p[0]["content"] for p in pairs["rejected"]] == ["a", "g"]
+    assert [p[0]["content"] for p in pairs["chosen"]] == ["b", "f"] and [
+        p[0]["content"] for p in pairs["rejected"]
+    ] == ["a", "g"]
     with pytest.raises(UserError, match="no question has completions with different rewards"):
         preference_pairs(scored.select([3, 4]))
 
@@ -193,12 +253,38 @@ def test_llmq_train_dpo_method_on_scored_data(tmp_path, tiny_model_dir):
     data = tmp_path / "scored.jsonl"
     rows = [dict(row, question_index=i // 2) for i, row in enumerate(ROWS)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    argv = ["train", "--method", "dpo", "--model_name_or_path", "tiny-llama", "--dataset_path", str(data), "--output_dir", str(tmp_path / "out"),
-            "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none",
-            "--gradient_checkpointing", "false", "--beta", "0.1"]
+    argv = [
+        "train",
+        "--method",
+        "dpo",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--dataset_path",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "true",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--gradient_checkpointing",
+        "false",
+        "--beta",
+        "0.1",
+    ]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["method"] == "dpo" and summary["preference_pairs"] == 4 and math.isfinite(summary["train"]["train_loss"])
+    assert (
+        summary["method"] == "dpo"
+        and summary["preference_pairs"] == 4
+        and math.isfinite(summary["train"]["train_loss"])
+    )
 
 
 def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_weights(tokenizer, tmp_path):
@@ -208,7 +294,9 @@ def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_weights(toke
 
     from llmq.errors import NonFiniteLossError
 
-    rows = [dict(row, reward=1e30 if i == 4 else row["reward"]) for i, row in enumerate(ROWS)]  # finite, but its square overflows fp32
+    rows = [
+        dict(row, reward=1e30 if i == 4 else row["reward"]) for i, row in enumerate(ROWS)
+    ]  # finite, but its square overflows fp32
     trainer = make_trainer(tokenizer, tmp_path, rows=rows, per_device_train_batch_size=2, max_steps=4)
     with pytest.raises(NonFiniteLossError) as failure:
         trainer.train()
@@ -218,16 +306,25 @@ def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_weights(toke
     saved = load_file(str(folder / "model.safetensors"))
     assert all(torch.isfinite(tensor).all() for tensor in saved.values())
     current = dict(trainer.model.named_parameters())
-    assert all(torch.equal(tensor, current[name].detach()) for name, tensor in saved.items() if name in current)  # the bad step was never applied
+    assert all(
+        torch.equal(tensor, current[name].detach()) for name, tensor in saved.items() if name in current
+    )  # the bad step was never applied
     assert set(saved) & set(current)
     assert (folder / "trainer_state.json").is_file()
 
 
 def test_skip_invalid_rows_counts_and_names_the_skipped_rows(tokenizer, tmp_path):
-    rows = ROWS + [{"prompt": "Q", "completion": "", "reward": 1.0}, {"prompt": "Q", "completion": " a", "reward": float("nan")}, {"prompt": "Q" * 2000, "completion": " a", "reward": 1.0}]
+    rows = ROWS + [
+        {"prompt": "Q", "completion": "", "reward": 1.0},
+        {"prompt": "Q", "completion": " a", "reward": float("nan")},
+        {"prompt": "Q" * 2000, "completion": " a", "reward": 1.0},
+    ]
     with pytest.raises(UserError, match="row 8: the completion is empty"):
         make_trainer(tokenizer, tmp_path, rows=rows)
-    with pytest.warns(UserWarning, match=r"skipped 3 of 11 rows: dataset row 8: the completion is empty; dataset row 9: reward must be a finite number.*; dataset row 10: 2003 tokens exceed"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 3 of 11 rows: dataset row 8: the completion is empty; dataset row 9: reward must be a finite number.*; dataset row 10: 2003 tokens exceed",
+    ):
         trainer = make_trainer(tokenizer, tmp_path, rows=rows, skip_invalid_rows=True, max_length=1024, max_steps=1)
     assert len(trainer.train_dataset) == len(ROWS)
     trainer.train()

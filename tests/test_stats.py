@@ -97,8 +97,9 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_bootstrap_interval_is_bca_where_it_is_defined():
     values = np.random.default_rng(1).exponential(size=40)  # skewed: BCa and percentile differ
     low, high = bootstrap_interval(values, samples=1000, seed=3)
-    bca = scipy.stats.bootstrap((values,), np.mean, n_resamples=1000, method="BCa",
-                                **{_SEED_KEYWORD: np.random.default_rng(3)})
+    bca = scipy.stats.bootstrap(
+        (values,), np.mean, n_resamples=1000, method="BCa", **{_SEED_KEYWORD: np.random.default_rng(3)}
+    )
     assert (low, high) == pytest.approx(tuple(bca.confidence_interval))
 
 

@@ -25,10 +25,42 @@ PRINTED = 1e-6
 # §8.3, β = 0.5, columns (A, B, EOS); "AA" stands for the row "AA, BA", "AB" for "AB, BB".
 TABLE_05 = {
     # state: (Q*, V*, π*, A*, Q^{π_ref}, V^{π_ref}, Q_hard)
-    "": ((0.787779, 0.411607, 0), 0.596970, (0.732325, 0.207070, 0.060605), (0.190808, -0.185363, -0.596970), (0.6, 0.2, 0), 0.36, (1, 1, 0)),
-    "A": ((0.716890, 1, 0), 0.787779, (0.173563, 0.764369, 0.062068), (-0.070888, 0.212221, -0.787779), (0.5, 1, 0), 0.6, (1, 1, 0)),
-    "B": ((0.716890, 0, 0), 0.411607, (0.736589, 0.087804, 0.175607), (0.305283, -0.411607, -0.411607), (0.5, 0, 0), 0.2, (1, 0, 0)),
-    "AA": ((0, 1, 0), 0.716890, (0.047681, 0.880797, 0.071522), (-0.716890, 0.283110, -0.716890), (0, 1, 0), 0.5, (0, 1, 0)),
+    "": (
+        (0.787779, 0.411607, 0),
+        0.596970,
+        (0.732325, 0.207070, 0.060605),
+        (0.190808, -0.185363, -0.596970),
+        (0.6, 0.2, 0),
+        0.36,
+        (1, 1, 0),
+    ),
+    "A": (
+        (0.716890, 1, 0),
+        0.787779,
+        (0.173563, 0.764369, 0.062068),
+        (-0.070888, 0.212221, -0.787779),
+        (0.5, 1, 0),
+        0.6,
+        (1, 1, 0),
+    ),
+    "B": (
+        (0.716890, 0, 0),
+        0.411607,
+        (0.736589, 0.087804, 0.175607),
+        (0.305283, -0.411607, -0.411607),
+        (0.5, 0, 0),
+        0.2,
+        (1, 0, 0),
+    ),
+    "AA": (
+        (0, 1, 0),
+        0.716890,
+        (0.047681, 0.880797, 0.071522),
+        (-0.716890, 0.283110, -0.716890),
+        (0, 1, 0),
+        0.5,
+        (0, 1, 0),
+    ),
     "AB": ((0, 0, 0), 0, (0.4, 0.2, 0.4), (0, 0, 0), (0, 0, 0), 0, (0, 0, 0)),
 }
 # §8.4, β = 1.0: (Q*, V*, π*).
@@ -41,7 +73,13 @@ TABLE_1 = {
 }
 SAME_ROW = {"AA": ["A A", "B A"], "AB": ["A B", "B B"]}
 # §8.5 ShiQ: ℓ_θ − ℓ_ref = Q*/β at β = 0.5.
-SHIQ_SHIFT_05 = {"": (1.575557, 0.823215, 0), "A": (1.433781, 2, 0), "B": (1.433781, 0, 0), "AA": (0, 2, 0), "AB": (0, 0, 0)}
+SHIQ_SHIFT_05 = {
+    "": (1.575557, 0.823215, 0),
+    "A": (1.433781, 2, 0),
+    "B": (1.433781, 0, 0),
+    "AA": (0, 2, 0),
+    "AB": (0, 0, 0),
+}
 
 
 def toy_rows(mdp: TokenMDP, table: dict):
@@ -87,7 +125,13 @@ def test_toy_mdp_structure():
     assert len(trajectories) == 15
     assert sum(p for _, p in trajectories) == pytest.approx(1, abs=1e-15)
     assert sum(p * mdp.trajectory_return(y) for y, p in trajectories) == pytest.approx(0.36, abs=1e-15)
-    expected_ref = {"": (0.5, 0.3, 0.2), "A": (0.2, 0.5, 0.3), "B": (0.4, 0.2, 0.4), "B A": (0.2, 0.5, 0.3), "A B": (0.4, 0.2, 0.4)}
+    expected_ref = {
+        "": (0.5, 0.3, 0.2),
+        "A": (0.2, 0.5, 0.3),
+        "B": (0.4, 0.2, 0.4),
+        "B A": (0.2, 0.5, 0.3),
+        "A B": (0.4, 0.2, 0.4),
+    }
     for name, probs in expected_ref.items():
         np.testing.assert_allclose(mdp.reference_policy[mdp.encode(name)], probs, atol=1e-15)
     # The reference logits are not normalised log-probs: every state carries its own offset.
@@ -113,7 +157,9 @@ def test_toy_beta_05_state_table(offset_seed):
         assert_printed(ref.v[s], v_ref, f"V^π_ref({name})")
         assert_printed(hard.q[s], q_hard, f"Q_hard({name})")
         # (E1): β log π*/π_ref = A*.
-        np.testing.assert_allclose(0.5 * (np.log(soft.pi[s]) - mdp.ref_log_probs(s)), soft.q[s] - soft.v[s], atol=1e-12)
+        np.testing.assert_allclose(
+            0.5 * (np.log(soft.pi[s]) - mdp.ref_log_probs(s)), soft.q[s] - soft.v[s], atol=1e-12
+        )
 
 
 def test_toy_beta_1_state_table():
@@ -193,7 +239,13 @@ def test_toy_fixed_points_of_section_8_5():
     # TBRM root logits: Q*/β + log π_ref.
     assert_printed(soft.q[()] / beta + mdp.ref_log_probs(()), (0.882410, -0.380758, -1.609438), "TBRM root logits")
     # Q-SFT targets: π_ref · Q_hard.
-    for name, target in {"": (0.5, 0.3, 0), "A": (0.2, 0.5, 0), "B": (0.4, 0, 0), "B A": (0, 0.5, 0), "B B": (0, 0, 0)}.items():
+    for name, target in {
+        "": (0.5, 0.3, 0),
+        "A": (0.2, 0.5, 0),
+        "B": (0.4, 0, 0),
+        "B A": (0, 0.5, 0),
+        "B B": (0, 0, 0),
+    }.items():
         s = mdp.encode(name)
         np.testing.assert_allclose(mdp.reference_policy[s] * hard.q[s], target, atol=1e-15)
 
@@ -301,12 +353,17 @@ def test_dp_is_exact_with_stochastic_observations(seed):
     assert_soft_bellman(mdp, beta)
     ref_trajectories = mdp.trajectories()
     assert sum(p for _, p in ref_trajectories) == pytest.approx(1, abs=1e-14)
-    assert evaluate(mdp).v[()] == pytest.approx(sum(p * mdp.trajectory_return(y) for y, p in ref_trajectories), abs=1e-12)
+    assert evaluate(mdp).v[()] == pytest.approx(
+        sum(p * mdp.trajectory_return(y) for y, p in ref_trajectories), abs=1e-12
+    )
     assert max_gap(exponential_utility_q(mdp, beta), soft_optimal(mdp, beta).q) > 1e-3
 
 
 def test_random_mdp_options():
-    a, b = random_mdp(5, vocab_size=4, horizon=3, stochastic_obs=True), random_mdp(5, vocab_size=4, horizon=3, stochastic_obs=True)
+    a, b = (
+        random_mdp(5, vocab_size=4, horizon=3, stochastic_obs=True),
+        random_mdp(5, vocab_size=4, horizon=3, stochastic_obs=True),
+    )
     assert a.states == b.states and all((a.ref_logits[s] == b.ref_logits[s]).all() for s in a.states)
     assert a.actions == ("t0", "t1", "t2", "EOS") and a.observations == ("o0", "o1")
     seq = random_mdp(5, vocab_size=4, horizon=3, reward_placement="sequence")
@@ -319,7 +376,9 @@ def test_random_mdp_options():
 # --- TabularLM ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mdp", [toy_mdp(), random_mdp(1, vocab_size=3, horizon=3, stochastic_obs=True)], ids=["toy", "observations"])
+@pytest.mark.parametrize(
+    "mdp", [toy_mdp(), random_mdp(1, vocab_size=3, horizon=3, stochastic_obs=True)], ids=["toy", "observations"]
+)
 def test_reference_tabular_lm(mdp):
     ref = TabularLM.reference(mdp)
     assert not any(p.requires_grad for p in ref.parameters())
@@ -360,7 +419,9 @@ def test_tabular_lm_fits_a_policy_through_forward():
         for s, a in mdp.steps(y):
             targets[b, len(s), : mdp.n_actions] = torch.from_numpy(soft.pi[s])
     model = TabularLM(mdp, init="zeros")
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, tolerance_grad=1e-12, tolerance_change=0, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        model.parameters(), max_iter=200, tolerance_grad=1e-12, tolerance_change=0, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -418,7 +479,9 @@ def test_make_batch_truncated_rows():
     assert batch["input_ids"].shape == (2, 4)
     for b, s in enumerate(prefixes):
         # The state after the last action has a position, and it carries LSE ℓ_ref(s) to bootstrap from.
-        assert batch["ref_lse"][b, len(s) + 1].item() == pytest.approx(np.logaddexp.reduce(mdp.ref_logits[s]), abs=1e-6)
+        assert batch["ref_lse"][b, len(s) + 1].item() == pytest.approx(
+            np.logaddexp.reduce(mdp.ref_logits[s]), abs=1e-6
+        )
         assert batch["weights"][b].item() == pytest.approx(mdp.trajectory_prob(s), abs=1e-7)
     assert batch["weights"].tolist() == pytest.approx([0.5, 0.4 * 0.3])
     with pytest.raises(ValueError, match="neither"):
@@ -448,6 +511,13 @@ def test_token_mdp_validation():
     with pytest.raises(ValueError, match="one entry per agent state"):
         TokenMDP(actions=mdp.actions, horizon=3, ref_logits=missing, rewards=mdp.rewards)
     with pytest.raises(ValueError, match="not a distribution"):
-        TokenMDP(actions=mdp.actions, horizon=3, ref_logits=mdp.ref_logits, rewards=mdp.rewards, observations=("x",), obs_probs={(0,): [0.5]})
+        TokenMDP(
+            actions=mdp.actions,
+            horizon=3,
+            ref_logits=mdp.ref_logits,
+            rewards=mdp.rewards,
+            observations=("x",),
+            obs_probs={(0,): [0.5]},
+        )
     with pytest.raises(ValueError, match="eos"):
         TokenMDP(actions=("A", "B"), horizon=3, ref_logits={}, rewards={})

@@ -97,8 +97,24 @@ def test_match_command():
 
 def test_collect_trajectories_schema_returns_and_episode_ends(games):
     gamma, max_steps = 0.9, 6
-    data = collect_trajectories(random_policy(seed=1), games, episodes_per_game=2, max_steps=max_steps, seed=0, gamma=gamma)
-    assert data.column_names == ["game", "episode", "step", "state", "action", "valid", "reward", "next_state", "done", "truncated", "won", "mc_return", "admissible"]
+    data = collect_trajectories(
+        random_policy(seed=1), games, episodes_per_game=2, max_steps=max_steps, seed=0, gamma=gamma
+    )
+    assert data.column_names == [
+        "game",
+        "episode",
+        "step",
+        "state",
+        "action",
+        "valid",
+        "reward",
+        "next_state",
+        "done",
+        "truncated",
+        "won",
+        "mc_return",
+        "admissible",
+    ]
     rows = data.to_list()
     episodes: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -116,11 +132,18 @@ def test_collect_trajectories_schema_returns_and_episode_ends(games):
             assert steps[-1]["truncated"] and len(steps) == max_steps
         for t, row in enumerate(steps):
             assert row["valid"] and row["action"] in row["admissible"]
-            assert row["mc_return"] == pytest.approx(sum(gamma**k * later["reward"] for k, later in enumerate(steps[t:])))
+            assert row["mc_return"] == pytest.approx(
+                sum(gamma**k * later["reward"] for k, later in enumerate(steps[t:]))
+            )
             assert row["state"].startswith("Goal: ")
             if t + 1 < len(steps):
                 assert row["next_state"] == steps[t + 1]["state"]
-    assert collect_trajectories(random_policy(seed=1), games, episodes_per_game=2, max_steps=max_steps, seed=0, gamma=gamma).to_list() == rows
+    assert (
+        collect_trajectories(
+            random_policy(seed=1), games, episodes_per_game=2, max_steps=max_steps, seed=0, gamma=gamma
+        ).to_list()
+        == rows
+    )
 
 
 def test_evaluate_agent_random_policy_below_the_walkthrough(games):
@@ -130,7 +153,10 @@ def test_evaluate_agent_random_policy_below_the_walkthrough(games):
     assert report["episodes"] == len(report["games"]) == 3
     low, high = report["success_rate_ci95"]
     assert 0.0 <= low <= report["success_rate"] <= high <= 1.0
-    assert all(game["steps"] <= 4 and game["normalized_score"] == game["score"] / game["max_score"] for game in report["games"])
+    assert all(
+        game["steps"] <= 4 and game["normalized_score"] == game["score"] / game["max_score"]
+        for game in report["games"]
+    )
 
 
 def test_llm_policy_runs_end_to_end_and_its_invalid_actions_are_handled(games, tiny_model_and_tokenizer):

@@ -60,7 +60,7 @@ def test_html_keeps_whitespace_and_breaks_lines():
     page = render_credit_html(["Step  1:", "\n", "\tx", "", " "], [0.1, 0.2, 0.3, 0.4, 0.5], title="t")
     response = page.split('<div class="response">', 1)[1].split("</div>", 1)[0]
     assert "Step  1:" in response and "\tx" in response
-    assert '↵</span>\n</span>' in response  # a visible mark, then a real line break
+    assert "↵</span>\n</span>" in response  # a visible mark, then a real line break
     assert 'class="tok empty"' in response  # a merged-away token still gets a visible box
     assert "white-space: pre-wrap" in page
 
@@ -82,7 +82,9 @@ def _read_png(path):
 def test_png_is_a_readable_heat_map(tmp_path):
     tokens = ["Natalia", " sold", " $", "48", "/2", " =", " 24", ".\n", "####", " 72"]
     values = [0.1, -0.2, 0.0, 0.5, -0.4, 0.05, 0.3, 0.0, -0.1, 0.9]
-    path = render_credit_png(tokens, values, tmp_path / "sub" / "credit.png", title="$ sample", value_name="β·log ratio")
+    path = render_credit_png(
+        tokens, values, tmp_path / "sub" / "credit.png", title="$ sample", value_name="β·log ratio"
+    )
     assert path == tmp_path / "sub" / "credit.png"
     image = _read_png(path)
     height, width = image.shape[:2]

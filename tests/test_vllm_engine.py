@@ -23,13 +23,20 @@ import torch
 try:
     import vllm  # noqa: F401
 except Exception as error:  # noqa: BLE001 - any import failure means: no vLLM here
-    pytest.skip(f"vllm is not importable here ({type(error).__name__}: {error}); `make test-vllm` runs these tests in .venv-vllm", allow_module_level=True)
+    pytest.skip(
+        f"vllm is not importable here ({type(error).__name__}: {error}); `make test-vllm` runs these tests in .venv-vllm",
+        allow_module_level=True,
+    )
 
 from llmq.mdp import token_logprobs
 from llmq.models import load_model, load_tokenizer
 from llmq.rollout import HFEngine, SamplingParams, VLLMEngine, VLLMServerEngine
 
-PROMPTS = [[{"role": "user", "content": "What is 2+2?"}], "Once upon a time", [{"role": "user", "content": "A much longer question, to force left padding in the batch?"}]]
+PROMPTS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    "Once upon a time",
+    [{"role": "user", "content": "A much longer question, to force left padding in the batch?"}],
+]
 SERVER_START_TIMEOUT = 120
 
 
@@ -82,7 +89,12 @@ def tiny(engines, vllm_tiny_dir):
 
 @pytest.fixture(scope="module")
 def tiny_hf(vllm_tiny_dir):
-    return HFEngine(load_model(str(vllm_tiny_dir), dtype="float32"), load_tokenizer(str(vllm_tiny_dir)), batch_size=8, progress=False)
+    return HFEngine(
+        load_model(str(vllm_tiny_dir), dtype="float32"),
+        load_tokenizer(str(vllm_tiny_dir)),
+        batch_size=8,
+        progress=False,
+    )
 
 
 def ids(results):
@@ -107,13 +119,17 @@ def test_greedy_matches_hf_engine(tiny, tiny_hf):
 
 
 def test_shapes_with_n_samples(tiny):
-    results = tiny.generate(PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=7, temperature=1.0, top_p=0.9, top_k=50))
+    results = tiny.generate(
+        PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=7, temperature=1.0, top_p=0.9, top_k=50)
+    )
     assert [len(r) for r in results] == [3, 3, 3]
     for completion in (c for r in results for c in r):
         assert 1 <= len(completion.token_ids) == len(completion.logprobs) <= 7
         assert completion.finish_reason in ("stop", "length") and isinstance(completion.text, str)
         assert all(x <= 0 for x in completion.logprobs)
-    [[first, second]] = tiny.generate(["Once"], n=2, sampling=SamplingParams(max_new_tokens=5))  # greedy: n equal copies
+    [[first, second]] = tiny.generate(
+        ["Once"], n=2, sampling=SamplingParams(max_new_tokens=5)
+    )  # greedy: n equal copies
     assert first == second and first.token_ids is not second.token_ids
     assert tiny.generate([], n=2) == []
 
@@ -136,13 +152,23 @@ def test_seeded_sampling_of_a_batch_longer_than_one_scheduler_step(tiny):
 
 
 def test_stop_strings(tiny):
-    [[sampled]] = tiny.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1))
+    [[sampled]] = tiny.generate(
+        ["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1)
+    )
     # an ASCII stop string after the third character (random byte models also emit partial UTF-8)
-    start = next(i for i in range(3, len(sampled.text) - 1) if sampled.text[i : i + 2].isascii() and sampled.text[i : i + 2].isprintable())
+    start = next(
+        i
+        for i in range(3, len(sampled.text) - 1)
+        if sampled.text[i : i + 2].isascii() and sampled.text[i : i + 2].isprintable()
+    )
     stop = sampled.text[start : start + 2]
-    [[stopped]] = tiny.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, stop=(stop,)))
+    [[stopped]] = tiny.generate(
+        ["Once upon a time"], sampling=SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, stop=(stop,))
+    )
     assert stopped.finish_reason == "stop" and stop not in stopped.text and sampled.text.startswith(stopped.text)
-    assert stopped.token_ids == sampled.token_ids[: len(stopped.token_ids)] and len(stopped.token_ids) < len(sampled.token_ids)
+    assert stopped.token_ids == sampled.token_ids[: len(stopped.token_ids)] and len(stopped.token_ids) < len(
+        sampled.token_ids
+    )
     [[short]] = tiny.generate(["Once upon a time"], sampling=SamplingParams(max_new_tokens=5))
     assert len(short.token_ids) <= 5 and (short.finish_reason == "length") == (len(short.token_ids) == 5)
 
@@ -157,7 +183,10 @@ def test_sampled_logprobs_are_the_models_before_temperature(tiny, tiny_hf):
 
 def test_beam_search_matches_hf_beam_search(tiny, tiny_hf):
     sampling = SamplingParams(max_new_tokens=6, num_beams=3)
-    ours, theirs = tiny.generate(PROMPTS[:2], n=2, sampling=sampling), tiny_hf.generate(PROMPTS[:2], n=2, sampling=sampling)
+    ours, theirs = (
+        tiny.generate(PROMPTS[:2], n=2, sampling=sampling),
+        tiny_hf.generate(PROMPTS[:2], n=2, sampling=sampling),
+    )
     assert ids(ours) == ids(theirs)
     for a, b in zip((c for r in ours for c in r), (c for r in theirs for c in r)):
         assert sum(a.logprobs) == pytest.approx(sum(b.logprobs), abs=1e-3)
@@ -181,8 +210,25 @@ def server(vllm_tiny_dir, tmp_path_factory):
     """
     port = free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_tiny_dir), "--dtype", "float32",
-               "--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", "512", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(vllm_tiny_dir),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--no-enable-chunked-prefill",
+        "--max-model-len",
+        "512",
+        "--seed",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     with open(log, "wb") as output:
@@ -192,7 +238,9 @@ def server(vllm_tiny_dir, tmp_path_factory):
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while True:
             if process.poll() is not None:
-                pytest.skip(f"vllm serve exited with {process.returncode} before it was ready: {log.read_text()[-1500:]}")
+                pytest.skip(
+                    f"vllm serve exited with {process.returncode} before it was ready: {log.read_text()[-1500:]}"
+                )
             try:
                 with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
                     if response.status == 200:
@@ -263,7 +311,10 @@ def test_load_weights_merges_peft_adapters(tiny, tiny_hf):
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        peft_model = get_peft_model(copy.deepcopy(tiny_hf.model), LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+        peft_model = get_peft_model(
+            copy.deepcopy(tiny_hf.model),
+            LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+        )
     sampling = SamplingParams(max_new_tokens=12)
     expected = HFEngine(peft_model, tiny_hf.tokenizer, progress=False).generate(PROMPTS, sampling=sampling)
     assert ids(expected) != ids(tiny_hf.generate(PROMPTS, sampling=sampling))  # the adapters change greedy decoding
@@ -277,7 +328,11 @@ def test_load_weights_merges_peft_adapters(tiny, tiny_hf):
 @pytest.mark.slow
 def test_embedded_model_greedy_and_logprobs_match_hf(engines, embedded_model_dir):
     sampling = SamplingParams(max_new_tokens=24)
-    prompts = [[{"role": "user", "content": "What is 12 + 7? Answer with a number."}], "The capital of France is", [{"role": "user", "content": "Name a colour."}]]
+    prompts = [
+        [{"role": "user", "content": "What is 12 + 7? Answer with a number."}],
+        "The capital of France is",
+        [{"role": "user", "content": "Name a colour."}],
+    ]
     engine = engines.get(embedded_model_dir)
     hf = HFEngine(load_model(str(embedded_model_dir), dtype="float32"), engine.tokenizer, batch_size=8, progress=False)
     ours = engine.generate(prompts, sampling=sampling)

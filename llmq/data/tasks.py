@@ -45,12 +45,16 @@ def load_task(name_or_path: str) -> TaskSpec:
     """Read ``eval/NAME.yaml`` (or a YAML path) into a :class:`TaskSpec`."""
     path = Path(name_or_path) if name_or_path.endswith((".yaml", ".yml")) else TASKS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise UserError(f"unknown task '{name_or_path}'; available: {', '.join(available_tasks())}, or a path to a task YAML")
+        raise UserError(
+            f"unknown task '{name_or_path}'; available: {', '.join(available_tasks())}, or a path to a task YAML"
+        )
     content = yaml.safe_load(path.read_text())
     fields = {f.name for f in dataclasses.fields(TaskSpec)}
     if not isinstance(content, dict) or set(content) != fields:
         given = set(content) if isinstance(content, dict) else set()
-        raise UserError(f"task spec {path}: expected keys {sorted(fields)}; missing {sorted(fields - given)}, unknown {sorted(given - fields)}")
+        raise UserError(
+            f"task spec {path}: expected keys {sorted(fields)}; missing {sorted(fields - given)}, unknown {sorted(given - fields)}"
+        )
     return TaskSpec(**content)
 
 
@@ -79,9 +83,15 @@ def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = N
         try:
             raw = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
         except Exception as error:  # offline, unknown split, Hub or cache trouble: datasets raises many types
-            local = f"no {root / local_file}" if root is not None else f"no local copy ({local_file} under data_dir or $LLMQ_DATA_DIR, neither is set)"
+            local = (
+                f"no {root / local_file}"
+                if root is not None
+                else f"no local copy ({local_file} under data_dir or $LLMQ_DATA_DIR, neither is set)"
+            )
             hub = f"'{task.hub_path}'" + (f" (config {task.hub_name})" if task.hub_name else "")
-            raise UserError(f"task {task.name}, split {split}: {local}, and the Hub dataset {hub} could not be loaded ({type(error).__name__}: {' '.join(str(error).split())})") from None
+            raise UserError(
+                f"task {task.name}, split {split}: {local}, and the Hub dataset {hub} could not be loaded ({type(error).__name__}: {' '.join(str(error).split())})"
+            ) from None
     rows = []
     for index, row in enumerate(raw):
         missing = [f for f in (task.question_field, task.answer_field) if f not in row]
@@ -100,12 +110,14 @@ class Verdict(NamedTuple):
 def task_scorer(task: TaskSpec) -> Callable[[str, str], Verdict]:
     """The task's verifier: ``(completion text, raw gold field) → Verdict``."""
     if task.scorer == "gsm8k":
+
         def score(text: str, gold: str) -> Verdict:
             result = score_gsm8k(text, gold_answer(gold))
             return Verdict(result["reward"] == 1.0, result["answer"], extract_strict(text) is not None)
 
         return score
     if task.scorer == "math":
+
         def score(text: str, gold: str) -> Verdict:
             result = score_math(text, gold)
             return Verdict(result["reward"] == 1.0, result["answer"], result["answer"] is not None)

@@ -31,7 +31,9 @@ def _number(value: Any, what: str, index: int) -> float:
     return float(value)
 
 
-def _chat_action_spans(tokenizer, messages: list[dict], action_turns: list[int], truncated: bool) -> tuple[str, list[tuple[int, int]]]:
+def _chat_action_spans(
+    tokenizer, messages: list[dict], action_turns: list[int], truncated: bool
+) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` with the chat template and return the character span of each action turn.
 
     A turn starts where the template's generation prompt for it ends and stops after the end of
@@ -46,7 +48,9 @@ def _chat_action_spans(tokenizer, messages: list[dict], action_turns: list[int],
         before = render(messages[:turn], tokenize=False, add_generation_prompt=True)
         through = render(messages[: turn + 1], tokenize=False)
         if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
-            raise UserError("the chat template does not render conversations prefix by prefix; llmq cannot locate assistant turns with it")
+            raise UserError(
+                "the chat template does not render conversations prefix by prefix; llmq cannot locate assistant turns with it"
+            )
         spans.append((len(before), len(through.rstrip())))
     if truncated:
         start = spans[-1][0]
@@ -59,7 +63,10 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
     """One dataset row → ``input_ids``, ``act_mask``, ``rewards`` (per token) and ``truncated``."""
     truncated = bool(row.get("truncated") or False)
     if "messages" in row:
-        messages, action_turns = row["messages"], [i for i, m in enumerate(row["messages"]) if m.get("role") == "assistant"]
+        messages, action_turns = (
+            row["messages"],
+            [i for i, m in enumerate(row["messages"]) if m.get("role") == "assistant"],
+        )
     elif isinstance(row.get("prompt"), list):
         messages = list(row["prompt"]) + list(row["completion"])
         action_turns = [i for i, m in enumerate(messages) if i >= len(row["prompt"]) and m.get("role") == "assistant"]
@@ -85,31 +92,42 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
         if empty:
             raise UserError(f"dataset row {index}: assistant message {empty[0]} is empty")
         if truncated and action_turns[-1] != len(messages) - 1:
-            raise UserError(f"dataset row {index}: a truncated conversation must end with the assistant turn that was cut")
+            raise UserError(
+                f"dataset row {index}: a truncated conversation must end with the assistant turn that was cut"
+            )
         text, spans = _chat_action_spans(tokenizer, messages, action_turns, truncated)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = encoded["input_ids"]
         act_mask = [int(any(start <= first < end for start, end in spans)) for first, _ in encoded["offset_mapping"]]
-        turn_ends = [max(p for p, (first, _) in enumerate(encoded["offset_mapping"]) if start <= first < end) for start, end in spans]
+        turn_ends = [
+            max(p for p, (first, _) in enumerate(encoded["offset_mapping"]) if start <= first < end)
+            for start, end in spans
+        ]
     if not any(act_mask):
         raise UserError(f"dataset row {index}: the completion is empty")
     if act_mask[0]:
         raise UserError(f"dataset row {index}: the first token cannot be an action (the prompt is empty)")
     if len(input_ids) + 1 > max_length:
-        raise UserError(f"dataset row {index}: {len(input_ids)} tokens exceed max_length={max_length} (raise max_length or drop the row)")
+        raise UserError(
+            f"dataset row {index}: {len(input_ids)} tokens exceed max_length={max_length} (raise max_length or drop the row)"
+        )
 
     rewards = [0.0] * len(input_ids)
     actions = [p for p, a in enumerate(act_mask) if a]
     if row.get("token_rewards") is not None:
         values = row["token_rewards"]
         if not isinstance(values, list) or len(values) != len(actions):
-            raise UserError(f"dataset row {index}: 'token_rewards' needs one number per action token ({len(actions)}), got {len(values) if isinstance(values, list) else values!r}")
+            raise UserError(
+                f"dataset row {index}: 'token_rewards' needs one number per action token ({len(actions)}), got {len(values) if isinstance(values, list) else values!r}"
+            )
         for position, value in zip(actions, values):
             rewards[position] = _number(value, "token_rewards", index)
     elif row.get("turn_rewards") is not None:
         values = row["turn_rewards"]
         if not isinstance(values, list) or len(values) != len(turn_ends):
-            raise UserError(f"dataset row {index}: 'turn_rewards' needs one number per assistant turn ({len(turn_ends)}), got {values!r}")
+            raise UserError(
+                f"dataset row {index}: 'turn_rewards' needs one number per assistant turn ({len(turn_ends)}), got {values!r}"
+            )
         for position, value in zip(turn_ends, values):
             rewards[position] = _number(value, "turn_rewards", index)
     elif "reward" in row:
@@ -134,7 +152,9 @@ class TrajectoryCollator:
 
         batch = {
             "input_ids": pad("input_ids", self.pad_token_id, torch.long),
-            "attention_mask": torch.tensor([[1] * len(row["input_ids"]) + [0] * (length - len(row["input_ids"])) for row in rows]),
+            "attention_mask": torch.tensor(
+                [[1] * len(row["input_ids"]) + [0] * (length - len(row["input_ids"])) for row in rows]
+            ),
             "act_mask": pad("act_mask", 0, torch.bool),
             "rewards": pad("rewards", 0.0, torch.float32),
             "truncated": torch.tensor([row["truncated"] for row in rows], dtype=torch.bool),

@@ -45,7 +45,9 @@ class ImplicitRewardScorer:
         batch_size: candidates per forward pass.
     """
 
-    def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module | None, beta: float, tokenizer, batch_size: int = 8) -> None:
+    def __init__(
+        self, policy: torch.nn.Module, reference: torch.nn.Module | None, beta: float, tokenizer, batch_size: int = 8
+    ) -> None:
         self.q = ImplicitQ(policy, reference, beta)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -58,25 +60,42 @@ class ImplicitRewardScorer:
                 if isinstance(prompt, str):
                     rows.append({"prompt": prompt, "completion": completion.text, "reward": 0.0})
                 else:
-                    rows.append({"prompt": list(prompt), "completion": [{"role": "assistant", "content": completion.text}], "reward": 0.0})
+                    rows.append(
+                        {
+                            "prompt": list(prompt),
+                            "completion": [{"role": "assistant", "content": completion.text}],
+                            "reward": 0.0,
+                        }
+                    )
         device = next(self.q.model.parameters()).device
         totals: list[float] = []
         for start in range(0, len(rows), self.batch_size):
-            batch = self.collate([tokenize_trajectory(row, self.tokenizer, max_length=10**9, index=start + i) for i, row in enumerate(rows[start : start + self.batch_size])])
+            batch = self.collate(
+                [
+                    tokenize_trajectory(row, self.tokenizer, max_length=10**9, index=start + i)
+                    for i, row in enumerate(rows[start : start + self.batch_size])
+                ]
+            )
             rewards = self.q.advantages(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             totals += (rewards.float().cpu() * batch["act_mask"]).sum(dim=-1).tolist()
         sizes = [len(group) for group in candidates]
         return [totals[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
 
 
-def qvm_scores(qvm_path: str, model, tokenizer, prompts: list[Prompt], candidates: list[list[Completion]]) -> list[list[float]]:
+def qvm_scores(
+    qvm_path: str, model, tokenizer, prompts: list[Prompt], candidates: list[list[Completion]]
+) -> list[list[float]]:
     """``Q(steps before, last step)`` of each candidate by the QVM saved at ``qvm_path``: the answer cut
     into steps at the QVM's delimiter, scored where it ends — a final step's training label is
     whether the answer was correct, so this is the QVM's estimate of the answer's correctness."""
     heads, metadata = load_qvm(qvm_path)
     scores = []
     for prompt, group in zip(prompts, candidates):
-        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        )
         qvm = FeatureQVM(model, tokenizer, heads, text, layer=metadata["layer"])
         pairs = []
         for completion in group:
@@ -138,5 +157,8 @@ def select_candidates(
         scores = ImplicitRewardScorer(guide, model, options.guide_beta, tokenizer)(prompts, candidates)
     if options.decoding == "best_of_n":
         return [best_of_n(group_scores, keep=answers) for group_scores in scores], scores
-    voted = [majority_vote([v.answer for v in group_verdicts], group_scores) for group_verdicts, group_scores in zip(verdicts, scores)]
+    voted = [
+        majority_vote([v.answer for v in group_verdicts], group_scores)
+        for group_verdicts, group_scores in zip(verdicts, scores)
+    ]
     return [[index] for index in voted], scores

@@ -47,7 +47,15 @@ class QGuidedLogitsProcessor(LogitsProcessor):
             masked out of the guide's attention, as ``generate`` masks it out of the base model's.
     """
 
-    def __init__(self, guide_model: torch.nn.Module, *, beta: float, guidance_temperature: float | None = None, top_k: int = 20, pad_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        guide_model: torch.nn.Module,
+        *,
+        beta: float,
+        guidance_temperature: float | None = None,
+        top_k: int = 20,
+        pad_token_id: int | None = None,
+    ) -> None:
         guidance_temperature = beta if guidance_temperature is None else guidance_temperature
         if beta <= 0 or guidance_temperature <= 0:
             raise ValueError(f"beta and guidance_temperature must be > 0, got {beta} and {guidance_temperature}")
@@ -58,7 +66,9 @@ class QGuidedLogitsProcessor(LogitsProcessor):
         self.top_k = top_k
         self.pad_token_id = pad_token_id
         # transformers renamed `past_key_values` to `cache` within 5.x; both name one Cache object.
-        self._cache_key = "cache" if "cache" in inspect.signature(guide_model.forward).parameters else "past_key_values"
+        self._cache_key = (
+            "cache" if "cache" in inspect.signature(guide_model.forward).parameters else "past_key_values"
+        )
         self._fed: torch.Tensor | None = None  # the token rows the guide has read
         self._mask: torch.Tensor | None = None
         self._cache = None
@@ -68,7 +78,9 @@ class QGuidedLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         guide_logp = torch.log_softmax(_at_least_fp32(self._advance(input_ids)), dim=-1)
         if guide_logp.shape != scores.shape:
-            raise ValueError(f"the guide scores {guide_logp.shape[-1]} tokens but the generating model {scores.shape[-1]}: they must share a vocabulary")
+            raise ValueError(
+                f"the guide scores {guide_logp.shape[-1]} tokens but the generating model {scores.shape[-1]}: they must share a vocabulary"
+            )
         base_logp = torch.log_softmax(_at_least_fp32(scores), dim=-1)
         guided = base_logp + self.weight * (guide_logp - base_logp)  # log π_ref + A/β_dec (B3)
         # Tokens the base (or an earlier processor) excluded stay excluded, whatever the guide says.
@@ -84,7 +96,9 @@ class QGuidedLogitsProcessor(LogitsProcessor):
         if parents is None:  # a new generation: read the prompts
             mask = torch.ones_like(input_ids)
             if self.pad_token_id is not None:
-                mask = (input_ids != self.pad_token_id).long().cummax(dim=-1).values  # zero on the leading pad run only
+                mask = (
+                    (input_ids != self.pad_token_id).long().cummax(dim=-1).values
+                )  # zero on the leading pad run only
             self._cache, self._mask = None, mask
             new_tokens = input_ids
         else:
@@ -93,7 +107,13 @@ class QGuidedLogitsProcessor(LogitsProcessor):
             self._mask = torch.cat([self._mask[parents], self._mask.new_ones(len(parents), 1)], dim=-1)
             new_tokens = input_ids[:, -1:] if self._cache is not None else input_ids
         positions = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -new_tokens.shape[1] :]
-        output = self.guide_model(input_ids=new_tokens, attention_mask=self._mask, position_ids=positions, use_cache=True, **{self._cache_key: self._cache})
+        output = self.guide_model(
+            input_ids=new_tokens,
+            attention_mask=self._mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_key: self._cache},
+        )
         self._cache = getattr(output, self._cache_key, None)
         self._fed = input_ids
         return output.logits[:, -1]
@@ -134,6 +154,10 @@ def guidance_processors(options: DecodingOptions, tokenizer, guide: torch.nn.Mod
         return []
     return [
         QGuidedLogitsProcessor(
-            guide, beta=options.guide_beta, guidance_temperature=options.guidance_temperature, top_k=options.guidance_top_k, pad_token_id=tokenizer.pad_token_id
+            guide,
+            beta=options.guide_beta,
+            guidance_temperature=options.guidance_temperature,
+            top_k=options.guidance_top_k,
+            pad_token_id=tokenizer.pad_token_id,
         )
     ]

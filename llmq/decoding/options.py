@@ -30,16 +30,31 @@ class DecodingOptions:
             "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n", "qstar"],
         },
     )
-    qvm_path: str | None = dataclasses.field(default=None, metadata={"help": "decoding qstar and scorer qvm: folder of a Q-value model from `llmq train --method qvm`."})
+    qvm_path: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "decoding qstar and scorer qvm: folder of a Q-value model from `llmq train --method qvm`."},
+    )
     search_budget: int = dataclasses.field(default=16, metadata={"help": "decoding qstar: expansions per question."})
-    search_candidates: int = dataclasses.field(default=4, metadata={"help": "decoding qstar: candidate next steps K per expansion."})
-    search_lambda: float = dataclasses.field(default=1.0, metadata={"help": "decoding qstar: λ in f = g + λh (g ≡ 0: no process reward)."})
+    search_candidates: int = dataclasses.field(
+        default=4, metadata={"help": "decoding qstar: candidate next steps K per expansion."}
+    )
+    search_lambda: float = dataclasses.field(
+        default=1.0, metadata={"help": "decoding qstar: λ in f = g + λh (g ≡ 0: no process reward)."}
+    )
     search_heuristic: str = dataclasses.field(
-        default="inherited", metadata={"help": "decoding qstar: h of a child = Q of its step (inherited) or the max Q of its own proposals (child).", "choices": ["inherited", "child"]}
+        default="inherited",
+        metadata={
+            "help": "decoding qstar: h of a child = Q of its step (inherited) or the max Q of its own proposals (child).",
+            "choices": ["inherited", "child"],
+        },
     )
     search_max_depth: int = dataclasses.field(default=12, metadata={"help": "decoding qstar: most steps per answer."})
-    step_max_tokens: int = dataclasses.field(default=96, metadata={"help": "decoding qstar: tokens per reasoning step."})
-    num_candidates: int = dataclasses.field(default=8, metadata={"help": "Samples N per question for decoding best_of_n and maj_at_n."})
+    step_max_tokens: int = dataclasses.field(
+        default=96, metadata={"help": "decoding qstar: tokens per reasoning step."}
+    )
+    num_candidates: int = dataclasses.field(
+        default=8, metadata={"help": "Samples N per question for decoding best_of_n and maj_at_n."}
+    )
     scorer: str = dataclasses.field(
         default="verifier",
         metadata={
@@ -49,7 +64,9 @@ class DecodingOptions:
             "choices": ["verifier", "implicit_reward", "likelihood", "qvm"],
         },
     )
-    num_beams: int = dataclasses.field(default=4, metadata={"help": "Beam width of decoding: beam; answers per question must not exceed it."})
+    num_beams: int = dataclasses.field(
+        default=4, metadata={"help": "Beam width of decoding: beam; answers per question must not exceed it."}
+    )
     guide_model: str | None = dataclasses.field(
         default=None,
         metadata={
@@ -57,11 +74,18 @@ class DecodingOptions:
             "(guided, beam) or scores candidates (scorer implicit_reward)."
         },
     )
-    guide_beta: float = dataclasses.field(default=0.1, metadata={"help": "The β guide_model was trained with: its advantages are β·log π_guide/π_model."})
-    guidance_temperature: float | None = dataclasses.field(
-        default=None, metadata={"help": "Decoding temperature β_dec on the advantages; default guide_beta, which samples the guide itself. Smaller follows Q harder."}
+    guide_beta: float = dataclasses.field(
+        default=0.1, metadata={"help": "The β guide_model was trained with: its advantages are β·log π_guide/π_model."}
     )
-    guidance_top_k: int = dataclasses.field(default=20, metadata={"help": "Guided decoding reweights only the model's top-k tokens per step (0: all)."})
+    guidance_temperature: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Decoding temperature β_dec on the advantages; default guide_beta, which samples the guide itself. Smaller follows Q harder."
+        },
+    )
+    guidance_top_k: int = dataclasses.field(
+        default=20, metadata={"help": "Guided decoding reweights only the model's top-k tokens per step (0: all)."}
+    )
 
     def check_decoding(self, answers: int, answers_key: str) -> None:
         """Consistency of the decoding keys with ``answers`` per question (recipe key ``answers_key``)."""
@@ -70,14 +94,22 @@ class DecodingOptions:
         if not 0 < self.top_p <= 1:
             raise UserError(f"key 'top_p' must be in (0, 1], got {self.top_p}")
         selecting = self.decoding in ("best_of_n", "maj_at_n")
-        if answers > 1 and (self.decoding == "greedy" or (self.temperature == 0 and self.decoding in ("sample", "guided"))):
-            raise UserError(f"key '{answers_key}' > 1 needs 'temperature' > 0 with decoding sample or guided, or decoding beam (greedy answers would all be identical)")
+        if answers > 1 and (
+            self.decoding == "greedy" or (self.temperature == 0 and self.decoding in ("sample", "guided"))
+        ):
+            raise UserError(
+                f"key '{answers_key}' > 1 needs 'temperature' > 0 with decoding sample or guided, or decoding beam (greedy answers would all be identical)"
+            )
         if self.decoding == "beam" and not 1 <= answers <= self.num_beams:
-            raise UserError(f"key '{answers_key}' ({answers}) must not exceed 'num_beams' ({self.num_beams}) with decoding beam")
+            raise UserError(
+                f"key '{answers_key}' ({answers}) must not exceed 'num_beams' ({self.num_beams}) with decoding beam"
+            )
         if selecting and (self.temperature == 0 or self.num_candidates < 2):
             raise UserError(f"decoding {self.decoding} needs 'temperature' > 0 and 'num_candidates' >= 2")
         if self.decoding == "best_of_n" and answers > self.num_candidates:
-            raise UserError(f"key '{answers_key}' ({answers}) must not exceed 'num_candidates' ({self.num_candidates}) with decoding best_of_n")
+            raise UserError(
+                f"key '{answers_key}' ({answers}) must not exceed 'num_candidates' ({self.num_candidates}) with decoding best_of_n"
+            )
         if self.decoding == "maj_at_n" and answers != 1:
             raise UserError(f"key '{answers_key}' must be 1 with decoding maj_at_n (one majority answer per question)")
         if selecting and self.scorer == "qvm" and self.qvm_path is None:
@@ -86,18 +118,30 @@ class DecodingOptions:
             if self.qvm_path is None:
                 raise UserError("decoding qstar needs key 'qvm_path': a Q-value model from `llmq train --method qvm`")
             if answers != 1 or self.temperature == 0:
-                raise UserError("decoding qstar returns one answer per question and samples its candidate steps: 'num_samples' 1 and 'temperature' > 0")
+                raise UserError(
+                    "decoding qstar returns one answer per question and samples its candidate steps: 'num_samples' 1 and 'temperature' > 0"
+                )
             if min(self.search_budget, self.search_candidates, self.search_max_depth, self.step_max_tokens) < 1:
-                raise UserError("keys 'search_budget', 'search_candidates', 'search_max_depth' and 'step_max_tokens' must be at least 1")
+                raise UserError(
+                    "keys 'search_budget', 'search_candidates', 'search_max_depth' and 'step_max_tokens' must be at least 1"
+                )
         if self.decoding == "guided" and self.guide_model is None:
             raise UserError("decoding guided needs key 'guide_model': the policy whose Q guides the model")
         if selecting and self.scorer == "implicit_reward" and self.guide_model is None:
-            raise UserError("scorer implicit_reward needs key 'guide_model': the policy whose implicit reward scores the candidates")
+            raise UserError(
+                "scorer implicit_reward needs key 'guide_model': the policy whose implicit reward scores the candidates"
+            )
         if self.guide_model is None:
             return
         if not (self.decoding in ("guided", "beam") or (selecting and self.scorer == "implicit_reward")):
-            raise UserError(f"key 'guide_model' is used by decoding guided or beam, or by scorer implicit_reward; not by decoding {self.decoding} with scorer {self.scorer}")
-        if self.guide_beta <= 0 or (self.guidance_temperature is not None and self.guidance_temperature <= 0) or self.guidance_top_k < 0:
+            raise UserError(
+                f"key 'guide_model' is used by decoding guided or beam, or by scorer implicit_reward; not by decoding {self.decoding} with scorer {self.scorer}"
+            )
+        if (
+            self.guide_beta <= 0
+            or (self.guidance_temperature is not None and self.guidance_temperature <= 0)
+            or self.guidance_top_k < 0
+        ):
             raise UserError("keys 'guide_beta' and 'guidance_temperature' must be > 0 and 'guidance_top_k' >= 0")
         try:
             check_model_reference(self.guide_model)

@@ -147,14 +147,30 @@ def astar_search(
         if heuristic == "child":
             open_children = [child for (_, child), done in zip(fresh, terminal) if not done]
             proposals = propose(open_children, num_candidates) if open_children else []
-            pairs = [(child, step) for child, steps_of_child in zip(open_children, proposals) for step in steps_of_child]
+            pairs = [
+                (child, step) for child, steps_of_child in zip(open_children, proposals) for step in steps_of_child
+            ]
             values = iter(q_values(pairs)) if pairs else iter(())
-            best_next = {child: max((next(values) for _ in steps_of_child), default=0.0) for child, steps_of_child in zip(open_children, proposals)}
+            best_next = {
+                child: max((next(values) for _ in steps_of_child), default=0.0)
+                for child, steps_of_child in zip(open_children, proposals)
+            }
         for (step, child), score, done in zip(fresh, scores, terminal):
             utilities[child] = utilities[node.state] + ([utility(child)] if utility is not None else [])
             g = combine(utilities[child])
             h = score if heuristic == "inherited" else (0.0 if done else best_next.get(child, 0.0))
-            nodes.append(Node(id=len(nodes), parent=node.id, state=child, depth=node.depth + 1, g=g, h=h, f=g + lam * h, terminal=done))
+            nodes.append(
+                Node(
+                    id=len(nodes),
+                    parent=node.id,
+                    state=child,
+                    depth=node.depth + 1,
+                    g=g,
+                    h=h,
+                    f=g + lam * h,
+                    terminal=done,
+                )
+            )
             heapq.heappush(frontier, (-nodes[-1].f, next(tie), nodes[-1].id))
 
     exhausted = answer is None
@@ -162,7 +178,6 @@ def astar_search(
         terminals = [n for n in nodes if n.terminal]
         answer = max(terminals or [n for n in nodes if not n.expanded] or nodes, key=lambda n: (n.f, -n.id))
     return SearchResult(best=answer, nodes=nodes, expansions=expansions, budget_exhausted=exhausted)
-
 
 
 class LLMStepProposer:
@@ -179,9 +194,21 @@ class LLMStepProposer:
         seed: seed of the first call; later calls use the following seeds.
     """
 
-    def __init__(self, engine, prompt: str, eos_token_ids: set[int], *, delimiter: str = "\n", max_step_tokens: int = 96, temperature: float = 0.8, seed: int = 0) -> None:
+    def __init__(
+        self,
+        engine,
+        prompt: str,
+        eos_token_ids: set[int],
+        *,
+        delimiter: str = "\n",
+        max_step_tokens: int = 96,
+        temperature: float = 0.8,
+        seed: int = 0,
+    ) -> None:
         self.engine, self.prompt, self.eos_token_ids, self.delimiter = engine, prompt, eos_token_ids, delimiter
-        self.sampling = SamplingParams(max_new_tokens=max_step_tokens, temperature=temperature, stop=(delimiter,), seed=seed)
+        self.sampling = SamplingParams(
+            max_new_tokens=max_step_tokens, temperature=temperature, stop=(delimiter,), seed=seed
+        )
         self.generated_tokens = 0
 
     def __call__(self, states: list[State], k: int) -> list[list[ReasoningStep]]:
@@ -200,12 +227,36 @@ class LLMStepProposer:
         return proposals
 
 
-def qstar_answer(model, tokenizer, engine, prompt: str, heads, *, layer: int | None, delimiter: str, budget: int, num_candidates: int, lam: float,
-                 heuristic: Literal["inherited", "child"], max_depth: int, step_max_tokens: int, temperature: float, seed: int) -> tuple[str, int, SearchResult]:  # fmt: skip
+def qstar_answer(
+    model,
+    tokenizer,
+    engine,
+    prompt: str,
+    heads,
+    *,
+    layer: int | None,
+    delimiter: str,
+    budget: int,
+    num_candidates: int,
+    lam: float,
+    heuristic: Literal["inherited", "child"],
+    max_depth: int,
+    step_max_tokens: int,
+    temperature: float,
+    seed: int,
+) -> tuple[str, int, SearchResult]:
     """Answer one question by Q* search: steps proposed by ``engine`` (the policy), scored by the
     QVM ``heads`` on ``model``'s features, ``g ≡ 0``.  Returns the answer text, the tokens generated
     while searching (every proposal, explored or not) and the search tree."""
-    proposer = LLMStepProposer(engine, prompt, {tokenizer.eos_token_id}, delimiter=delimiter, max_step_tokens=step_max_tokens, temperature=temperature, seed=seed)
+    proposer = LLMStepProposer(
+        engine,
+        prompt,
+        {tokenizer.eos_token_id},
+        delimiter=delimiter,
+        max_step_tokens=step_max_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
     qvm = FeatureQVM(model, tokenizer, heads, prompt, layer=layer)
     result = astar_search(
         propose=proposer,

@@ -90,7 +90,9 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _HISTORY_ENTRY_CHARS = 80
 
 
-def make_games(output_dir: str | Path, count: int, seed: int, *, rooms: int = 1, nb_objects: int = 3, quest_length: int = 2) -> list[Path]:
+def make_games(
+    output_dir: str | Path, count: int, seed: int, *, rooms: int = 1, nb_objects: int = 3, quest_length: int = 2
+) -> list[Path]:
     """Generate ``count`` TextWorld games from seeds ``seed, seed + 1, ...`` into ``output_dir``.
 
     Each game is a story file ``tw-w{rooms}-o{nb_objects}-q{quest_length}-s{seed}.z8`` with its
@@ -111,7 +113,9 @@ def make_games(output_dir: str | Path, count: int, seed: int, *, rooms: int = 1,
         The story-file paths, in seed order.
     """
     if count < 0 or rooms < 1 or nb_objects < 0 or quest_length < 1:
-        raise ValueError(f"invalid game settings: count={count}, rooms={rooms}, nb_objects={nb_objects}, quest_length={quest_length}")
+        raise ValueError(
+            f"invalid game settings: count={count}, rooms={rooms}, nb_objects={nb_objects}, quest_length={quest_length}"
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     games = []
@@ -187,7 +191,11 @@ def match_command(text: str, admissible: Sequence[str]) -> str | None:
     if exact:
         return exact[0] if len(exact) == 1 else None
     contained = {command: form for command, form in normalized.items() if form and f" {form} " in f" {wanted} "}
-    maximal = [command for command, form in contained.items() if not any(other != form and f" {form} " in f" {other} " for other in contained.values())]
+    maximal = [
+        command
+        for command, form in contained.items()
+        if not any(other != form and f" {form} " in f" {other} " for other in contained.values())
+    ]
     return maximal[0] if len(maximal) == 1 else None
 
 
@@ -249,7 +257,9 @@ class TextWorldEnv:
         if matched is None:
             entry = " ".join(command.split())
             entry = f"{entry[:_HISTORY_ENTRY_CHARS] + '…' if len(entry) > _HISTORY_ENTRY_CHARS else entry} (invalid)".lstrip()
-            observation = dataclasses.replace(last, history=last.history + (entry,), text=_join(INVALID_FEEDBACK, self._place), steps=last.steps + 1)
+            observation = dataclasses.replace(
+                last, history=last.history + (entry,), text=_join(INVALID_FEEDBACK, self._place), steps=last.steps + 1
+            )
         else:
             with _interpreter_warnings_off():
                 state, _, _ = self._env.step(matched)
@@ -267,7 +277,12 @@ class TextWorldEnv:
         self._last = observation
         ended = observation.won or observation.lost
         done = ended or observation.steps >= self.max_steps
-        return observation, float(observation.score - last.score), done, {"valid": matched is not None, "command": matched, "truncated": done and not ended}
+        return (
+            observation,
+            float(observation.score - last.score),
+            done,
+            {"valid": matched is not None, "command": matched, "truncated": done and not ended},
+        )
 
     def close(self) -> None:
         """Stop the game interpreter."""
@@ -331,7 +346,11 @@ def policy_prompt(state: str, admissible: Sequence[str], system_prompt: str = SY
     ]
 
 
-def llm_policy(engine: Engine, sampling: SamplingParams = SamplingParams(max_new_tokens=24, stop=("\n",)), system_prompt: str = SYSTEM_PROMPT) -> Policy:
+def llm_policy(
+    engine: Engine,
+    sampling: SamplingParams = SamplingParams(max_new_tokens=24, stop=("\n",)),
+    system_prompt: str = SYSTEM_PROMPT,
+) -> Policy:
     """A policy that asks a language model for each command, through an llmq engine.
 
     Each state becomes the chat prompt of :func:`policy_prompt`; the completion's text is the
@@ -358,14 +377,19 @@ def llm_policy(engine: Engine, sampling: SamplingParams = SamplingParams(max_new
     return policy
 
 
-def command_logprobs(model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8) -> list[list[float]]:
+def command_logprobs(
+    model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8
+) -> list[list[float]]:
     """``log π(command ⊕ end-of-turn | chat prompt)`` of every admissible command of every state.
 
     The prompt is :func:`policy_prompt` through the chat template, read once
     per state (:func:`llmq.models.features.score_continuations`); the end-of-turn token makes a
     command's score that of the whole reply, not of a prefix.
     """
-    prompts = [tokenizer.apply_chat_template(policy_prompt(state, commands), tokenize=False, add_generation_prompt=True) for state, commands in zip(states, admissible)]
+    prompts = [
+        tokenizer.apply_chat_template(policy_prompt(state, commands), tokenize=False, add_generation_prompt=True)
+        for state, commands in zip(states, admissible)
+    ]
     replies = [[command + (tokenizer.eos_token or "") for command in commands] for commands in admissible]
     _, _, logprobs = score_continuations(model, tokenizer, prompts, replies, batch_size=batch_size, progress=False)
     return [scores.tolist() for scores in logprobs]
@@ -402,11 +426,15 @@ class _Episode:
     truncated: bool = False
 
 
-def _play(policy: Policy, games: Sequence[str | Path], episodes_per_game: int, max_steps: int, seed: int, batch_size: int) -> Iterator[_Episode]:
+def _play(
+    policy: Policy, games: Sequence[str | Path], episodes_per_game: int, max_steps: int, seed: int, batch_size: int
+) -> Iterator[_Episode]:
     """Play ``episodes_per_game`` episodes of every game, ``batch_size`` episodes at a time, the
     policy called once per step on all unfinished episodes of a batch."""
     if episodes_per_game < 1 or batch_size < 1:
-        raise ValueError(f"episodes_per_game and batch_size must be at least 1, got {episodes_per_game} and {batch_size}")
+        raise ValueError(
+            f"episodes_per_game and batch_size must be at least 1, got {episodes_per_game} and {batch_size}"
+        )
     jobs = [(Path(game), episode) for episode in range(episodes_per_game) for game in games]
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
@@ -468,7 +496,24 @@ def collect_trajectories(
         gamma: discount of ``mc_return`` (Digi-Q uses 0.95).
         batch_size: episodes played at once (the policy's batch).
     """
-    columns: dict[str, list] = {name: [] for name in ("game", "episode", "step", "state", "action", "valid", "reward", "next_state", "done", "truncated", "won", "mc_return", "admissible")}
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            "game",
+            "episode",
+            "step",
+            "state",
+            "action",
+            "valid",
+            "reward",
+            "next_state",
+            "done",
+            "truncated",
+            "won",
+            "mc_return",
+            "admissible",
+        )
+    }
     for record in _play(policy, games, episodes_per_game, max_steps, seed, batch_size):
         length = len(record.actions)
         returns = [0.0] * length
@@ -512,7 +557,9 @@ def collect_trajectories(
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def evaluate_agent(policy: Policy, games: Sequence[str | Path], max_steps: int, seed: int = 0, *, batch_size: int = 32) -> dict:
+def evaluate_agent(
+    policy: Policy, games: Sequence[str | Path], max_steps: int, seed: int = 0, *, batch_size: int = 32
+) -> dict:
     """Play one episode of every game and report success and normalised score.
 
     Returns:

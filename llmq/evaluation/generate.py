@@ -25,28 +25,52 @@ SETTINGS_FILE = "llmq_generation.json"
 class GenerateConfig(DecodingOptions):
     """What ``llmq generate`` samples and scores; every field is a recipe key or a ``--flag``."""
 
-    task: str = dataclasses.field(default="gsm8k", metadata={"help": "Task spec whose questions are the prompts and whose verifier gives the rewards (gsm8k, math500, or a YAML path)."})
+    task: str = dataclasses.field(
+        default="gsm8k",
+        metadata={
+            "help": "Task spec whose questions are the prompts and whose verifier gives the rewards (gsm8k, math500, or a YAML path)."
+        },
+    )
     split: str = dataclasses.field(default="train", metadata={"help": "Dataset split of the prompts."})
-    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "Folder with local dataset copies; default $LLMQ_DATA_DIR, else the Hub."})
+    data_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Folder with local dataset copies; default $LLMQ_DATA_DIR, else the Hub."}
+    )
     limit: int | None = dataclasses.field(default=None, metadata={"help": "Use only the first LIMIT questions."})
-    prompt: str | None = dataclasses.field(default=None, metadata={"help": "Override the task's prompt template ({question} is replaced)."})
+    prompt: str | None = dataclasses.field(
+        default=None, metadata={"help": "Override the task's prompt template ({question} is replaced)."}
+    )
     num_completions: int = dataclasses.field(default=4, metadata={"help": "Completions K sampled per prompt."})
-    temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy, then K must be 1)."})
+    temperature: float = dataclasses.field(
+        default=1.0, metadata={"help": "Sampling temperature (0 = greedy, then K must be 1)."}
+    )
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Tokens per completion; default the task's. Longer answers are kept, marked truncated."})
+    max_new_tokens: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Tokens per completion; default the task's. Longer answers are kept, marked truncated."},
+    )
     format_reward: float = dataclasses.field(
         default=0.0,
-        metadata={"help": "Added to the 0/1 correctness reward when the answer is stated in the task's format (GSM8K: '#### N', MATH: boxed). A denser signal for models that rarely answer correctly."},
+        metadata={
+            "help": "Added to the 0/1 correctness reward when the answer is stated in the task's format (GSM8K: '#### N', MATH: boxed). A denser signal for models that rarely answer correctly."
+        },
     )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
-    dataset_path: str = dataclasses.field(default="outputs/offline_data", metadata={"help": "Where the HF dataset is saved (datasets.load_from_disk reads it)."})
+    dataset_path: str = dataclasses.field(
+        default="outputs/offline_data",
+        metadata={"help": "Where the HF dataset is saved (datasets.load_from_disk reads it)."},
+    )
     min_score: float | None = dataclasses.field(
         default=None,
-        metadata={"help": "With decoding best_of_n: keep a question's kept completions only when their scorer score is at least this (rejection sampling: an SFT dataset of good answers)."},
+        metadata={
+            "help": "With decoding best_of_n: keep a question's kept completions only when their scorer score is at least this (rejection sampling: an SFT dataset of good answers)."
+        },
     )
     pairs_path: str | None = dataclasses.field(
-        default=None, metadata={"help": "Also save preference pairs here: per question, the best vs the worst scored completion (prompt, chosen, rejected), for DPO."}
+        default=None,
+        metadata={
+            "help": "Also save preference pairs here: per question, the best vs the worst scored completion (prompt, chosen, rejected), for DPO."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -80,12 +104,16 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", q["question"])}] for q in questions]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
-    engine = HFEngine(model, tokenizer, batch_size=config.batch_size, logits_processor=guidance_processors(config, tokenizer, guide))
+    engine = HFEngine(
+        model, tokenizer, batch_size=config.batch_size, logits_processor=guidance_processors(config, tokenizer, guide)
+    )
     started = time.perf_counter()
     outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_completions), sampling=sampling)
     score = task_scorer(task)
     verdicts = [[score(c.text, q["answer"]) for c in group] for q, group in zip(questions, outputs)]
-    kept, scores = select_candidates(config, prompts, outputs, verdicts, model, tokenizer, answers=config.num_completions, guide=guide)
+    kept, scores = select_candidates(
+        config, prompts, outputs, verdicts, model, tokenizer, answers=config.num_completions, guide=guide
+    )
     rows = []
     for index, (question, prompt, completions) in enumerate(zip(questions, prompts, outputs)):
         for sample in kept[index]:
@@ -110,7 +138,9 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
             )
     if not rows:
         if questions and config.min_score is not None:
-            raise UserError(f"no question's best candidate scored at least min_score {config.min_score}: the dataset would be empty")
+            raise UserError(
+                f"no question's best candidate scored at least min_score {config.min_score}: the dataset would be empty"
+            )
         raise UserError(f"task {task.name} split {config.split} gave no questions")
     dataset = datasets.Dataset.from_list(rows)
     rewards = [row["reward"] for row in rows]
@@ -135,5 +165,7 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     if config.pairs_path:
         pairs = preference_pairs(dataset)
         pairs.save_to_disk(config.pairs_path)
-        (Path(config.pairs_path) / SETTINGS_FILE).write_text(json.dumps(settings | {"pairs": len(pairs)}, indent=2) + "\n")
+        (Path(config.pairs_path) / SETTINGS_FILE).write_text(
+            json.dumps(settings | {"pairs": len(pairs)}, indent=2) + "\n"
+        )
     return dataset

@@ -14,7 +14,9 @@ from llmq.stats import bootstrap_interval, pass_at_k, proportion_summary
 from llmq.visualize import plot_accuracy_vs_tokens
 
 
-def score_records(records: list[dict], num_samples: int, num_candidates: int, selecting: bool, bootstrap_samples: int, seed: int) -> dict:
+def score_records(
+    records: list[dict], num_samples: int, num_candidates: int, selecting: bool, bootstrap_samples: int, seed: int
+) -> dict:
     """``metrics``, ``pass_at_k`` and ``per_question`` of a report from the completion records of
     every question (in order).  ``selecting``: the records come from best-of-N or maj@N, whose
     candidates' verdicts are the sampler's."""
@@ -29,7 +31,10 @@ def score_records(records: list[dict], num_samples: int, num_candidates: int, se
         majority.append(any(v["correct"] for v in answers if winner is not None and v["answer"] == winner))
 
     # pass@k of the sampler for every k up to its N answers: an accuracy at k answers' tokens.
-    sampled = [[c["correct"] for c in r["candidates"]] if selecting else [v["correct"] for v in r["verdicts"]] for r in records]
+    sampled = [
+        [c["correct"] for c in r["candidates"]] if selecting else [v["correct"] for v in r["verdicts"]]
+        for r in records
+    ]
     answers_per_question = min(len(group) for group in sampled)
     curve = {}
     for k in range(1, answers_per_question + 1 if answers_per_question > 1 else 1):
@@ -38,7 +43,10 @@ def score_records(records: list[dict], num_samples: int, num_candidates: int, se
         curve[str(k)] = {"mean": float(estimates.mean()), "ci95": [low, high]}
     metrics = {"first_sample": proportion_summary(correct), "answer_format": proportion_summary(formatted)}
     if num_samples > 1:
-        metrics |= {f"pass@{num_samples}": proportion_summary(passed), f"maj@{num_samples}": proportion_summary(majority)}
+        metrics |= {
+            f"pass@{num_samples}": proportion_summary(passed),
+            f"maj@{num_samples}": proportion_summary(majority),
+        }
     if selecting:
         metrics[f"candidates_pass@{num_candidates}"] = proportion_summary([any(group) for group in sampled])
     return {
@@ -104,16 +112,22 @@ def format_markdown(reports: list[dict]) -> str:
     for report in reports:
         if report.get("pass_at_k"):
             curve = ", ".join(f"k={k}: {100 * value['mean']:.1f}%" for k, value in report["pass_at_k"].items())
-            lines.append(f"\npass@k of the sampled answers of {report['protocol']['model']}, {decoding_label(report)} (unbiased estimate, Chen et al. 2021): {curve}")
+            lines.append(
+                f"\npass@k of the sampled answers of {report['protocol']['model']}, {decoding_label(report)} (unbiased estimate, Chen et al. 2021): {curve}"
+            )
     return "\n".join(lines) + "\n"
 
 
 def format_report(report: dict) -> str:
     protocol = report["protocol"]
-    lines = [f"{protocol['task']} {protocol['split']} · {protocol['examples']} questions · {protocol['model']} · "
-             f"{'greedy' if protocol['decoding']['temperature'] == 0 else 'T=' + str(protocol['decoding']['temperature'])}"]
+    lines = [
+        f"{protocol['task']} {protocol['split']} · {protocol['examples']} questions · {protocol['model']} · "
+        f"{'greedy' if protocol['decoding']['temperature'] == 0 else 'T=' + str(protocol['decoding']['temperature'])}"
+    ]
     for name, metric in report["metrics"].items():
         low, high = metric["ci95"]
-        lines.append(f"  {name:>13}: {100 * metric['mean']:5.1f}%  (95% CI {100 * low:.1f}–{100 * high:.1f}%, {metric['count']}/{protocol['examples']})")
+        lines.append(
+            f"  {name:>13}: {100 * metric['mean']:5.1f}%  (95% CI {100 * low:.1f}–{100 * high:.1f}%, {metric['count']}/{protocol['examples']})"
+        )
     lines.append(f"  {report['generated_tokens']} tokens generated in {report['wall_time_s']:.1f} s of generation")
     return "\n".join(lines)

@@ -27,27 +27,47 @@ from llmq.visualize import render_search_tree_html
 class EvalConfig(DecodingOptions):
     """What to evaluate and how; every field can be a recipe key or a ``--flag``."""
 
-    task: str = dataclasses.field(default="gsm8k", metadata={"help": "Task spec: a name in eval/ (gsm8k, math500) or a path to a task YAML."})
+    task: str = dataclasses.field(
+        default="gsm8k", metadata={"help": "Task spec: a name in eval/ (gsm8k, math500) or a path to a task YAML."}
+    )
     split: str = dataclasses.field(default="test", metadata={"help": "Dataset split."})
     data_dir: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "Folder with local copies (gsm8k/test.jsonl, math500/test.jsonl); default $LLMQ_DATA_DIR, else the Hugging Face Hub."},
+        metadata={
+            "help": "Folder with local copies (gsm8k/test.jsonl, math500/test.jsonl); default $LLMQ_DATA_DIR, else the Hugging Face Hub."
+        },
     )
-    limit: int | None = dataclasses.field(default=None, metadata={"help": "Evaluate only the first LIMIT rows (a fixed subset); default all."})
-    prompt: str | None = dataclasses.field(default=None, metadata={"help": "Override the task's prompt template ({question} is replaced)."})
-    max_new_tokens: int | None = dataclasses.field(default=None, metadata={"help": "Generation budget per answer; default the task's."})
+    limit: int | None = dataclasses.field(
+        default=None, metadata={"help": "Evaluate only the first LIMIT rows (a fixed subset); default all."}
+    )
+    prompt: str | None = dataclasses.field(
+        default=None, metadata={"help": "Override the task's prompt template ({question} is replaced)."}
+    )
+    max_new_tokens: int | None = dataclasses.field(
+        default=None, metadata={"help": "Generation budget per answer; default the task's."}
+    )
     temperature: float = dataclasses.field(default=0.0, metadata={"help": "0 = greedy decoding; > 0 samples."})
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "Nucleus sampling mass (sampling only)."})
-    num_samples: int = dataclasses.field(default=1, metadata={"help": "Answers per question N; N > 1 also reports pass@N and maj@N (needs temperature > 0)."})
+    num_samples: int = dataclasses.field(
+        default=1,
+        metadata={"help": "Answers per question N; N > 1 also reports pass@N and maj@N (needs temperature > 0)."},
+    )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Questions per generate call."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Sampling and bootstrap seed."})
-    bootstrap_samples: int = dataclasses.field(default=1000, metadata={"help": "Bootstrap resamples for the 95 percent interval."})
+    bootstrap_samples: int = dataclasses.field(
+        default=1000, metadata={"help": "Bootstrap resamples for the 95 percent interval."}
+    )
     output_dir: str = dataclasses.field(
         default="outputs/eval",
-        metadata={"help": "Where completions.jsonl (appended as batches finish: a killed run resumes here), report.json, report.md and accuracy_vs_tokens.png are written."},
+        metadata={
+            "help": "Where completions.jsonl (appended as batches finish: a killed run resumes here), report.json, report.md and accuracy_vs_tokens.png are written."
+        },
     )
     compare_with: list[str] = dataclasses.field(
-        default_factory=list, metadata={"help": "Output folders of other evaluations (e.g. other decodings) to include in report.md and the plot."}
+        default_factory=list,
+        metadata={
+            "help": "Output folders of other evaluations (e.g. other decodings) to include in report.md and the plot."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -84,7 +104,9 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
     selecting = config.decoding in ("best_of_n", "maj_at_n")
     report = {
         "protocol": protocol,
-        **score_records(ordered, config.num_samples, config.num_candidates, selecting, config.bootstrap_samples, config.seed),
+        **score_records(
+            ordered, config.num_samples, config.num_candidates, selecting, config.bootstrap_samples, config.seed
+        ),
         "generated_tokens": sum(record["generated_tokens"] for record in ordered),
         "wall_time_s": round(sum(record["seconds"] for record in ordered), 2),
     }
@@ -104,7 +126,9 @@ def _protocol(model, task: TaskSpec, config: EvalConfig, model_name: str, exampl
         "prompt": config.prompt or task.prompt,
         "chat_template": True,
         "shots": 0,
-        "decoding": dataclasses.asdict(sampling) | {"num_samples": config.num_samples, "batch_size": config.batch_size} | config.decoding_record(),
+        "decoding": dataclasses.asdict(sampling)
+        | {"num_samples": config.num_samples, "batch_size": config.batch_size}
+        | config.decoding_record(),
         "scorer": task.scorer,
     }
     return json.loads(json.dumps(protocol))  # as protocol.json will hold it (tuples become lists)
@@ -118,8 +142,12 @@ def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool)
         previous = json.loads(protocol_file.read_text()) if protocol_file.is_file() else {}
         if previous != protocol:
             if not restart_on_mismatch:
-                differing = sorted(key for key in protocol.keys() | previous.keys() if previous.get(key) != protocol.get(key))
-                raise UserError(f"output_dir '{output_dir}' holds completions of another evaluation (differs in: {', '.join(differing)}); use another output_dir or delete it")
+                differing = sorted(
+                    key for key in protocol.keys() | previous.keys() if previous.get(key) != protocol.get(key)
+                )
+                raise UserError(
+                    f"output_dir '{output_dir}' holds completions of another evaluation (differs in: {', '.join(differing)}); use another output_dir or delete it"
+                )
             cache.unlink(missing_ok=True)
     protocol_file.write_text(json.dumps(protocol, indent=2) + "\n")
     records: dict[int, dict] = {}
@@ -133,11 +161,15 @@ def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool)
                 record = json.loads(line)
                 records[record["index"]] = record
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise UserError(f"{cache}, line {number}: not a completion record ({error!r}); delete the file to start over") from None
+                raise UserError(
+                    f"{cache}, line {number}: not a completion record ({error!r}); delete the file to start over"
+                ) from None
     return records
 
 
-def _generate_missing(model, tokenizer, task: TaskSpec, rows: list[dict], records: dict[int, dict], config: EvalConfig, output_dir: Path) -> None:
+def _generate_missing(
+    model, tokenizer, task: TaskSpec, rows: list[dict], records: dict[int, dict], config: EvalConfig, output_dir: Path
+) -> None:
     """Answer, score and select for every batch of questions with no record yet, appending each
     batch's records to ``completions.jsonl`` (and to ``records``) as it finishes."""
     template = config.prompt or task.prompt
@@ -145,24 +177,52 @@ def _generate_missing(model, tokenizer, task: TaskSpec, rows: list[dict], record
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
     qvm = load_qvm(config.qvm_path) if config.decoding == "qstar" else None
-    engine = HFEngine(model, tokenizer, batch_size=config.batch_size, progress=False, logits_processor=guidance_processors(config, tokenizer, guide))
+    engine = HFEngine(
+        model,
+        tokenizer,
+        batch_size=config.batch_size,
+        progress=False,
+        logits_processor=guidance_processors(config, tokenizer, guide),
+    )
     score = task_scorer(task)
-    batches = [list(range(start, min(start + config.batch_size, len(rows)))) for start in range(0, len(rows), config.batch_size)]
-    todo = [(number, batch) for number, batch in enumerate(batches) if any(rows[i]["index"] not in records for i in batch)]
+    batches = [
+        list(range(start, min(start + config.batch_size, len(rows))))
+        for start in range(0, len(rows), config.batch_size)
+    ]
+    todo = [
+        (number, batch) for number, batch in enumerate(batches) if any(rows[i]["index"] not in records for i in batch)
+    ]
     done = len(rows) - sum(len(batch) for _, batch in todo)
-    with open(output_dir / "completions.jsonl", "a") as cache, tqdm(total=len(rows), initial=done, desc=f"eval {task.name}", unit="question") as progress:
+    with (
+        open(output_dir / "completions.jsonl", "a") as cache,
+        tqdm(total=len(rows), initial=done, desc=f"eval {task.name}", unit="question") as progress,
+    ):
         for number, batch in todo:
             started = time.perf_counter()
             # The seed depends on the batch's place in the task, not on what was resumed.
             batch_sampling = dataclasses.replace(sampling, seed=sampling.seed + number)
             batch_prompts = [prompts[i] for i in batch]
             if config.decoding == "qstar":
-                outputs, explored = _search_batch(model, tokenizer, engine, batch_prompts, [rows[i]["index"] for i in batch], config, qvm, batch_sampling, output_dir)
+                outputs, explored = _search_batch(
+                    model,
+                    tokenizer,
+                    engine,
+                    batch_prompts,
+                    [rows[i]["index"] for i in batch],
+                    config,
+                    qvm,
+                    batch_sampling,
+                    output_dir,
+                )
             else:
-                outputs = engine.generate(batch_prompts, n=config.candidates_per_question(config.num_samples), sampling=batch_sampling)
+                outputs = engine.generate(
+                    batch_prompts, n=config.candidates_per_question(config.num_samples), sampling=batch_sampling
+                )
                 explored = [sum(len(c.token_ids) for c in group) for group in outputs]
             verdicts = [[score(c.text, rows[i]["answer"]) for c in group] for i, group in zip(batch, outputs)]
-            kept, scores = select_candidates(config, batch_prompts, outputs, verdicts, model, tokenizer, answers=config.num_samples, guide=guide)
+            kept, scores = select_candidates(
+                config, batch_prompts, outputs, verdicts, model, tokenizer, answers=config.num_samples, guide=guide
+            )
             seconds = (time.perf_counter() - started) / len(batch)
             for k, i in enumerate(batch):
                 record = {
@@ -173,14 +233,19 @@ def _generate_missing(model, tokenizer, task: TaskSpec, rows: list[dict], record
                     "seconds": seconds,
                 }
                 if scores is not None:
-                    record["candidates"] = [{"text": c.text, "score": s, **v._asdict()} for c, s, v in zip(outputs[k], scores[k], verdicts[k])]
+                    record["candidates"] = [
+                        {"text": c.text, "score": s, **v._asdict()}
+                        for c, s, v in zip(outputs[k], scores[k], verdicts[k])
+                    ]
                 records[rows[i]["index"]] = record
                 cache.write(json.dumps(record) + "\n")
             cache.flush()
             progress.update(len(batch))
 
 
-def _search_batch(model, tokenizer, engine, prompts: list, indices: list[int], config: EvalConfig, qvm, sampling, output_dir: Path) -> tuple[list, list[int]]:
+def _search_batch(
+    model, tokenizer, engine, prompts: list, indices: list[int], config: EvalConfig, qvm, sampling, output_dir: Path
+) -> tuple[list, list[int]]:
     """Q* answers for a batch of questions (one search each); the first question's tree is also
     written to ``output_dir/search_tree.html``."""
     heads, metadata = qvm
@@ -188,14 +253,37 @@ def _search_batch(model, tokenizer, engine, prompts: list, indices: list[int], c
     for offset, (prompt, index) in enumerate(zip(prompts, indices)):
         text = engine.render(prompt)
         answer, tokens, result = qstar_answer(
-            model, tokenizer, engine, text, heads, layer=metadata["layer"], delimiter=metadata["delimiter"], budget=config.search_budget,
-            num_candidates=config.search_candidates, lam=config.search_lambda, heuristic=config.search_heuristic, max_depth=config.search_max_depth,
-            step_max_tokens=config.step_max_tokens, temperature=config.temperature, seed=sampling.seed * 1000 + offset,
-        )  # fmt: skip
-        outputs.append([Completion(text=answer, token_ids=[], logprobs=[], finish_reason="stop" if result.best.terminal else "length")])
+            model,
+            tokenizer,
+            engine,
+            text,
+            heads,
+            layer=metadata["layer"],
+            delimiter=metadata["delimiter"],
+            budget=config.search_budget,
+            num_candidates=config.search_candidates,
+            lam=config.search_lambda,
+            heuristic=config.search_heuristic,
+            max_depth=config.search_max_depth,
+            step_max_tokens=config.step_max_tokens,
+            temperature=config.temperature,
+            seed=sampling.seed * 1000 + offset,
+        )
+        outputs.append(
+            [
+                Completion(
+                    text=answer, token_ids=[], logprobs=[], finish_reason="stop" if result.best.terminal else "length"
+                )
+            ]
+        )
         explored.append(tokens)
         if index == 0:
-            tree = render_search_tree_html(result.nodes, [node.id for node in result.path()], title=f"Q* search, question 0 ({result.expansions} expansions)",
-                                           prompt=prompt[-1]["content"] if isinstance(prompt, list) else prompt, step_text=lambda step: step.text)  # fmt: skip
+            tree = render_search_tree_html(
+                result.nodes,
+                [node.id for node in result.path()],
+                title=f"Q* search, question 0 ({result.expansions} expansions)",
+                prompt=prompt[-1]["content"] if isinstance(prompt, list) else prompt,
+                step_text=lambda step: step.text,
+            )
             (output_dir / "search_tree.html").write_text(tree)
     return outputs, explored

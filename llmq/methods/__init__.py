@@ -27,11 +27,26 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "shiq": Method("llmq.methods.offline", "ShiQTrainer on rewarded completions (Bellman-consistent logits)", multi_process=True),
-    "dpo": Method("llmq.methods.offline", "TRL's DPOTrainer on best-vs-worst pairs of the same data (DPO as inverse-Q)", multi_process=True),
-    "sft": Method("llmq.methods.offline", "TRL's SFTTrainer on best-of-N extracted completions (rejection sampling)", multi_process=True),
-    "digiq": Method("llmq.methods.digiq", "Digi-Q on TextWorld games: value heads on frozen features, Best-of-N extraction, SFT actor"),
-    "qvm": Method("llmq.methods.qvm", "a Q-value model for Q* search, from gold answers only (the policy is not trained)"),
+    "shiq": Method(
+        "llmq.methods.offline", "ShiQTrainer on rewarded completions (Bellman-consistent logits)", multi_process=True
+    ),
+    "dpo": Method(
+        "llmq.methods.offline",
+        "TRL's DPOTrainer on best-vs-worst pairs of the same data (DPO as inverse-Q)",
+        multi_process=True,
+    ),
+    "sft": Method(
+        "llmq.methods.offline",
+        "TRL's SFTTrainer on best-of-N extracted completions (rejection sampling)",
+        multi_process=True,
+    ),
+    "digiq": Method(
+        "llmq.methods.digiq",
+        "Digi-Q on TextWorld games: value heads on frozen features, Best-of-N extraction, SFT actor",
+    ),
+    "qvm": Method(
+        "llmq.methods.qvm", "a Q-value model for Q* search, from gold answers only (the policy is not trained)"
+    ),
 }
 DEFAULT_METHOD = "shiq"
 
@@ -48,5 +63,8 @@ def method_field(default: str) -> dataclasses.Field:
     listing = "; ".join(f"{name}: {method.summary}" for name, method in METHODS.items())
     return dataclasses.field(
         default=default,
-        metadata={"help": f"{listing}. `llmq train --method NAME --help` lists the keys of one method.", "choices": list(METHODS)},
+        metadata={
+            "help": f"{listing}. `llmq train --method NAME --help` lists the keys of one method.",
+            "choices": list(METHODS),
+        },
     )

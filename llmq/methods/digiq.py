@@ -53,18 +53,33 @@ class Config:
     (without ``critic_``), with its defaults."""
 
     method: str = method_field("digiq")
-    games_dir: str = dataclasses.field(default="outputs/textworld_games", metadata={"help": "Where generated games are kept (reused when present)."})
-    train_games: int = dataclasses.field(default=20, metadata={"help": "Games whose episodes make the offline data (seeds train_seed, train_seed + 1, ...)."})
-    test_games: int = dataclasses.field(default=20, metadata={"help": "Held-out games of the before/after benchmark (seeds test_seed, ...)."})
+    games_dir: str = dataclasses.field(
+        default="outputs/textworld_games", metadata={"help": "Where generated games are kept (reused when present)."}
+    )
+    train_games: int = dataclasses.field(
+        default=20,
+        metadata={"help": "Games whose episodes make the offline data (seeds train_seed, train_seed + 1, ...)."},
+    )
+    test_games: int = dataclasses.field(
+        default=20, metadata={"help": "Held-out games of the before/after benchmark (seeds test_seed, ...)."}
+    )
     train_seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the first train game."})
-    test_seed: int = dataclasses.field(default=10_000, metadata={"help": "Seed of the first test game (disjoint from the train seeds)."})
+    test_seed: int = dataclasses.field(
+        default=10_000, metadata={"help": "Seed of the first test game (disjoint from the train seeds)."}
+    )
     rooms: int = dataclasses.field(default=1, metadata={"help": "Rooms per game."})
     nb_objects: int = dataclasses.field(default=3, metadata={"help": "Objects per game."})
     quest_length: int = dataclasses.field(default=2, metadata={"help": "Actions a quest needs."})
-    episode_steps: int = dataclasses.field(default=10, metadata={"help": "Steps per episode (the game is lost after them)."})
+    episode_steps: int = dataclasses.field(
+        default=10, metadata={"help": "Steps per episode (the game is lost after them)."}
+    )
     episodes_per_game: int = dataclasses.field(default=4, metadata={"help": "Behaviour episodes per train game."})
-    behaviour_temperature: float = dataclasses.field(default=1.0, metadata={"help": "Temperature of the base LM's command distribution while collecting data."})
-    feature_layer: int | None = dataclasses.field(default=None, metadata={"help": "Hidden-state index of the features; default the middle layer."})
+    behaviour_temperature: float = dataclasses.field(
+        default=1.0, metadata={"help": "Temperature of the base LM's command distribution while collecting data."}
+    )
+    feature_layer: int | None = dataclasses.field(
+        default=None, metadata={"help": "Hidden-state index of the features; default the middle layer."}
+    )
     gamma: float = mirror(CriticConfig, "gamma")
     critic_steps: int = dataclasses.field(default=2000, metadata={"help": "Optimizer steps of the critic."})
     critic_learning_rate: float = mirror(CriticConfig, "learning_rate")
@@ -73,18 +88,40 @@ class Config:
     critic_layers: int = mirror(CriticConfig, "num_layers")
     representation_steps: int = dataclasses.field(
         default=0,
-        metadata={"help": "Representation fine-tuning (§5.4) before the features: LoRA steps on 'does this command change the game?' yes/no labels from the data; 0 skips it."},
+        metadata={
+            "help": "Representation fine-tuning (§5.4) before the features: LoRA steps on 'does this command change the game?' yes/no labels from the data; 0 skips it."
+        },
     )
-    representation_learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "Learning rate of the representation fine-tuning."})
-    representation_lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank of the representation fine-tuning (merged into a copy of the backbone afterwards)."})
+    representation_learning_rate: float = dataclasses.field(
+        default=1e-4, metadata={"help": "Learning rate of the representation fine-tuning."}
+    )
+    representation_lora_r: int = dataclasses.field(
+        default=16,
+        metadata={
+            "help": "LoRA rank of the representation fine-tuning (merged into a copy of the backbone afterwards)."
+        },
+    )
     target_update_rate: float = mirror(CriticConfig, "target_update_rate")
     target_update_steps: int = mirror(CriticConfig, "target_update_steps")
     expectile: float | None = mirror(CriticConfig, "expectile")
-    threshold: float = dataclasses.field(default=0.05, metadata={"help": "Best-of-N extraction keeps a state's best command when its advantage exceeds this."})
-    policy_batch_size: int = dataclasses.field(default=8, metadata={"help": "States scored per forward batch by the likelihood policy."})
+    threshold: float = dataclasses.field(
+        default=0.05,
+        metadata={"help": "Best-of-N extraction keeps a state's best command when its advantage exceeds this."},
+    )
+    policy_batch_size: int = dataclasses.field(
+        default=8, metadata={"help": "States scored per forward batch by the likelihood policy."}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("train_games", "test_games", "episode_steps", "episodes_per_game", "critic_steps", "critic_batch_size", "policy_batch_size"):
+        for name in (
+            "train_games",
+            "test_games",
+            "episode_steps",
+            "episodes_per_game",
+            "critic_steps",
+            "critic_batch_size",
+            "policy_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"key '{name}' must be at least 1, got {getattr(self, name)}")
         if self.behaviour_temperature <= 0:
@@ -102,7 +139,9 @@ def config_types(method: str) -> tuple[type, type]:
 ACTION_SEPARATOR = "\n\nAction: "
 
 
-ACTIONABILITY_QUESTION = "Will this command change the state of the game (what is here or what you carry)? Answer Yes or No."
+ACTIONABILITY_QUESTION = (
+    "Will this command change the state of the game (what is here or what you carry)? Answer Yes or No."
+)
 
 
 def actionability_rows(data) -> list[dict]:
@@ -117,15 +156,24 @@ def actionability_rows(data) -> list[dict]:
             continue
         changed = r["reward"] > 0 or sorted(following["admissible"]) != sorted(r["admissible"])
         prompt = f"{r['state']}{ACTION_SEPARATOR}{r['action']}\n\n{ACTIONABILITY_QUESTION}"
-        rows.append({"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": "Yes" if changed else "No"}]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "completion": [{"role": "assistant", "content": "Yes" if changed else "No"}],
+            }
+        )
     return rows
 
 
-def representation_backbone(model, tokenizer, data: datasets.Dataset, run: Config, training_args: SFTConfig, output_dir: Path) -> tuple:
+def representation_backbone(
+    model, tokenizer, data: datasets.Dataset, run: Config, training_args: SFTConfig, output_dir: Path
+) -> tuple:
     """A copy of the backbone LoRA-tuned on :func:`actionability_rows` and merged, frozen for the features."""
     rows = actionability_rows(data)
     if not rows:
-        raise UserError("representation fine-tuning found no labelled transition; set representation_steps: 0 or collect more data")
+        raise UserError(
+            "representation fine-tuning found no labelled transition; set representation_steps: 0 or collect more data"
+        )
     args = SFTConfig(
         output_dir=str(output_dir),
         max_steps=run.representation_steps,
@@ -138,20 +186,45 @@ def representation_backbone(model, tokenizer, data: datasets.Dataset, run: Confi
         seed=training_args.seed,
         disable_tqdm=training_args.disable_tqdm,
     )
-    lora = LoraConfig(r=run.representation_lora_r, lora_alpha=2 * run.representation_lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=copy.deepcopy(model), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora)
+    lora = LoraConfig(
+        r=run.representation_lora_r,
+        lora_alpha=2 * run.representation_lora_r,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=copy.deepcopy(model),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     result = trainer.train()
     labels = [row["completion"][0]["content"] for row in rows]
-    stats = {"rows": len(rows), "yes_fraction": labels.count("Yes") / len(labels), "train_loss": result.metrics.get("train_loss")}
+    stats = {
+        "rows": len(rows),
+        "yes_fraction": labels.count("Yes") / len(labels),
+        "train_loss": result.metrics.get("train_loss"),
+    }
     return trainer.model.merge_and_unload().eval(), stats
 
 
-def fit_critic_and_extract(model, tokenizer, data: datasets.Dataset, run: Config, training_args: SFTConfig, output_dir: Path, ledger: StageLedger) -> list[dict]:
+def fit_critic_and_extract(
+    model,
+    tokenizer,
+    data: datasets.Dataset,
+    run: Config,
+    training_args: SFTConfig,
+    output_dir: Path,
+    ledger: StageLedger,
+) -> list[dict]:
     """Steps 4–6: frozen features (after the optional representation fine-tuning), the critic's TD
     fit and Best-of-N extraction; returns the kept (prompt, completion) rows and records each stage."""
     backbone = model
     if run.representation_steps > 0:
-        backbone, stats = representation_backbone(model, tokenizer, data, run, training_args, output_dir / "representation")
+        backbone, stats = representation_backbone(
+            model, tokenizer, data, run, training_args, output_dir / "representation"
+        )
         print(f"representation fine-tuning: {ledger.record('representation', stats)}", flush=True)
     features = TransitionFeatures(backbone, tokenizer, data, run.feature_layer, output_dir / "features")
     critic = fit_critic(features, data, run, training_args, output_dir / "critic", ledger)
@@ -171,9 +244,15 @@ class TransitionFeatures:
         texts = sorted(actions_of)
         options = [sorted(actions_of[text]) for text in texts]
         continuations = [[ACTION_SEPARATOR + command for command in commands] for commands in options]
-        self.states, self.actions, _ = score_continuations(backbone, tokenizer, texts, continuations, layer=layer, cache_dir=cache_dir)
+        self.states, self.actions, _ = score_continuations(
+            backbone, tokenizer, texts, continuations, layer=layer, cache_dir=cache_dir
+        )
         self.state_row = {text: i for i, text in enumerate(texts)}
-        self.action_row = {(text, command): (i, j) for i, (text, commands) in enumerate(zip(texts, options)) for j, command in enumerate(commands)}
+        self.action_row = {
+            (text, command): (i, j)
+            for i, (text, commands) in enumerate(zip(texts, options))
+            for j, command in enumerate(commands)
+        }
 
     def state(self, text: str) -> list[float]:
         return self.states[self.state_row[text]].tolist()
@@ -183,28 +262,53 @@ class TransitionFeatures:
         return self.actions[i][j].tolist()
 
 
-def fit_critic(features: TransitionFeatures, data: datasets.Dataset, run: Config, training_args: SFTConfig, output_dir: Path, ledger: StageLedger):
+def fit_critic(
+    features: TransitionFeatures,
+    data: datasets.Dataset,
+    run: Config,
+    training_args: SFTConfig,
+    output_dir: Path,
+    ledger: StageLedger,
+):
     """Double Q/V heads fitted by TD on the logged commands (§5.5); returns the online heads."""
     transitions = datasets.Dataset.from_list(
         [
-            {"state_features": features.state(r["state"]), "action_features": features.action(r["state"], r["action"]),
-             "next_state_features": features.state(r["next_state"]), "reward": r["reward"], "done": r["done"] and not r["truncated"]}  # fmt: skip
+            {
+                "state_features": features.state(r["state"]),
+                "action_features": features.action(r["state"], r["action"]),
+                "next_state_features": features.state(r["next_state"]),
+                "reward": r["reward"],
+                "done": r["done"] and not r["truncated"],
+            }
             for r in data
         ]
     )
     args = critic_config(
-        training_args, str(output_dir), run.critic_steps, gamma=run.gamma, target_update_rate=run.target_update_rate,
-        target_update_steps=run.target_update_steps, expectile=run.expectile, hidden_size=run.critic_hidden_size,
-        num_layers=run.critic_layers, learning_rate=run.critic_learning_rate, per_device_train_batch_size=run.critic_batch_size,
-    )  # fmt: skip
+        training_args,
+        str(output_dir),
+        run.critic_steps,
+        gamma=run.gamma,
+        target_update_rate=run.target_update_rate,
+        target_update_steps=run.target_update_steps,
+        expectile=run.expectile,
+        hidden_size=run.critic_hidden_size,
+        num_layers=run.critic_layers,
+        learning_rate=run.critic_learning_rate,
+        per_device_train_batch_size=run.critic_batch_size,
+    )
     trainer = CriticTrainer(args=args, train_dataset=transitions)
     result = trainer.train()
     trainer.save_model(str(output_dir))
-    ledger.record("critic", dict(result.metrics) | {"log": [e for e in trainer.state.log_history if "td_error/abs_mean" in e][-1:]})
+    ledger.record(
+        "critic",
+        dict(result.metrics) | {"log": [e for e in trainer.state.log_history if "td_error/abs_mean" in e][-1:]},
+    )
     return trainer.model.online.cpu().eval()
 
 
-def extract_best_of_n(critic, features: TransitionFeatures, data: datasets.Dataset, threshold: float, ledger: StageLedger) -> list[dict]:
+def extract_best_of_n(
+    critic, features: TransitionFeatures, data: datasets.Dataset, threshold: float, ledger: StageLedger
+) -> list[dict]:
     """Best-of-N extraction (§5.6) over each logged state's admissible commands: the one with the
     largest ``max Q − max V``, kept when that advantage exceeds ``threshold``."""
     from llmq.envs.textworld import policy_prompt  # TextWorld is an optional extra (llmq[agents])
@@ -215,14 +319,29 @@ def extract_best_of_n(critic, features: TransitionFeatures, data: datasets.Datas
             commands = list(r["admissible"])
             state = torch.tensor([features.state(r["state"])])
             candidates = torch.tensor([[features.action(r["state"], c) for c in commands]])
-            best, advantage, weight = best_of_n_advantages(critic.q(state, candidates), critic.v(state), threshold=threshold)
+            best, advantage, weight = best_of_n_advantages(
+                critic.q(state, candidates), critic.v(state), threshold=threshold
+            )
             advantages.append(advantage.item())
             if weight.item() == 1:
-                rows.append({"prompt": policy_prompt(r["state"], commands), "completion": [{"role": "assistant", "content": commands[best.item()]}]})
-    print(f"Best-of-N extraction: kept {len(rows)} of {len(data)} states (mean best advantage {np.mean(advantages):.3f})", flush=True)
+                rows.append(
+                    {
+                        "prompt": policy_prompt(r["state"], commands),
+                        "completion": [{"role": "assistant", "content": commands[best.item()]}],
+                    }
+                )
+    print(
+        f"Best-of-N extraction: kept {len(rows)} of {len(data)} states (mean best advantage {np.mean(advantages):.3f})",
+        flush=True,
+    )
     if not rows:
-        raise UserError(f"Best-of-N extraction kept no state (no advantage above threshold {threshold}); lower 'threshold' or collect more data")
-    ledger.record("extraction", {"states": len(data), "kept": len(rows), "advantage_mean": float(np.mean(advantages)), "threshold": threshold})
+        raise UserError(
+            f"Best-of-N extraction kept no state (no advantage above threshold {threshold}); lower 'threshold' or collect more data"
+        )
+    ledger.record(
+        "extraction",
+        {"states": len(data), "kept": len(rows), "advantage_mean": float(np.mean(advantages)), "threshold": threshold},
+    )
     return rows
 
 
@@ -238,27 +357,62 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
 
     started = time.perf_counter()
     output_dir = Path(training_args.output_dir)
-    ledger = StageLedger(output_dir, {"model": model_args.model_name_or_path, "seed": training_args.seed, **dataclasses.asdict(config)}, resume=launch.resume)
+    ledger = StageLedger(
+        output_dir,
+        {"model": model_args.model_name_or_path, "seed": training_args.seed, **dataclasses.asdict(config)},
+        resume=launch.resume,
+    )
     games = dict(rooms=config.rooms, nb_objects=config.nb_objects, quest_length=config.quest_length)
     train_games = make_games(config.games_dir, config.train_games, config.train_seed, **games)
     test_games = make_games(config.games_dir, config.test_games, config.test_seed, **games)
     model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
     model.eval()
-    summary: dict = {"model": model_args.model_name_or_path, "method": "digiq", "train_games": len(train_games), "test_games": len(test_games)}
+    summary: dict = {
+        "model": model_args.model_name_or_path,
+        "method": "digiq",
+        "train_games": len(train_games),
+        "test_games": len(test_games),
+    }
 
     def benchmark(stage: str) -> dict:
-        report = evaluate_agent(likelihood_policy(model, tokenizer, batch_size=config.policy_batch_size), test_games, config.episode_steps, seed=config.test_seed)
+        report = evaluate_agent(
+            likelihood_policy(model, tokenizer, batch_size=config.policy_batch_size),
+            test_games,
+            config.episode_steps,
+            seed=config.test_seed,
+        )
         low, high = report["success_rate_ci95"]
-        print(f"{stage}: success {100 * report['success_rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), "
-              f"normalised score {report['normalized_score']:.3f} on {len(test_games)} test games", flush=True)  # fmt: skip
+        print(
+            f"{stage}: success {100 * report['success_rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), "
+            f"normalised score {report['normalized_score']:.3f} on {len(test_games)} test games",
+            flush=True,
+        )
         return report
 
     def collect() -> dict:
-        behaviour = likelihood_policy(model, tokenizer, temperature=config.behaviour_temperature, seed=training_args.seed, batch_size=config.policy_batch_size)
-        data = collect_trajectories(behaviour, train_games, config.episodes_per_game, config.episode_steps, seed=training_args.seed, gamma=config.gamma)
+        behaviour = likelihood_policy(
+            model,
+            tokenizer,
+            temperature=config.behaviour_temperature,
+            seed=training_args.seed,
+            batch_size=config.policy_batch_size,
+        )
+        data = collect_trajectories(
+            behaviour,
+            train_games,
+            config.episodes_per_game,
+            config.episode_steps,
+            seed=training_args.seed,
+            gamma=config.gamma,
+        )
         data.save_to_disk(str(output_dir / "trajectories"))
         won = int(sum(r["won"] for r in data if r["done"]))
-        return {"transitions": len(data), "episodes": len(train_games) * config.episodes_per_game, "won_episodes": won, "mean_reward": float(np.mean(data["reward"]))}
+        return {
+            "transitions": len(data),
+            "episodes": len(train_games) * config.episodes_per_game,
+            "won_episodes": won,
+            "mean_reward": float(np.mean(data["reward"])),
+        }
 
     summary["before"] = ledger.run("before", lambda: benchmark("before"))
     print(f"offline data: {ledger.run('data', collect)}", flush=True)
@@ -267,17 +421,31 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
         rows = datasets.load_from_disk(str(output_dir / "extracted")).to_list()
     else:
         rows = fit_critic_and_extract(model, tokenizer, data, config, training_args, output_dir, ledger)
-    summary |= {stage: ledger[stage] for stage in ("data", "representation", "critic", "extraction") if stage in ledger}
+    summary |= {
+        stage: ledger[stage] for stage in ("data", "representation", "critic", "extraction") if stage in ledger
+    }
 
     model.train()
-    actor = SFTTrainer(model=model, args=training_args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    actor = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
     summary["actor"] = dict(actor.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
     actor.save_model(str(output_dir))
     model = actor.model.eval()
 
     summary["after"] = ledger.record("after", benchmark("after"))
     summary["change"] = {
-        metric: paired_change([float(g[key]) for g in summary["before"]["games"]], [float(g[key]) for g in summary["after"]["games"]], metric, "digiq", training_args.seed)
+        metric: paired_change(
+            [float(g[key]) for g in summary["before"]["games"]],
+            [float(g[key]) for g in summary["after"]["games"]],
+            metric,
+            "digiq",
+            training_args.seed,
+        )
         for metric, key in (("success_rate", "won"), ("normalized_score", "normalized_score"))
     }
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)

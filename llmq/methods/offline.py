@@ -41,10 +41,18 @@ class Config:
     method: str = method_field("shiq")
     dataset_path: str = dataclasses.field(
         default="outputs/offline_data",
-        metadata={"help": "Training data: a folder saved by `llmq generate`, a .jsonl/.json file, or a Hub id. Built first from build_task when missing."},
+        metadata={
+            "help": "Training data: a folder saved by `llmq generate`, a .jsonl/.json file, or a Hub id. Built first from build_task when missing."
+        },
     )
-    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "Folder with local GSM8K / MATH-500 copies; default $LLMQ_DATA_DIR, else the Hub."})
-    build_task: str | None = dataclasses.field(default=None, metadata={"help": "When dataset_path is missing: sample it from the initial model on this task's questions."})
+    data_dir: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Folder with local GSM8K / MATH-500 copies; default $LLMQ_DATA_DIR, else the Hub."},
+    )
+    build_task: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "When dataset_path is missing: sample it from the initial model on this task's questions."},
+    )
     build_split: str = mirror(GenerateConfig, "split")
     build_limit: int | None = dataclasses.field(default=None, metadata={"help": "First N questions of build_task."})
     build_num_completions: int = mirror(GenerateConfig, "num_completions")
@@ -52,20 +60,31 @@ class Config:
     build_max_new_tokens: int | None = mirror(GenerateConfig, "max_new_tokens")
     build_format_reward: float = mirror(GenerateConfig, "format_reward")
     build_min_score: float = dataclasses.field(
-        default=1.0, metadata={"help": "method sft: a question's best sample (by the verifier) is kept only when it scores at least this (1: correct answers only)."}
+        default=1.0,
+        metadata={
+            "help": "method sft: a question's best sample (by the verifier) is kept only when it scores at least this (1: correct answers only)."
+        },
     )
-    benchmark_task: str | None = dataclasses.field(default=None, metadata={"help": "Evaluate greedily on this task before and after training (none: skip)."})
+    benchmark_task: str | None = dataclasses.field(
+        default=None, metadata={"help": "Evaluate greedily on this task before and after training (none: skip)."}
+    )
     benchmark_split: str = mirror(EvalConfig, "split")
-    benchmark_limit: int | None = dataclasses.field(default=None, metadata={"help": "First N benchmark questions (a fixed subset)."})
+    benchmark_limit: int | None = dataclasses.field(
+        default=None, metadata={"help": "First N benchmark questions (a fixed subset)."}
+    )
     benchmark_max_new_tokens: int | None = mirror(EvalConfig, "max_new_tokens")
-    generation_batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call when building data and benchmarking."})
+    generation_batch_size: int = dataclasses.field(
+        default=8, metadata={"help": "Prompts per generate call when building data and benchmarking."}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in TRAINING_ARGUMENTS:
             raise UserError(f"key 'method': {self.method} is not an offline method ({', '.join(TRAINING_ARGUMENTS)})")
         local = "/" not in self.dataset_path or self.dataset_path.startswith((".", "/"))
         if self.build_task is None and local and not Path(self.dataset_path).exists():
-            raise UserError(f"key 'dataset_path': '{self.dataset_path}' does not exist; create it with `llmq generate` or set build_task to build it first")
+            raise UserError(
+                f"key 'dataset_path': '{self.dataset_path}' does not exist; create it with `llmq generate` or set build_task to build it first"
+            )
         if self.build_task is not None:
             self.build_config()  # validates the build keys now, before any model is loaded
         if self.benchmark_task is not None:
@@ -84,7 +103,11 @@ class Config:
             batch_size=self.generation_batch_size,
             dataset_path=self.dataset_path,
             # SFT data are best-of-N extractions (rejection sampling); ShiQ and DPO keep every sample.
-            **(dict(decoding="best_of_n", num_candidates=self.build_num_completions, min_score=self.build_min_score) if self.method == "sft" else {}),
+            **(
+                dict(decoding="best_of_n", num_candidates=self.build_num_completions, min_score=self.build_min_score)
+                if self.method == "sft"
+                else {}
+            ),
         )
 
     def benchmark_config(self, output_dir: Path) -> EvalConfig:
@@ -114,12 +137,18 @@ def fit(model, tokenizer, dataset, model_args: ModelConfig, training_args: Train
             dataset = preference_pairs(dataset)
             extra["preference_pairs"] = len(dataset)
         dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
-        trainer = DPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+        trainer = DPOTrainer(
+            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        )
     elif method == "sft":
         dataset = dataset.select_columns(["prompt", "completion"])
-        trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+        trainer = SFTTrainer(
+            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        )
     else:
-        trainer = ShiQTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+        trainer = ShiQTrainer(
+            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     try:
         trainer.save_model(training_args.output_dir)
@@ -131,7 +160,13 @@ def fit(model, tokenizer, dataset, model_args: ModelConfig, training_args: Train
     return trainer, dict(result.metrics) | extra
 
 
-def run(model_args: ModelConfig, training_args: TrainingArguments, config: Config, launch: LaunchConfig, argv: Sequence[str] = ()) -> dict:
+def run(
+    model_args: ModelConfig,
+    training_args: TrainingArguments,
+    config: Config,
+    launch: LaunchConfig,
+    argv: Sequence[str] = (),
+) -> dict:
     """Run an offline recipe end to end; returns the summary written to ``output_dir/summary.json``.
 
     With ``launch.resume`` a benchmark recorded in ``output_dir/stages.json`` by an earlier run of
@@ -139,8 +174,12 @@ def run(model_args: ModelConfig, training_args: TrainingArguments, config: Confi
     """
     output_dir = Path(training_args.output_dir)
     if is_launched_process():
-        model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
-        trainer, metrics = fit(model, tokenizer, load_training_dataset(config.dataset_path), model_args, training_args, config.method)
+        model, tokenizer = load_from_config(
+            model_args, device="cpu" if training_args.use_cpu else training_args.device
+        )
+        trainer, metrics = fit(
+            model, tokenizer, load_training_dataset(config.dataset_path), model_args, training_args, config.method
+        )
         if trainer.is_world_process_zero():
             (output_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         return {"train": metrics}
@@ -158,7 +197,13 @@ def run(model_args: ModelConfig, training_args: TrainingArguments, config: Confi
     def benchmark(stage: str) -> dict:
         model.eval()
         eval_config = config.benchmark_config(output_dir / f"benchmark_{stage}")
-        report = evaluate(model, tokenizer, eval_config, model_name=f"{model_args.model_name_or_path} ({stage} {config.method})", restart_on_mismatch=True)
+        report = evaluate(
+            model,
+            tokenizer,
+            eval_config,
+            model_name=f"{model_args.model_name_or_path} ({stage} {config.method})",
+            restart_on_mismatch=True,
+        )
         print(format_report(report), flush=True)
         return report
 
@@ -166,15 +211,24 @@ def run(model_args: ModelConfig, training_args: TrainingArguments, config: Confi
         summary["before"] = ledger.run("before", lambda: benchmark("before"))
     if building:
         model.eval()
-        dataset = build_offline_dataset(model, tokenizer, config.build_config(), model_name=model_args.model_name_or_path)
-        print(f"offline data: {len(dataset)} completions, mean reward {np.mean(dataset['reward']):.3f} → {config.dataset_path}", flush=True)
+        dataset = build_offline_dataset(
+            model, tokenizer, config.build_config(), model_name=model_args.model_name_or_path
+        )
+        print(
+            f"offline data: {len(dataset)} completions, mean reward {np.mean(dataset['reward']):.3f} → {config.dataset_path}",
+            flush=True,
+        )
     else:
         dataset = load_training_dataset(config.dataset_path)
     summary["train_rows"] = len(dataset)
 
     if launch.distributed:
         model = None  # its memory is the training processes'
-        resume = ["--resume_from_checkpoint", str(training_args.resume_from_checkpoint)] if training_args.resume_from_checkpoint else []
+        resume = (
+            ["--resume_from_checkpoint", str(training_args.resume_from_checkpoint)]
+            if training_args.resume_from_checkpoint
+            else []
+        )
         launch_training([*argv, *resume], launch)
         metrics = json.loads((output_dir / TRAIN_METRICS).read_text())
         if config.benchmark_task:
@@ -189,7 +243,9 @@ def run(model_args: ModelConfig, training_args: TrainingArguments, config: Confi
     if config.benchmark_task:
         summary["after"] = ledger.record("after", benchmark("after"))
         summary["change"] = {
-            metric: paired_change(before, summary["after"]["per_question"][metric], metric, config.method, training_args.seed)
+            metric: paired_change(
+                before, summary["after"]["per_question"][metric], metric, config.method, training_args.seed
+            )
             for metric, before in summary["before"]["per_question"].items()
         }
     return write_summary(output_dir, summary)

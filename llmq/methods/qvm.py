@@ -54,19 +54,41 @@ class Config:
     """Where the QVM's training data come from and how the heads are fitted."""
 
     method: str = method_field("qvm")
-    task: str = dataclasses.field(default="gsm8k", metadata={"help": "Task whose training questions and gold answers give the labels."})
+    task: str = dataclasses.field(
+        default="gsm8k", metadata={"help": "Task whose training questions and gold answers give the labels."}
+    )
     split: str = dataclasses.field(default="train", metadata={"help": "Split of the questions."})
-    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "Local dataset folder; default $LLMQ_DATA_DIR, else the Hub."})
+    data_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Local dataset folder; default $LLMQ_DATA_DIR, else the Hub."}
+    )
     limit: int = dataclasses.field(default=64, metadata={"help": "First N questions."})
     trajectories: int = dataclasses.field(default=2, metadata={"help": "Solutions sampled per question."})
-    rollouts: int = dataclasses.field(default=4, metadata={"help": "Completions sampled after each step for its rollout label."})
-    label: str = dataclasses.field(default="rollout", metadata={"help": "rollout (best of the completions) or fqi (fitted Q iteration from them).", "choices": ["rollout", "fqi"]})
-    fqi_iterations: int = dataclasses.field(default=2, metadata={"help": "Refits with bootstrapped labels (label fqi)."})
-    fqi_candidates: int = dataclasses.field(default=4, metadata={"help": "Proposed next steps per state in the FQI max (label fqi)."})
+    rollouts: int = dataclasses.field(
+        default=4, metadata={"help": "Completions sampled after each step for its rollout label."}
+    )
+    label: str = dataclasses.field(
+        default="rollout",
+        metadata={
+            "help": "rollout (best of the completions) or fqi (fitted Q iteration from them).",
+            "choices": ["rollout", "fqi"],
+        },
+    )
+    fqi_iterations: int = dataclasses.field(
+        default=2, metadata={"help": "Refits with bootstrapped labels (label fqi)."}
+    )
+    fqi_candidates: int = dataclasses.field(
+        default=4, metadata={"help": "Proposed next steps per state in the FQI max (label fqi)."}
+    )
     delimiter: str = dataclasses.field(default="\n", metadata={"help": "Text that ends a reasoning step."})
-    max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "Tokens per sampled solution or completion."})
-    sampling_temperature: float = dataclasses.field(default=0.8, metadata={"help": "Temperature of solutions, completions and proposals."})
-    feature_layer: int | None = dataclasses.field(default=None, metadata={"help": "Hidden-state index of the features; default the middle layer."})
+    max_new_tokens: int = dataclasses.field(
+        default=256, metadata={"help": "Tokens per sampled solution or completion."}
+    )
+    sampling_temperature: float = dataclasses.field(
+        default=0.8, metadata={"help": "Temperature of solutions, completions and proposals."}
+    )
+    feature_layer: int | None = dataclasses.field(
+        default=None, metadata={"help": "Hidden-state index of the features; default the middle layer."}
+    )
     qvm_steps: int = dataclasses.field(default=1000, metadata={"help": "Optimizer steps per fit."})
     qvm_learning_rate: float = mirror(CriticConfig, "learning_rate")
     qvm_batch_size: int = dataclasses.field(default=64, metadata={"help": "Labelled steps per optimizer step."})
@@ -75,11 +97,22 @@ class Config:
     generation_batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
 
     def __post_init__(self) -> None:
-        for name in ("limit", "trajectories", "rollouts", "fqi_iterations", "fqi_candidates", "max_new_tokens", "qvm_steps", "qvm_batch_size"):
+        for name in (
+            "limit",
+            "trajectories",
+            "rollouts",
+            "fqi_iterations",
+            "fqi_candidates",
+            "max_new_tokens",
+            "qvm_steps",
+            "qvm_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"key '{name}' must be at least 1, got {getattr(self, name)}")
         if not 0 < self.sampling_temperature < math.inf:
-            raise UserError(f"key 'sampling_temperature' must be > 0 (the labels need sampled continuations), got {self.sampling_temperature}")
+            raise UserError(
+                f"key 'sampling_temperature' must be > 0 (the labels need sampled continuations), got {self.sampling_temperature}"
+            )
         if not self.delimiter:
             raise UserError("key 'delimiter' must not be empty")
 
@@ -101,23 +134,50 @@ class LabelledStep:
     last: bool
 
 
-def sample_steps(engine: HFEngine, tokenizer, prompts: list[str], questions: list[dict], score, run: Config, sampling: SamplingParams) -> list[LabelledStep]:
+def sample_steps(
+    engine: HFEngine,
+    tokenizer,
+    prompts: list[str],
+    questions: list[dict],
+    score,
+    run: Config,
+    sampling: SamplingParams,
+) -> list[LabelledStep]:
     """``trajectories`` solutions per question, cut into steps at ``delimiter``."""
     eos = {tokenizer.eos_token_id}
     items = []
-    for index, (question, group) in enumerate(zip(questions, engine.generate(prompts, n=run.trajectories, sampling=sampling))):
+    for index, (question, group) in enumerate(
+        zip(questions, engine.generate(prompts, n=run.trajectories, sampling=sampling))
+    ):
         for completion in group:
             steps = split_steps(completion.text, run.delimiter)
             ended = bool(completion.token_ids) and completion.token_ids[-1] in eos
             outcome = float(score(completion.text, question["answer"]).correct)
             for t, step in enumerate(steps):
                 last = t == len(steps) - 1
-                items.append(LabelledStep(index, tuple(ReasoningStep(s, False) for s in steps[:t]), ReasoningStep(step, last and ended), outcome, last))
+                items.append(
+                    LabelledStep(
+                        index,
+                        tuple(ReasoningStep(s, False) for s in steps[:t]),
+                        ReasoningStep(step, last and ended),
+                        outcome,
+                        last,
+                    )
+                )
     return items
 
 
-def rollout_labels(engine: HFEngine, tokenizer, prompts: list[str], questions: list[dict], score, items: list[LabelledStep], run: Config,
-                   sampling: SamplingParams, seed: int) -> list[float]:  # fmt: skip
+def rollout_labels(
+    engine: HFEngine,
+    tokenizer,
+    prompts: list[str],
+    questions: list[dict],
+    score,
+    items: list[LabelledStep],
+    run: Config,
+    sampling: SamplingParams,
+    seed: int,
+) -> list[float]:
     """The best outcome among a step's own continuation and ``rollouts`` more (§4.4 item 2).
 
     A continuation gets the tokens the solution's budget left after the step, as the trajectory's
@@ -125,19 +185,35 @@ def rollout_labels(engine: HFEngine, tokenizer, prompts: list[str], questions: l
     """
     open_items = [i for i, item in enumerate(items) if not item.last]
     written = {i: "".join(s.text for s in items[i].before) + items[i].step.text for i in open_items}
-    budget = {i: max(1, run.max_new_tokens - len(tokenizer(written[i], add_special_tokens=False)["input_ids"])) for i in open_items}
+    budget = {
+        i: max(1, run.max_new_tokens - len(tokenizer(written[i], add_special_tokens=False)["input_ids"]))
+        for i in open_items
+    }
     by_budget = sorted(open_items, key=lambda i: -budget[i])
     outcomes: dict[int, list[float]] = {}
-    for number, start in enumerate(tqdm(range(0, len(by_budget), run.generation_batch_size), desc="rollouts", unit="batch")):
+    for number, start in enumerate(
+        tqdm(range(0, len(by_budget), run.generation_batch_size), desc="rollouts", unit="batch")
+    ):
         chunk = by_budget[start : start + run.generation_batch_size]
         chunk_sampling = dataclasses.replace(sampling, seed=seed + 1 + number, max_new_tokens=budget[chunk[0]])
-        for i, group in zip(chunk, engine.generate([prompts[items[i].question] + written[i] for i in chunk], n=run.rollouts, sampling=chunk_sampling)):
-            outcomes[i] = [float(score(written[i] + c.text, questions[items[i].question]["answer"]).correct) for c in group]
+        for i, group in zip(
+            chunk,
+            engine.generate(
+                [prompts[items[i].question] + written[i] for i in chunk], n=run.rollouts, sampling=chunk_sampling
+            ),
+        ):
+            outcomes[i] = [
+                float(score(written[i] + c.text, questions[items[i].question]["answer"]).correct) for c in group
+            ]
     # Reward comes at the end only: a step's own reward is 0 and its continuations include the trajectory's own.
-    return rollout_max_labels([0.0] * len(items), [[item.outcome, *outcomes.get(i, [])] for i, item in enumerate(items)])
+    return rollout_max_labels(
+        [0.0] * len(items), [[item.outcome, *outcomes.get(i, [])] for i, item in enumerate(items)]
+    )
 
 
-def step_features(model, tokenizer, prompts: list[str], items: list[LabelledStep], layer: int | None, cache_dir: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def step_features(
+    model, tokenizer, prompts: list[str], items: list[LabelledStep], layer: int | None, cache_dir: Path
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Frozen (state, step) features of every item; each state is read once, its steps through the KV cache."""
     by_state: dict[tuple[int, tuple], list[int]] = {}
     for i, item in enumerate(items):
@@ -145,7 +221,12 @@ def step_features(model, tokenizer, prompts: list[str], items: list[LabelledStep
     keys = list(by_state)
     states = [prompts[question] + "".join(s.text for s in before) for question, before in keys]
     state_features, steps_features, _ = score_continuations(
-        model, tokenizer, states, [[items[i].step.text for i in by_state[key]] for key in keys], layer=layer, cache_dir=cache_dir
+        model,
+        tokenizer,
+        states,
+        [[items[i].step.text for i in by_state[key]] for key in keys],
+        layer=layer,
+        cache_dir=cache_dir,
     )
     features: list = [None] * len(items)
     for key, state_feature, step_feature in zip(keys, state_features, steps_features):
@@ -154,23 +235,53 @@ def step_features(model, tokenizer, prompts: list[str], items: list[LabelledStep
     return features
 
 
-def fit_heads(features: list[tuple[torch.Tensor, torch.Tensor]], labels: list[float], run: Config, training_args: TrainingArguments, output_dir: Path) -> CriticHeads:
+def fit_heads(
+    features: list[tuple[torch.Tensor, torch.Tensor]],
+    labels: list[float],
+    run: Config,
+    training_args: TrainingArguments,
+    output_dir: Path,
+) -> CriticHeads:
     """Regress Q heads on (state, step) features to ``labels``; returns the fitted :class:`CriticHeads`."""
     rows = [
-        {"state_features": s.tolist(), "action_features": a.tolist(), "next_state_features": s.tolist(), "reward": float(y), "done": True}
+        {
+            "state_features": s.tolist(),
+            "action_features": a.tolist(),
+            "next_state_features": s.tolist(),
+            "reward": float(y),
+            "done": True,
+        }
         for (s, a), y in zip(features, labels)
     ]
     args = critic_config(
-        training_args, str(output_dir), run.qvm_steps, gamma=1.0, target_update_rate=1.0, hidden_size=run.qvm_hidden_size,
-        num_layers=run.qvm_layers, learning_rate=run.qvm_learning_rate, per_device_train_batch_size=run.qvm_batch_size,
-    )  # fmt: skip
+        training_args,
+        str(output_dir),
+        run.qvm_steps,
+        gamma=1.0,
+        target_update_rate=1.0,
+        hidden_size=run.qvm_hidden_size,
+        num_layers=run.qvm_layers,
+        learning_rate=run.qvm_learning_rate,
+        per_device_train_batch_size=run.qvm_batch_size,
+    )
     trainer = CriticTrainer(args=args, train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     return trainer.model.online.cpu().eval()
 
 
-def fqi_refit(model, tokenizer, engine: HFEngine, prompts: list[str], items: list[LabelledStep], features: list, labels: list[float], heads: CriticHeads,
-              run: Config, training_args: TrainingArguments, output_dir: Path) -> tuple[CriticHeads, list[float]]:  # fmt: skip
+def fqi_refit(
+    model,
+    tokenizer,
+    engine: HFEngine,
+    prompts: list[str],
+    items: list[LabelledStep],
+    features: list,
+    labels: list[float],
+    heads: CriticHeads,
+    run: Config,
+    training_args: TrainingArguments,
+    output_dir: Path,
+) -> tuple[CriticHeads, list[float]]:
     """Fitted Q iteration (§4.4 item 1): ``y(s, a) = max_c Q_prev(s', c)`` over proposed next steps
     ``c`` at ``s' = s ⊕ a`` (the outcome itself after a final step), refitted ``fqi_iterations`` times."""
     eos = {tokenizer.eos_token_id}
@@ -179,11 +290,21 @@ def fqi_refit(model, tokenizer, engine: HFEngine, prompts: list[str], items: lis
         new_labels = list(labels)
         for index in sorted({item.question for item in items}):
             qvm = FeatureQVM(model, tokenizer, heads, prompts[index], layer=run.feature_layer)
-            proposer = LLMStepProposer(engine, prompts[index], eos, delimiter=run.delimiter, max_step_tokens=run.max_new_tokens,
-                                       temperature=run.sampling_temperature, seed=training_args.seed + 100 * (iteration + 1))  # fmt: skip
+            proposer = LLMStepProposer(
+                engine,
+                prompts[index],
+                eos,
+                delimiter=run.delimiter,
+                max_step_tokens=run.max_new_tokens,
+                temperature=run.sampling_temperature,
+                seed=training_args.seed + 100 * (iteration + 1),
+            )
             mine = [i for i in open_items if items[i].question == index]
             next_states = [items[i].before + (items[i].step,) for i in mine]
-            next_q = [qvm([(state, c) for c in candidates]) for state, candidates in zip(next_states, proposer(next_states, run.fqi_candidates) if mine else [])]
+            next_q = [
+                qvm([(state, c) for c in candidates])
+                for state, candidates in zip(next_states, proposer(next_states, run.fqi_candidates) if mine else [])
+            ]
             # Labels of a 0/1 outcome stay in [0, 1] whatever the current heads extrapolate.
             for i, label in zip(mine, fqi_labels([0.0] * len(mine), [False] * len(mine), next_q)):
                 new_labels[i] = float(np.clip(label, 0.0, 1.0))
@@ -192,39 +313,88 @@ def fqi_refit(model, tokenizer, engine: HFEngine, prompts: list[str], items: lis
     return heads, labels
 
 
-def run(model_args: ModelConfig, training_args: TrainingArguments, config: Config, launch: LaunchConfig, argv=()) -> dict:
+def run(
+    model_args: ModelConfig, training_args: TrainingArguments, config: Config, launch: LaunchConfig, argv=()
+) -> dict:
     """Sample, label, featurise and fit the QVM; returns the summary written to ``output_dir/summary.json``."""
     output_dir = Path(training_args.output_dir)
-    ledger = StageLedger(output_dir, {"model": model_args.model_name_or_path, "seed": training_args.seed, **dataclasses.asdict(config)}, resume=launch.resume)
+    ledger = StageLedger(
+        output_dir,
+        {"model": model_args.model_name_or_path, "seed": training_args.seed, **dataclasses.asdict(config)},
+        resume=launch.resume,
+    )
     model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
     model.eval()
     task = load_task(config.task)
     questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     score = task_scorer(task)
     engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": task.prompt.replace("{question}", q["question"])}], tokenize=False, add_generation_prompt=True)
-               for q in questions]  # fmt: skip
-    sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.sampling_temperature, seed=training_args.seed)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": task.prompt.replace("{question}", q["question"])}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for q in questions
+    ]
+    sampling = SamplingParams(
+        max_new_tokens=config.max_new_tokens, temperature=config.sampling_temperature, seed=training_args.seed
+    )
 
     def label() -> dict:
         items = sample_steps(engine, tokenizer, prompts, questions, score, config, sampling)
         rollout_engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size, progress=False)
-        labels = rollout_labels(rollout_engine, tokenizer, prompts, questions, score, items, config, sampling, training_args.seed)
-        (output_dir / LABELS_FILE).write_text(json.dumps([dataclasses.asdict(item) | {"label": y} for item, y in zip(items, labels)]) + "\n")
-        return {"steps": len(items), "rollout_label_mean": float(np.mean(labels)), "trajectory_accuracy": float(np.mean([item.outcome for item in items if item.last]))}
+        labels = rollout_labels(
+            rollout_engine, tokenizer, prompts, questions, score, items, config, sampling, training_args.seed
+        )
+        (output_dir / LABELS_FILE).write_text(
+            json.dumps([dataclasses.asdict(item) | {"label": y} for item, y in zip(items, labels)]) + "\n"
+        )
+        return {
+            "steps": len(items),
+            "rollout_label_mean": float(np.mean(labels)),
+            "trajectory_accuracy": float(np.mean([item.outcome for item in items if item.last])),
+        }
 
     labelled = ledger.run("labels", label)
     records = json.loads((output_dir / LABELS_FILE).read_text())
-    items = [LabelledStep(r["question"], tuple(ReasoningStep(**s) for s in r["before"]), ReasoningStep(**r["step"]), r["outcome"], r["last"]) for r in records]
+    items = [
+        LabelledStep(
+            r["question"],
+            tuple(ReasoningStep(**s) for s in r["before"]),
+            ReasoningStep(**r["step"]),
+            r["outcome"],
+            r["last"],
+        )
+        for r in records
+    ]
     labels = [r["label"] for r in records]
     features = step_features(model, tokenizer, prompts, items, config.feature_layer, output_dir / "features")
     heads = fit_heads(features, labels, config, training_args, output_dir / "fit")
-    summary: dict = {"model": model_args.model_name_or_path, "questions": len(questions), "label": config.label, **labelled}
+    summary: dict = {
+        "model": model_args.model_name_or_path,
+        "questions": len(questions),
+        "label": config.label,
+        **labelled,
+    }
     if config.label == "fqi":
-        heads, labels = fqi_refit(model, tokenizer, engine, prompts, items, features, labels, heads, config, training_args, output_dir)
+        heads, labels = fqi_refit(
+            model, tokenizer, engine, prompts, items, features, labels, heads, config, training_args, output_dir
+        )
         summary["fqi_label_mean"] = float(np.mean(labels))
-    save_qvm(heads, output_dir, {"base_model": model_args.model_name_or_path, "layer": config.feature_layer, "delimiter": config.delimiter,
-                                 "hidden_size": config.qvm_hidden_size, "num_layers": config.qvm_layers, "state_dim": int(features[0][0].shape[0]), "task": task.name})  # fmt: skip
+    save_qvm(
+        heads,
+        output_dir,
+        {
+            "base_model": model_args.model_name_or_path,
+            "layer": config.feature_layer,
+            "delimiter": config.delimiter,
+            "hidden_size": config.qvm_hidden_size,
+            "num_layers": config.qvm_layers,
+            "state_dim": int(features[0][0].shape[0]),
+            "task": task.name,
+        },
+    )
     ledger.record("fit", {"fqi_label_mean": summary.get("fqi_label_mean")})
     return write_summary(output_dir, summary)
 

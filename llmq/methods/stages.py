@@ -41,7 +41,9 @@ class StageLedger:
             recorded = json.loads(self.path.read_text())
             earlier = recorded.get("settings", {})
             if earlier != self.settings:
-                differing = sorted(key for key in self.settings.keys() | earlier.keys() if earlier.get(key) != self.settings.get(key))
+                differing = sorted(
+                    key for key in self.settings.keys() | earlier.keys() if earlier.get(key) != self.settings.get(key)
+                )
                 raise UserError(
                     f"{self.path} is the record of a run with other settings ({', '.join(differing)}): "
                     "resume with the same recipe, or use a new output_dir"
@@ -72,7 +74,9 @@ def paired_change(before: Sequence[float], after: Sequence[float], metric: str, 
     questions: its mean and a paired bootstrap 95% interval; printed as one line."""
     change = paired_difference(before, after, seed=seed)
     low, high = change["ci95_paired"]
-    print(f"change after {method}, {metric}: {change['mean']:+.3f} (paired 95% CI {low:+.3f} to {high:+.3f})", flush=True)
+    print(
+        f"change after {method}, {metric}: {change['mean']:+.3f} (paired 95% CI {low:+.3f} to {high:+.3f})", flush=True
+    )
     return change
 
 

@@ -89,7 +89,16 @@ def extract_features(
             pixels = np.asarray(image)
             digest.update(str(pixels.shape).encode() + pixels.tobytes())
         texts_digest = digest.hexdigest()
-        key = json.dumps({"model": type(model).__name__, "weights": weights_checksum(model), "layer": index, "pooling": pooling, "max_length": max_length, "texts": texts_digest})
+        key = json.dumps(
+            {
+                "model": type(model).__name__,
+                "weights": weights_checksum(model),
+                "layer": index,
+                "pooling": pooling,
+                "max_length": max_length,
+                "texts": texts_digest,
+            }
+        )
         cache_file = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         if cache_file.is_file():
             return load_file(str(cache_file))["features"]
@@ -103,9 +112,13 @@ def extract_features(
     for start in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch", disable=not progress):
         chunk = texts[start : start + batch_size]
         if images is None:
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(
+                device
+            )
         else:
-            encoded = tokenizer(text=chunk, images=images[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            encoded = tokenizer(
+                text=chunk, images=images[start : start + batch_size], return_tensors="pt", padding=True
+            ).to(device)
         hidden = model(**encoded, output_hidden_states=True, use_cache=False).hidden_states[index].float()
         mask = encoded["attention_mask"]
         if pooling == "last":
@@ -152,25 +165,41 @@ def score_continuations(
         The same ``cache_dir`` cache as :func:`extract_features`, keyed by all the texts.
     """
     if len(prefixes) != len(continuations):
-        raise ValueError(f"{len(continuations)} continuation lists for {len(prefixes)} prefixes: give one list (possibly empty) per prefix")
+        raise ValueError(
+            f"{len(continuations)} continuation lists for {len(prefixes)} prefixes: give one list (possibly empty) per prefix"
+        )
     index = feature_layer(model, layer)
     cache_file = None
     if cache_dir is not None:
         digest = hashlib.sha256("\0".join(prefixes).encode())
         for options in continuations:
             digest.update(("\1" + "\0".join(options)).encode())
-        key = json.dumps({"kind": "continuations", "model": type(model).__name__, "weights": weights_checksum(model), "layer": index, "texts": digest.hexdigest()})
+        key = json.dumps(
+            {
+                "kind": "continuations",
+                "model": type(model).__name__,
+                "weights": weights_checksum(model),
+                "layer": index,
+                "texts": digest.hexdigest(),
+            }
+        )
         cache_file = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         if cache_file.is_file():
             stored = load_file(str(cache_file))
             sizes = stored["sizes"].tolist()
-            return stored["prefix_features"], list(stored["continuation_features"].split(sizes)), list(stored["continuation_logprobs"].split(sizes))
+            return (
+                stored["prefix_features"],
+                list(stored["continuation_features"].split(sizes)),
+                list(stored["continuation_logprobs"].split(sizes)),
+            )
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     prefix_features, continuation_features, continuation_logprobs = [], [], []
-    for prefix, options in tqdm(list(zip(prefixes, continuations)), desc="features", unit="state", disable=not progress):
+    for prefix, options in tqdm(
+        list(zip(prefixes, continuations)), desc="features", unit="state", disable=not progress
+    ):
         prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         head = model(input_ids=prefix_ids, output_hidden_states=True, use_cache=True)
         prefix_features.append(head.hidden_states[index][0, -1].float().cpu())
@@ -178,7 +207,9 @@ def score_continuations(
         cache_key = "cache" if hasattr(head, "cache") else "past_key_values"
         features, logprobs = [], []
         for start in range(0, len(options), batch_size):
-            encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in options[start : start + batch_size]]
+            encoded = [
+                tokenizer(text, add_special_tokens=False)["input_ids"] for text in options[start : start + batch_size]
+            ]
             if any(not ids for ids in encoded):
                 raise ValueError(f"an empty continuation of prefix {prefix[:60]!r}")
             width, count = max(len(ids) for ids in encoded), len(encoded)
@@ -191,7 +222,14 @@ def score_continuations(
             cache.batch_repeat_interleave(count)
             mask = torch.cat([torch.ones(count, prefix_ids.shape[1], dtype=torch.long, device=device), real], dim=1)
             positions = prefix_ids.shape[1] + torch.arange(width, device=device).expand(count, -1)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=True, **{cache_key: cache})
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                output_hidden_states=True,
+                use_cache=True,
+                **{cache_key: cache},
+            )
             last = real.sum(-1) - 1
             features.append(out.hidden_states[index][torch.arange(count, device=device), last].float().cpu())
             # Token 0 is scored by the prefix's last logits, token t > 0 by the continuation's row t − 1.
@@ -206,7 +244,14 @@ def score_continuations(
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
         sizes = torch.tensor([len(options) for options in continuations])
-        save_file({"prefix_features": result[0].contiguous(), "continuation_features": torch.cat(continuation_features).contiguous(),
-                   "continuation_logprobs": torch.cat(continuation_logprobs).contiguous(), "sizes": sizes}, str(partial))  # fmt: skip
+        save_file(
+            {
+                "prefix_features": result[0].contiguous(),
+                "continuation_features": torch.cat(continuation_features).contiguous(),
+                "continuation_logprobs": torch.cat(continuation_logprobs).contiguous(),
+                "sizes": sizes,
+            },
+            str(partial),
+        )
         partial.replace(cache_file)
     return result

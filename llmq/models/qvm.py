@@ -94,4 +94,3 @@ class FeatureQVM:
                 q = self.heads.q(features[None], candidates[None]).mean(0)[0]
                 values.update({(state, step_text): value for step_text, value in zip(steps_of[state], q.tolist())})
         return [values[(state, text(step))] for state, step in pairs]
-

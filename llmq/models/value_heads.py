@@ -30,7 +30,9 @@ class CriticHeads(nn.Module):
         num_heads: heads per kind (Digi-Q: 2; each Q_i backs up from its own V_i).
     """
 
-    def __init__(self, state_dim: int, action_dim: int, hidden_size: int = 256, num_layers: int = 2, num_heads: int = 2) -> None:
+    def __init__(
+        self, state_dim: int, action_dim: int, hidden_size: int = 256, num_layers: int = 2, num_heads: int = 2
+    ) -> None:
         super().__init__()
         self.q_heads = nn.ModuleList(_mlp(state_dim + action_dim, hidden_size, num_layers) for _ in range(num_heads))
         self.v_heads = nn.ModuleList(_mlp(state_dim, hidden_size, num_layers) for _ in range(num_heads))

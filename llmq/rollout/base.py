@@ -27,7 +27,13 @@ class SamplingParams:
     num_beams: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.num_beams < 1:
+        if (
+            self.max_new_tokens < 1
+            or self.temperature < 0
+            or not 0 < self.top_p <= 1
+            or self.top_k < 0
+            or self.num_beams < 1
+        ):
             raise ValueError(f"invalid sampling settings: {self}")
 
 
@@ -43,6 +49,8 @@ class Completion:
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()
+    ) -> list[list[Completion]]:
         """``n`` completions for each prompt, in prompt order."""
         ...

@@ -25,7 +25,14 @@ class HFEngine:
             ``logprobs`` stay those of ``model`` itself.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, progress: bool = True, logits_processor: Sequence[LogitsProcessor] = ()) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 8,
+        progress: bool = True,
+        logits_processor: Sequence[LogitsProcessor] = (),
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -38,7 +45,9 @@ class HFEngine:
         return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()
+    ) -> list[list[Completion]]:
         results: list[list[Completion]] = []
         batches = range(0, len(prompts), self.batch_size)
         for batch_number, start in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not self.progress)):
@@ -53,7 +62,9 @@ class HFEngine:
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         beam = sampling.num_beams > 1
         if n > sampling.num_beams and beam:
-            raise ValueError(f"beam search returns at most num_beams={sampling.num_beams} sequences per prompt, {n} asked for")
+            raise ValueError(
+                f"beam search returns at most num_beams={sampling.num_beams} sequences per prompt, {n} asked for"
+            )
         greedy = sampling.temperature == 0 or beam
         options = dict(
             max_new_tokens=sampling.max_new_tokens,
@@ -82,7 +93,10 @@ class HFEngine:
             # Raw logits (before temperature / top-p), one step at a time: stacking them all and taking
             # a full log_softmax would copy every step's [B, V] scores twice more.
             logprobs = torch.stack(
-                [step.float().gather(-1, new_tokens[:, t, None]).squeeze(-1) - torch.logsumexp(step.float(), dim=-1) for t, step in enumerate(output.logits)],
+                [
+                    step.float().gather(-1, new_tokens[:, t, None]).squeeze(-1) - torch.logsumexp(step.float(), dim=-1)
+                    for t, step in enumerate(output.logits)
+                ],
                 dim=1,
             )
         eos_ids = self.model.generation_config.eos_token_id
@@ -101,13 +115,21 @@ class HFEngine:
                 length, text = end, text[: min(stops)]
             else:
                 length = min(end + 1, len(ids))
-            completions.append(Completion(text=text, token_ids=ids[:length], logprobs=logprobs[row, :length].tolist(),
-                                          finish_reason="stop" if stops or end < len(ids) else "length"))  # fmt: skip
+            completions.append(
+                Completion(
+                    text=text,
+                    token_ids=ids[:length],
+                    logprobs=logprobs[row, :length].tolist(),
+                    finish_reason="stop" if stops or end < len(ids) else "length",
+                )
+            )
         return [completions[i * n : (i + 1) * n] for i in range(len(texts))]
 
     def _sequence_logprobs(self, sequences: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """``log π(token)`` of each generated token ``[N, new tokens]``, the prompts left-padded as in ``generate``."""
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(sequences), sequences.shape[1] - prompt_mask.shape[1])], dim=1)
+        mask = torch.cat(
+            [prompt_mask, prompt_mask.new_ones(len(sequences), sequences.shape[1] - prompt_mask.shape[1])], dim=1
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
         logprobs, _ = token_logprobs(logits, sequences)

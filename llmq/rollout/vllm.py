@@ -66,7 +66,9 @@ def encode(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
 
 
-def make_completion(tokenizer, token_ids: list[int], logprobs: list[float], finish_reason: str | None, stop: Iterable[str]) -> Completion:
+def make_completion(
+    tokenizer, token_ids: list[int], logprobs: list[float], finish_reason: str | None, stop: Iterable[str]
+) -> Completion:
     """A :class:`Completion` whose text is cut at stop strings exactly as HFEngine cuts it."""
     if finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM finished a request with reason {finish_reason!r}")
@@ -75,12 +77,20 @@ def make_completion(tokenizer, token_ids: list[int], logprobs: list[float], fini
     for string in stop:
         if string in text:
             text, stopped = text[: text.index(string)], True
-    return Completion(text=text, token_ids=list(token_ids), logprobs=[float(x) for x in logprobs], finish_reason="stop" if stopped else "length")
+    return Completion(
+        text=text,
+        token_ids=list(token_ids),
+        logprobs=[float(x) for x in logprobs],
+        finish_reason="stop" if stopped else "length",
+    )
 
 
 def _repeat(completion: Completion, n: int) -> list[Completion]:
     """``n`` independent copies (greedy decoding asks the engine for one sample, as HF would give n equal ones)."""
-    return [dataclasses.replace(completion, token_ids=list(completion.token_ids), logprobs=list(completion.logprobs)) for _ in range(n)]
+    return [
+        dataclasses.replace(completion, token_ids=list(completion.token_ids), logprobs=list(completion.logprobs))
+        for _ in range(n)
+    ]
 
 
 @contextlib.contextmanager
@@ -221,7 +231,9 @@ class VLLMEngine:
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
 
-    def generate(self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()
+    ) -> list[list[Completion]]:
         token_prompts = [{"prompt_token_ids": encode(self.tokenizer, p)} for p in prompts]
         if not token_prompts:
             return []
@@ -248,7 +260,13 @@ class VLLMEngine:
         results = []
         for output in outputs:
             completions = [
-                make_completion(self.tokenizer, sample.token_ids, [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)], sample.finish_reason, sampling.stop)
+                make_completion(
+                    self.tokenizer,
+                    sample.token_ids,
+                    [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)],
+                    sample.finish_reason,
+                    sampling.stop,
+                )
                 for sample in sorted(output.outputs, key=lambda sample: sample.index)
             ]
             results.append(_repeat(completions[0], n) if greedy else completions)
@@ -256,10 +274,14 @@ class VLLMEngine:
 
     def _beam_search(self, token_prompts: list[dict], n: int, sampling: SamplingParams) -> list[list[Completion]]:
         if n > sampling.num_beams:
-            raise ValueError(f"beam search returns at most num_beams={sampling.num_beams} sequences per prompt, {n} asked for")
+            raise ValueError(
+                f"beam search returns at most num_beams={sampling.num_beams} sequences per prompt, {n} asked for"
+            )
         from vllm.sampling_params import BeamSearchParams  # optional extra (llmq[vllm])
 
-        params = BeamSearchParams(beam_width=sampling.num_beams, max_tokens=sampling.max_new_tokens, length_penalty=0.0)
+        params = BeamSearchParams(
+            beam_width=sampling.num_beams, max_tokens=sampling.max_new_tokens, length_penalty=0.0
+        )
         outputs = self.llm.beam_search(token_prompts, params, use_tqdm=self.progress)
         eos = self.tokenizer.eos_token_id
         results = []
@@ -270,7 +292,9 @@ class VLLMEngine:
                 logprobs = [step[token].logprob for step, token in zip(beam.logprobs, ids)]
                 length = self._stop_length(ids, sampling.stop)
                 finish = "stop" if length < len(ids) or (ids and ids[-1] == eos) else "length"
-                completions.append(make_completion(self.tokenizer, ids[:length], logprobs[:length], finish, sampling.stop))
+                completions.append(
+                    make_completion(self.tokenizer, ids[:length], logprobs[:length], finish, sampling.stop)
+                )
             results.append(completions)
         return results
 
@@ -301,8 +325,12 @@ class VLLMEngine:
             if self._expected_weights is not None:
                 missing = self._expected_weights - {name for name, _ in weights}
                 if missing:
-                    raise ValueError(f"load_weights needs every weight of the checkpoint; missing {len(missing)}, e.g. {sorted(missing)[:3]}")
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+                    raise ValueError(
+                        f"load_weights needs every weight of the checkpoint; missing {len(missing)}, e.g. {sorted(missing)[:3]}"
+                    )
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            )
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -342,7 +370,15 @@ class VLLMServerEngine:
         timeout: seconds per request.
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, tokenizer=None, model: str | None = None, timeout: float = 600.0, max_concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        tokenizer=None,
+        model: str | None = None,
+        timeout: float = 600.0,
+        max_concurrency: int = 8,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_concurrency = max_concurrency
@@ -353,17 +389,23 @@ class VLLMServerEngine:
 
     def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:
-            raise RuntimeError(f"vLLM server {method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}") from error
+            raise RuntimeError(
+                f"vLLM server {method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}"
+            ) from error
 
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
 
-    def generate(self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[Prompt], n: int = 1, sampling: SamplingParams = SamplingParams()
+    ) -> list[list[Completion]]:
         if sampling.num_beams > 1:
             raise ValueError("VLLMServerEngine does not do beam search; use VLLMEngine or HFEngine")
         greedy = sampling.temperature == 0
@@ -385,8 +427,15 @@ class VLLMServerEngine:
                 payload["top_k"] = sampling.top_k
             if sampling.stop:
                 payload["stop"] = list(sampling.stop)
-            choices = sorted(self._request("POST", "/v1/completions", payload)["choices"], key=lambda choice: choice["index"])
-            completions = [make_completion(self.tokenizer, c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"], sampling.stop) for c in choices]
+            choices = sorted(
+                self._request("POST", "/v1/completions", payload)["choices"], key=lambda choice: choice["index"]
+            )
+            completions = [
+                make_completion(
+                    self.tokenizer, c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"], sampling.stop
+                )
+                for c in choices
+            ]
             return _repeat(completions[0], n) if greedy else completions
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:

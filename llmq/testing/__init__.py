@@ -10,7 +10,15 @@
 """
 
 from llmq.testing.mdp import Policy, State, TokenMDP, make_batch, random_mdp, toy_mdp
-from llmq.testing.oracle import PolicySummary, Values, evaluate, exponential_utility_q, hard_optimal, policy_summary, soft_optimal
+from llmq.testing.oracle import (
+    PolicySummary,
+    Values,
+    evaluate,
+    exponential_utility_q,
+    hard_optimal,
+    policy_summary,
+    soft_optimal,
+)
 from llmq.testing.tabular import NON_ACTION_LOGIT, TabularLM, TabularLMOutput
 
 __all__ = [

@@ -86,14 +86,20 @@ class TokenMDP:
             if (p < 0).any() or abs(p.sum() - 1) > 1e-9:
                 raise ValueError(f"obs_probs[{key}] is not a distribution: {p}")
         object.__setattr__(self, "obs_probs", obs_probs)
-        object.__setattr__(self, "ref_logits", {tuple(s): _frozen(v, (n,), f"ref_logits[{s}]") for s, v in self.ref_logits.items()})
-        object.__setattr__(self, "rewards", {tuple(s): _frozen(v, (n,), f"rewards[{s}]") for s, v in self.rewards.items()})
+        object.__setattr__(
+            self, "ref_logits", {tuple(s): _frozen(v, (n,), f"ref_logits[{s}]") for s, v in self.ref_logits.items()}
+        )
+        object.__setattr__(
+            self, "rewards", {tuple(s): _frozen(v, (n,), f"rewards[{s}]") for s, v in self.rewards.items()}
+        )
 
         states = set(self.states)
         for table in ("ref_logits", "rewards"):
             keys = set(getattr(self, table))
             if keys != states:
-                raise ValueError(f"{table} must have exactly one entry per agent state; missing {sorted(states - keys)}, unknown {sorted(keys - states)}")
+                raise ValueError(
+                    f"{table} must have exactly one entry per agent state; missing {sorted(states - keys)}, unknown {sorted(keys - states)}"
+                )
         for s, logits in self.ref_logits.items():
             if np.isnan(logits).any() or (logits == np.inf).any() or (logits == -np.inf).all():
                 raise ValueError(f"ref_logits[{s}] must be finite or -inf, with at least one finite entry: {logits}")
@@ -329,7 +335,9 @@ def random_mdp(
     )
 
 
-def make_batch(mdp: TokenMDP, sequences: Sequence[Sequence[int]] | None = None, policy: Policy | None = None) -> dict[str, torch.Tensor]:
+def make_batch(
+    mdp: TokenMDP, sequences: Sequence[Sequence[int]] | None = None, policy: Policy | None = None
+) -> dict[str, torch.Tensor]:
     """Sequences of the MDP in the llmq batch schema (docs/algorithms.md §7.2).
 
     Each row is BOS followed by the sequence, right-padded with EOS plus one extra padding column
@@ -357,7 +365,9 @@ def make_batch(mdp: TokenMDP, sequences: Sequence[Sequence[int]] | None = None, 
     sequences = [tuple(int(t) for t in seq) for seq in sequences]
     for seq in sequences:
         if not (mdp.is_path(seq) and (mdp.is_terminal(seq) or seq in mdp.state_index)):
-            raise ValueError(f"{seq} ({mdp.decode(seq)!r}) is neither a complete trajectory nor an agent state of the MDP")
+            raise ValueError(
+                f"{seq} ({mdp.decode(seq)!r}) is neither a complete trajectory nor an agent state of the MDP"
+            )
     length = 2 + max(len(seq) for seq in sequences)
     shape = (len(sequences), length)
     input_ids = torch.full(shape, mdp.eos_id, dtype=torch.long)

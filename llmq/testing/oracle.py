@@ -126,6 +126,11 @@ def exponential_utility_q(mdp: TokenMDP, beta: float) -> dict[State, np.ndarray]
         return np.concatenate(logps), mdp.rewards[s][a] + np.concatenate(returns)
 
     return {
-        s: np.array([beta * _logsumexp(logp + returns / beta) for logp, returns in (after_action(s, a) for a in range(mdp.n_actions))])
+        s: np.array(
+            [
+                beta * _logsumexp(logp + returns / beta)
+                for logp, returns in (after_action(s, a) for a in range(mdp.n_actions))
+            ]
+        )
         for s in mdp.states
     }

@@ -36,7 +36,9 @@ class TabularLM(torch.nn.Module):
         dtype: parameter dtype.
     """
 
-    def __init__(self, mdp: TokenMDP, init: Literal["reference", "zeros"] = "reference", dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, mdp: TokenMDP, init: Literal["reference", "zeros"] = "reference", dtype: torch.dtype = torch.float64
+    ) -> None:
         super().__init__()
         if init == "reference":
             table = torch.tensor(np.stack([mdp.ref_logits[s] for s in mdp.states]), dtype=dtype)
@@ -61,7 +63,9 @@ class TabularLM(torch.nn.Module):
             rows.append([self.mdp.state_index.get(tuple(ids[1 : p + 1]), -1) for p in range(len(ids))])
         return torch.tensor(rows, dtype=torch.long, device=self.table.device).reshape(input_ids.shape)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: object) -> TabularLMOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: object
+    ) -> TabularLMOutput:
         """HF-style logits: row ``p`` scores token ``p + 1`` from state ``input_ids[:, :p+1]``.
 
         Action columns hold the state's table row and the other columns :data:`NON_ACTION_LOGIT`;

@@ -39,14 +39,20 @@ class CriticConfig(TrainingArguments):
     """
 
     gamma: float = field(default=0.95, metadata={"help": "Discount per environment step."})
-    target_update_rate: float = field(default=0.1, metadata={"help": "Polyak rate of the target heads (1 copies them)."})
+    target_update_rate: float = field(
+        default=0.1, metadata={"help": "Polyak rate of the target heads (1 copies them)."}
+    )
     target_update_steps: int = field(default=10, metadata={"help": "Optimizer steps between target updates."})
-    expectile: float | None = field(default=None, metadata={"help": "None: MSE value regression (behaviour values); in (0.5, 1): expectile (IQL)."})
+    expectile: float | None = field(
+        default=None, metadata={"help": "None: MSE value regression (behaviour values); in (0.5, 1): expectile (IQL)."}
+    )
     hidden_size: int = field(default=256, metadata={"help": "Width of the heads' hidden layers."})
     num_layers: int = field(default=2, metadata={"help": "Hidden layers per head (0: linear heads)."})
     num_heads: int = field(default=2, metadata={"help": "Q heads and V heads."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate of the heads."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the feature columns (the critic's collator needs them)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the feature columns (the critic's collator needs them)."}
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.gamma <= 1:
@@ -80,7 +86,9 @@ def collate_transitions(rows: list[dict]) -> dict[str, torch.Tensor]:
     for index, row in enumerate(rows):
         missing = [key for key in (*FEATURE_COLUMNS, "reward", "done") if key not in row]
         if missing:
-            raise ValueError(f"transition row {index} lacks {missing}; build rows with llmq.models.features.extract_features")
+            raise ValueError(
+                f"transition row {index} lacks {missing}; build rows with llmq.models.features.extract_features"
+            )
     batch = {key: torch.tensor([row[key] for row in rows], dtype=torch.float32) for key in FEATURE_COLUMNS}
     batch["reward"] = torch.tensor([float(row["reward"]) for row in rows])
     batch["done"] = torch.tensor([float(row["done"]) for row in rows])
@@ -112,11 +120,24 @@ class CriticTrainer(LossMetricsTrainer):
     Logged metrics: ``loss``, ``q/mean``, ``v/mean``, ``td_error/abs_mean``.
     """
 
-    def __init__(self, model: DigiQCritic | None = None, args: CriticConfig | None = None, train_dataset=None, eval_dataset=None, callbacks=None) -> None:
+    def __init__(
+        self,
+        model: DigiQCritic | None = None,
+        args: CriticConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        callbacks=None,
+    ) -> None:
         args = args if args is not None else CriticConfig(output_dir="outputs/digiq_critic")
         if model is None:
             first = train_dataset[0]
-            heads = CriticHeads(len(first["state_features"]), len(first["action_features"]), args.hidden_size, args.num_layers, args.num_heads)
+            heads = CriticHeads(
+                len(first["state_features"]),
+                len(first["action_features"]),
+                args.hidden_size,
+                args.num_layers,
+                args.num_heads,
+            )
             model = DigiQCritic(heads)
         super().__init__(
             model=model,
@@ -134,8 +155,15 @@ class CriticTrainer(LossMetricsTrainer):
         q = model.online.q(inputs["state_features"], inputs["action_features"])
         v = model.online.v(inputs["state_features"])
         loss, metrics = td_loss(
-            q, v, target_q=target_q, target_v_next=target_v_next, rewards=inputs["reward"], dones=inputs["done"], gamma=self.args.gamma,
-            expectile=self.args.expectile, weights=inputs.get("weight"),
-        )  # fmt: skip
+            q,
+            v,
+            target_q=target_q,
+            target_v_next=target_v_next,
+            rewards=inputs["reward"],
+            dones=inputs["done"],
+            gamma=self.args.gamma,
+            expectile=self.args.expectile,
+            weights=inputs.get("weight"),
+        )
         self.record_metrics(metrics, model.training)
         return (loss, {"q": q, "v": v}) if return_outputs else loss

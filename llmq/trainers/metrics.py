@@ -32,7 +32,10 @@ class LossMetricsTrainer(Trainer):
     """
 
     def __init__(self, *args, **kwargs) -> None:
-        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         super().__init__(*args, **kwargs)
 
     def record_metrics(self, metrics: dict[str, torch.Tensor], training: bool) -> None:
@@ -64,7 +67,9 @@ class LossMetricsTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
-            if is_complete(folder):  # the checkpoint was saved; what failed came after (rotating old ones, pushing to the Hub)
+            if is_complete(
+                folder
+            ):  # the checkpoint was saved; what failed came after (rotating old ones, pushing to the Hub)
                 raise
             if self.args.should_save:  # the process that wrote the folder removes it
                 shutil.rmtree(folder, ignore_errors=True)
@@ -75,7 +80,11 @@ class LossMetricsTrainer(Trainer):
                 last = f"the last good checkpoint is {good[0]}; free disk space (or raise the file size limit) and resume from it (llmq train --resume, or resume_from_checkpoint: {good[0]})"
             else:
                 last = "there is no earlier checkpoint; free disk space (or raise the file size limit) and start again"
-            free = f"; {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on that disk" if os.path.isdir(run_dir) else ""
+            free = (
+                f"; {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on that disk"
+                if os.path.isdir(run_dir)
+                else ""
+            )
             raise UserError(
                 f"could not save the checkpoint of step {self.state.global_step} in {folder} ({type(error).__name__}: {' '.join(str(error).split())}{free}); "
                 f"the partial folder was removed and {last}"

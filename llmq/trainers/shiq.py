@@ -48,17 +48,37 @@ class ShiQConfig(TrainingArguments):
             kept in memory during training.
     """
 
-    beta: float = field(default=0.1, metadata={"help": "KL temperature beta > 0; only reward/beta matters for the optimal policy."})
+    beta: float = field(
+        default=0.1, metadata={"help": "KL temperature beta > 0; only reward/beta matters for the optimal policy."}
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount, advanced on action tokens only."})
-    loss_type: str = field(default="multistep", metadata={"help": "multistep (S3 residuals to the end of the trajectory) or one_step (S2).", "choices": ["multistep", "one_step"]})
-    max_length: int = field(default=1024, metadata={"help": "Longest tokenized trajectory; longer rows are an error naming the row."})
-    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip malformed rows (counted, the first named in a warning) instead of stopping at the first one."})
+    loss_type: str = field(
+        default="multistep",
+        metadata={
+            "help": "multistep (S3 residuals to the end of the trajectory) or one_step (S2).",
+            "choices": ["multistep", "one_step"],
+        },
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "Longest tokenized trajectory; longer rows are an error naming the row."}
+    )
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip malformed rows (counted, the first named in a warning) instead of stopping at the first one."
+        },
+    )
     precompute_ref_log_probs: bool = field(
-        default=False, metadata={"help": "Compute the reference log-probs and log-sum-exps once before training instead of keeping a live reference model."}
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs and log-sum-exps once before training instead of keeping a live reference model."
+        },
     )
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the trajectory columns (llmq's collator needs them)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the trajectory columns (llmq's collator needs them)."}
+    )
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -80,7 +100,12 @@ def _tokenize_rows(dataset, tokenizer, args: ShiQConfig):
         except UserError as error:
             problems.append(str(error))
     if problems:
-        warnings.warn(f"skipped {len(problems)} of {len(dataset)} rows: " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""), stacklevel=3)
+        warnings.warn(
+            f"skipped {len(problems)} of {len(dataset)} rows: "
+            + "; ".join(problems[:3])
+            + ("; ..." if len(problems) > 3 else ""),
+            stacklevel=3,
+        )
     if not rows:
         raise UserError(f"every one of the {len(dataset)} rows is malformed; the first: {problems[0]}")
     return datasets.Dataset.from_list(rows)
@@ -102,7 +127,17 @@ class ShiQTrainer(LossMetricsTrainer):
 
     _tag_names = ["llmq", "shiq"]
 
-    def __init__(self, model, ref_model=None, args: ShiQConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: ShiQConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
         if args is None:
             raise UserError("ShiQTrainer needs args=ShiQConfig(...)")
         if processing_class is None:
@@ -116,7 +151,9 @@ class ShiQTrainer(LossMetricsTrainer):
                 model.enable_input_require_grads()
             model = get_peft_model(model, peft_config)
             if ref_model is not None:
-                raise UserError("give either ref_model or peft_config: with PEFT the reference is the model with its adapters disabled")
+                raise UserError(
+                    "give either ref_model or peft_config: with PEFT the reference is the model with its adapters disabled"
+                )
         elif ref_model is None and not args.precompute_ref_log_probs:
             if is_deepspeed_zero3_enabled():
                 # Under ZeRO-3 the loaded weights are already partitioned, and a copy would hold empty
@@ -125,7 +162,9 @@ class ShiQTrainer(LossMetricsTrainer):
             else:
                 ref_model = copy.deepcopy(model)
         if args.precompute_ref_log_probs and is_deepspeed_zero3_enabled():
-            raise UserError("precompute_ref_log_probs runs the unsharded model and is not available under DeepSpeed ZeRO-3; use a live reference (the default) or ZeRO-2")
+            raise UserError(
+                "precompute_ref_log_probs runs the unsharded model and is not available under DeepSpeed ZeRO-3; use a live reference (the default) or ZeRO-2"
+            )
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
         self.ref_model = ref_model
@@ -144,7 +183,9 @@ class ShiQTrainer(LossMetricsTrainer):
         )
         if self.ref_model is not None:
             if self.is_deepspeed_enabled:
-                self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)  # sharded like the policy under ZeRO-3
+                self.ref_model = prepare_deepspeed(
+                    self.ref_model, self.accelerator
+                )  # sharded like the policy under ZeRO-3
             else:
                 self.ref_model.to(self.accelerator.device)
         if args.precompute_ref_log_probs:
