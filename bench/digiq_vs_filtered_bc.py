@@ -106,9 +106,12 @@ def main() -> None:
         "machine": platform.platform(),
     }
     print(
-        f"success on {len(test_games)} test games: base {100 * result['before']:.1f}%, filtered BC ({len(rows)} rows) {100 * after['success_rate']:.1f}%, "
-        f"Digi-Q ({result['digiq']['rows']} rows) {100 * result['digiq']['success_rate']:.1f}%; Digi-Q − filtered BC {100 * change['mean']:+.1f} points "
-        f"(paired 95% CI {100 * low:+.1f} to {100 * high:+.1f}); filtered BC {seconds:.0f} s, peak RSS {result['peak_rss_gib']:.2f} GiB"
+        f"success on {len(test_games)} test games: base {100 * result['before']:.1f}%, filtered BC ({len(rows)} "
+        f"rows) {100 * after['success_rate']:.1f}%, "
+        f"Digi-Q ({result['digiq']['rows']} rows) {100 * result['digiq']['success_rate']:.1f}%; Digi-Q − filtered "
+        f"BC {100 * change['mean']:+.1f} points "
+        f"(paired 95% CI {100 * low:+.1f} to {100 * high:+.1f}); filtered BC {seconds:.0f} s, peak RSS "
+        f"{result['peak_rss_gib']:.2f} GiB"
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

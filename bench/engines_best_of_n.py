@@ -157,7 +157,8 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"{args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens max, T={args.temperature}, {args.model} ({hf['dtype']}, {report['device']})"
+        f"{args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens max, T={args.temperature}, "
+        f"{args.model} ({hf['dtype']}, {report['device']})"
     )
     print(f"{'':9}{'tokens/s':>10}{'seqs/s':>9}{'tokens':>8}{'seconds':>9}{'load s':>8}{'peak RSS GiB':>14}")
     for name, r in results.items():

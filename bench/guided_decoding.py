@@ -136,12 +136,14 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"{'':8}{'wall s':>9}{'tokens/s':>10}{'peak GiB':>10}   ({plain['device']}, {plain['dtype']}, {args.prompts} prompts x {args.new_tokens} tokens, greedy)"
+        f"{'':8}{'wall s':>9}{'tokens/s':>10}{'peak GiB':>10}   ({plain['device']}, {plain['dtype']}, "
+        f"{args.prompts} prompts x {args.new_tokens} tokens, greedy)"
     )
     for name, result in results.items():
         print(f"{name:8}{result['wall_s']:9.2f}{result['tokens_per_s']:10.1f}{result['peak_memory_gib']:10.2f}")
     print(
-        f"{'guided/plain':12} wall time {ratios['wall_time']:.3f}x, tokens/s {ratios['tokens_per_s']:.3f}x, peak memory {ratios['peak_memory']:.3f}x"
+        f"{'guided/plain':12} wall time {ratios['wall_time']:.3f}x, tokens/s {ratios['tokens_per_s']:.3f}x, peak "
+        f"memory {ratios['peak_memory']:.3f}x"
     )
     print(f"report: {args.output}")
 

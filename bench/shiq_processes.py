@@ -1,6 +1,7 @@
 """Benchmark: ShiQ training throughput in 1 process vs N processes (DDP or DeepSpeed ZeRO) on the same global batch.
 
-    python bench/shiq_processes.py                                  # embedded SmolLM2-135M, fp32, 1 vs 2 CPU processes (DDP)
+    python bench/shiq_processes.py                                  # embedded SmolLM2-135M, fp32, 1 vs 2 CPU processes
+    (DDP)
     python bench/shiq_processes.py --accelerate_config zero2        # 1 process vs 2 under ZeRO-2
     python bench/shiq_processes.py --model some/model --bf16        # on GPUs
 
@@ -137,14 +138,16 @@ def main() -> None:
     Path(ARGS.output).parent.mkdir(parents=True, exist_ok=True)
     Path(ARGS.output).write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"{'processes':10}{'runtime s':>11}{'tokens/s':>10}{'peak GiB':>10}   ({report['device']}, {report['dtype']}, {ARGS.steps} steps x {ARGS.global_batch} rows, {tokens} tokens)"
+        f"{'processes':10}{'runtime s':>11}{'tokens/s':>10}{'peak GiB':>10}   ({report['device']}, "
+        f"{report['dtype']}, {ARGS.steps} steps x {ARGS.global_batch} rows, {tokens} tokens)"
     )
     for processes, result in results.items():
         print(
             f"{processes:<10}{result['train_runtime_s']:11.1f}{result['tokens_per_s']:10.1f}{result['peak_rss_gib']:10.2f}"
         )
     print(
-        f"{ARGS.processes} processes / 1 ({ARGS.accelerate_config}): tokens/s {ratios['tokens_per_s']:.3f}x, peak memory of the largest process {ratios['peak_rss_per_process']:.3f}x"
+        f"{ARGS.processes} processes / 1 ({ARGS.accelerate_config}): tokens/s {ratios['tokens_per_s']:.3f}x, peak "
+        f"memory of the largest process {ratios['peak_rss_per_process']:.3f}x"
     )
     print(f"report: {ARGS.output}")
 

@@ -170,7 +170,8 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"{'':8}{'steps/s':>10}{'tokens/s':>11}{'peak GiB':>10}   ({shiq['device']}, {shiq['dtype']}, {2 * args.pairs} sequences/step)"
+        f"{'':8}{'steps/s':>10}{'tokens/s':>11}{'peak GiB':>10}   ({shiq['device']}, {shiq['dtype']}, "
+        f"{2 * args.pairs} sequences/step)"
     )
     for name, result in results.items():
         print(f"{name:8}{result['steps_per_s']:10.3f}{result['tokens_per_s']:11.1f}{result['peak_memory_gib']:10.2f}")

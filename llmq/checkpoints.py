@@ -61,7 +61,8 @@ def _what_to_do(folder: Path) -> str:
 
 
 def _read_safetensors(file: Path, names: set[str] | None = None) -> None:
-    """Read every tensor of ``file`` (safetensors checks the header against the file's size), and check it holds ``names``."""
+    """Read every tensor of ``file`` (safetensors checks the header against the file's size), and check it holds
+    ``names``."""
     try:
         with safe_open(str(file), framework="pt") as handle:
             keys = set(handle.keys())
@@ -71,12 +72,14 @@ def _read_safetensors(file: Path, names: set[str] | None = None) -> None:
         raise UserError(f"{file} is truncated or corrupt ({error}); {_what_to_do(file.parent)}") from None
     if names is not None and not names <= keys:
         raise UserError(
-            f"{file} lacks {len(names - keys)} tensor(s) that {WEIGHTS_INDEX} places in it, e.g. '{min(names - keys)}'; {_what_to_do(file.parent)}"
+            f"{file} lacks {len(names - keys)} tensor(s) that {WEIGHTS_INDEX} places in it, e.g. "
+            f"'{min(names - keys)}'; {_what_to_do(file.parent)}"
         )
 
 
 def _weights(folder: Path) -> dict[Path, set[str] | None]:
-    """The safetensors files holding a checkpoint's weights, each with the tensor names its index expects (None: any)."""
+    """The safetensors files holding a checkpoint's weights, each with the tensor names its index expects (None:
+    any)."""
     files: dict[Path, set[str] | None] = {}
     for name in (WEIGHTS, ADAPTER_WEIGHTS):
         if (folder / name).is_file():
@@ -86,7 +89,8 @@ def _weights(folder: Path) -> dict[Path, set[str] | None]:
             weight_map = json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(
-                f"{folder / WEIGHTS_INDEX} is not a safetensors index ({type(error).__name__}: {error}); {_what_to_do(folder)}"
+                f"{folder / WEIGHTS_INDEX} is not a safetensors index ({type(error).__name__}: {error}); "
+                f"{_what_to_do(folder)}"
             ) from None
         for tensor, shard in weight_map.items():
             files.setdefault(folder / shard, set()).add(tensor)
@@ -123,17 +127,20 @@ def validate_checkpoint(path: str | os.PathLike) -> Path:
         raise UserError(f"checkpoint {folder} does not exist or is not a directory")
     if not (folder / TRAINER_STATE).is_file():
         raise UserError(
-            f"checkpoint {folder} is incomplete: it has no {TRAINER_STATE}, which the Trainer writes last (its save was interrupted); {_what_to_do(folder)}"
+            f"checkpoint {folder} is incomplete: it has no {TRAINER_STATE}, which the Trainer writes last (its save "
+            f"was interrupted); {_what_to_do(folder)}"
         )
     if not is_complete(folder):
         raise UserError(
-            f"checkpoint {folder} is incomplete: its {TRAINER_STATE} is not valid JSON (its save was interrupted); {_what_to_do(folder)}"
+            f"checkpoint {folder} is incomplete: its {TRAINER_STATE} is not valid JSON (its save was interrupted); "
+            f"{_what_to_do(folder)}"
         )
     weights = _weights(folder)
     deepspeed = sorted(child for child in folder.glob("global_step*") if child.is_dir())
     if not weights and not deepspeed:
         raise UserError(
-            f"checkpoint {folder} has no weights ({WEIGHTS}, {WEIGHTS_INDEX}, {ADAPTER_WEIGHTS} or a DeepSpeed global_step folder); {_what_to_do(folder)}"
+            f"checkpoint {folder} has no weights ({WEIGHTS}, {WEIGHTS_INDEX}, {ADAPTER_WEIGHTS} or a DeepSpeed "
+            f"global_step folder); {_what_to_do(folder)}"
         )
     for file, names in weights.items():
         _read_safetensors(file, names)

@@ -26,8 +26,10 @@ from llmq.models.registry import is_prepared, model_directory
 USAGE = """usage: llmq <command> [RECIPE] [--key value ...]
 
 commands:
-  train      fine-tune a model from a recipe with one method (shiq, dpo, sft, digiq, qvm): `llmq train --method NAME --help`
-  generate   K completions per question (sampling, beam or Q-guided decoding), scored by the task's verifier, saved as an HF dataset
+  train      fine-tune a model from a recipe with one method (shiq, dpo, sft, digiq, qvm): `llmq train --method NAME
+  --help`
+  generate   K completions per question (sampling, beam or Q-guided decoding), scored by the task's verifier, saved as
+  an HF dataset
   eval       evaluate a model on a benchmark task (gsm8k, math500) with a pinned protocol
   explain    credit map of a response: per-token implicit rewards of a policy vs its reference (HTML + PNG)
   models     list the registered models, or prepare one: `llmq models list | prepare NAME`
@@ -57,15 +59,18 @@ def _train(argv: Sequence[str]) -> int:
         train_config_types(str(method)),
         argv,
         prog="llmq train",
-        description="Fine-tune a model, or fit a value model, with one method (key method; `llmq train --method NAME --help` lists its keys): "
+        description="Fine-tune a model, or fit a value model, with one method (key method; `llmq train --method "
+        "NAME --help` lists its keys): "
         + "; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items())
-        + ". Offline methods can build their data from the initial model first (build_*) and benchmark before and after (benchmark_*); "
+        + ". Offline methods can build their data from the initial model first (build_*) and benchmark before and "
+        "after (benchmark_*); "
         "with accelerate_config / num_processes the training runs in several processes (DDP or DeepSpeed ZeRO).",
     )
     if launch.distributed and not METHODS[config.method].multi_process:
         several = ", ".join(name for name, entry in METHODS.items() if entry.multi_process)
         raise UserError(
-            f"method {config.method} trains in one process; accelerate_config and num_processes apply to methods {several}"
+            f"method {config.method} trains in one process; accelerate_config and num_processes apply to methods "
+            f"{several}"
         )
     module = method_module(config.method)
     if not is_launched_process():  # the launching process checks the checkpoint and hands it to the training processes
@@ -97,7 +102,9 @@ def _generate(argv: Sequence[str]) -> int:
         (ModelConfig, GenerateConfig),
         argv,
         prog="llmq generate",
-        description="Sample num_completions answers per question of a task (sampling, greedy, beam search, or Q-guided decoding), score them with its verifier, and save an HF dataset of (prompt, completion, reward) rows.",
+        description="Sample num_completions answers per question of a task (sampling, greedy, beam search, or "
+        "Q-guided decoding), score them with its verifier, and save an HF dataset of (prompt, "
+        "completion, reward) rows.",
     )
     model, tokenizer = _load(model_args)
     dataset = build_offline_dataset(model, tokenizer, config, model_name=model_args.model_name_or_path)
@@ -118,7 +125,8 @@ def _explain(argv: Sequence[str]) -> int:
         (ModelConfig, ExplainConfig),
         argv,
         prog="llmq explain",
-        description="Credit map of one response: the per-token implicit reward beta*log(pi/pi_ref) of the policy (model_name_or_path) against its reference, as HTML, PNG and JSON.",
+        description="Credit map of one response: the per-token implicit reward beta*log(pi/pi_ref) of the policy "
+        "(model_name_or_path) against its reference, as HTML, PNG and JSON.",
     )
     model, tokenizer = _load(model_args)
     record = explain(model, tokenizer, config, model_name=model_args.model_name_or_path, dtype=model_args.dtype)
@@ -132,7 +140,8 @@ def _eval(argv: Sequence[str]) -> int:
         (ModelConfig, EvalConfig),
         argv,
         prog="llmq eval",
-        description="Evaluate a model on a benchmark task: accuracy with a Wilson 95 percent interval, report.json and completions.jsonl in output_dir.",
+        description="Evaluate a model on a benchmark task: accuracy with a Wilson 95 percent interval, report.json "
+        "and completions.jsonl in output_dir.",
     )
     model, tokenizer = _load(model_args)
     report = evaluate(model, tokenizer, eval_args, model_name=model_args.model_name_or_path)
@@ -142,7 +151,11 @@ def _eval(argv: Sequence[str]) -> int:
 
 
 def _models(argv: Sequence[str]) -> int:
-    usage = "usage: llmq models list | llmq models prepare NAME\n\n  list     registered models, whether each is prepared, and its cache directory\n  prepare  build a registered model's HF directory in the cache (the embedded model: convert its GGUF once)"
+    usage = (
+        "usage: llmq models list | llmq models prepare NAME\n\n  list     registered models, whether each is "
+        "prepared, and its cache directory\n  prepare  build a registered model's HF directory in the cache "
+        "(the embedded model: convert its GGUF once)"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

@@ -41,7 +41,8 @@ class ModelConfig(trl.ModelConfig):
     model_name_or_path: str = dataclasses.field(
         default=EMBEDDED_MODEL,
         metadata={
-            "help": f"Registered model name (see `llmq models list`), local directory, or Hugging Face Hub id. Default: {EMBEDDED_MODEL}."
+            "help": "Registered model name (see `llmq models list`), local directory, or Hugging Face Hub id. "
+            f"Default: {EMBEDDED_MODEL}."
         },
     )
     dtype: str = dataclasses.field(
@@ -54,7 +55,8 @@ class ModelConfig(trl.ModelConfig):
     trust_remote_code: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "Run model code shipped with a Hub repository. Off by default; only turn it on for repositories you trust."
+            "help": "Run model code shipped with a Hub repository. Off by default; only turn it on for repositories "
+            "you trust."
         },
     )
 

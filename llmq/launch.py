@@ -36,7 +36,8 @@ class LaunchConfig:
     accelerate_config: str | None = dataclasses.field(
         default=None,
         metadata={
-            "help": f"Train in several processes with this accelerate config: a preset ({', '.join(preset_names())}) or a config file. "
+            "help": "Train in several processes with this accelerate config: a preset "
+            f"({', '.join(preset_names())}) or a config file. "
             "Default: ddp when num_processes > 1."
         },
     )
@@ -46,7 +47,8 @@ class LaunchConfig:
     resume: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "Continue from the newest complete checkpoint in output_dir (start from scratch when there is none)."
+            "help": "Continue from the newest complete checkpoint in output_dir (start from scratch when there is "
+            "none)."
         },
     )
 
@@ -91,7 +93,8 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
     os.environ.update(environment)
     launch_args = ["--config_file", str(config_file), "--num_processes", str(launch.num_processes)]
     if "main_process_port" not in config:
-        # accelerate's default port (29500) is shared by every run on the machine: a second run would join the first one's rendezvous.
+        # accelerate's default port (29500) is shared by every run on the machine: a second run would join the first
+        # one's rendezvous.
         launch_args += ["--main_process_port", str(_free_port())]
     launch_args += ["-m", "llmq.cli", "train", *script_args]
     try:
@@ -99,7 +102,8 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
     except Exception as error:  # torch's ChildFailedError, or the launcher refusing the config
         summary = " ".join(str(error).split())[:300]
         raise UserError(
-            f"training with {launch.num_processes} processes ({config_file.name}) failed: {summary}; the processes' own messages are above"
+            f"training with {launch.num_processes} processes ({config_file.name}) failed: {summary}; the processes' "
+            "own messages are above"
         ) from None
     finally:
         for name, value in previous.items():

@@ -52,7 +52,8 @@ def shiq_loss(
     and the loss is the mean of ``δ_t²`` over action tokens.  Its zero is the KL-regularised
     optimum: ``ℓ_θ − ℓ_ref = Q*/β`` and ``π_θ = π*``, provided transitions are deterministic: with
     random observations (a stochastic tool or user) a squared sampled residual is biased, its
-    minimum is not zero and its minimiser is not exactly π* (fine for near-deterministic tools).  ``loss_type="one_step"`` uses (S2) instead:
+    minimum is not zero and its minimiser is not exactly π* (fine for near-deterministic tools).
+    ``loss_type="one_step"`` uses (S2) instead:
     ``δ_t = β·ρ_t + β·u(s_t) − r_t − γ·β·sg[u(s_{t+1})]`` with ``s_{t+1}`` the next agent state.
 
     Args:

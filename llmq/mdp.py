@@ -21,7 +21,8 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch
         input_ids: ``[B, L]`` token ids.
 
     Returns:
-        ``(logp, lse)``, both ``[B, L]`` in fp32 (fp64 for fp64 logits): ``logp[:, p] = log π(input_ids[:, p] | input_ids[:, :p])``
+        ``(logp, lse)``, both ``[B, L]`` in fp32 (fp64 for fp64 logits): ``logp[:, p] = log π(input_ids[:, p] |
+        input_ids[:, :p])``
         and ``lse[:, p] = LSE ℓ(s_p)`` over the full vocabulary; column 0 is 0 in both.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
@@ -65,7 +66,8 @@ def action_mask_from_spans(spans: Sequence[Sequence[tuple[int, int]]], seq_len: 
 
 
 def completion_mask(attention_mask: torch.Tensor, completion_start: torch.Tensor) -> torch.Tensor:
-    """Single-turn action mask: real tokens at positions ``>= completion_start[b]`` (works with left or right padding)."""
+    """Single-turn action mask: real tokens at positions ``>= completion_start[b]`` (works with left or right
+    padding)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions[None, :] >= completion_start[:, None]) & attention_mask.bool()
 

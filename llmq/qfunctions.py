@@ -43,7 +43,8 @@ class QFunction(abc.ABC):
             raise ValueError(f"beta must be > 0, got {beta}")
         if ref_model is None and not hasattr(model, "disable_adapter"):
             raise ValueError(
-                f"ref_model=None needs a PEFT model (its reference is the model with adapters disabled); got a {type(model).__name__}"
+                "ref_model=None needs a PEFT model (its reference is the model with adapters disabled); got a "
+                f"{type(model).__name__}"
             )
         self.model = model
         self.ref_model = ref_model

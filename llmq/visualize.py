@@ -188,7 +188,8 @@ def render_credit_html(
     return _page(
         title,
         css,
-        f"""<div class="legend"><span>{esc(value_name)}</span><span>{-scale:+.4g}</span><span class="bar"></span><span>{scale:+.4g}</span>
+        f"""<div class="legend"><span>{esc(value_name)}</span>
+<span>{-scale:+.4g}</span><span class="bar"></span><span>{scale:+.4g}</span>
 <span>(0 = white; hover a token for its exact value)</span></div>
 {prompt_block}<div class="response">{"".join(spans)}</div>
 <h2>Summary</h2>
@@ -357,7 +358,8 @@ def render_search_tree_html(
     path is highlighted.  Text is escaped and scripts are forbidden, as in :func:`render_credit_html`.
 
     Args:
-        nodes: :class:`llmq.decoding.qstar.Node` objects (``id``, ``parent``, ``state``, ``f``, ``g``, ``h``, ``expanded``, ``terminal``).
+        nodes: :class:`llmq.decoding.qstar.Node` objects (``id``, ``parent``, ``state``, ``f``, ``g``, ``h``,
+        ``expanded``, ``terminal``).
         answer_path: node ids from the root to the answer.
         title: page title.
         prompt: the question, shown above the tree.
@@ -375,7 +377,8 @@ def render_search_tree_html(
         classes = "node" + (" path" if node.id in on_path else "") + marks
         below = "".join(item(child) for child in sorted(children.get(node.id, []), key=lambda n: -n.f))
         return (
-            f'<li class="{classes}"><span class="step">{esc(label)}</span> <span class="val">f={node.f:.3f} g={node.g:.3f} h={node.h:.3f}'
+            f'<li class="{classes}"><span class="step">{esc(label)}</span> <span class="val">f={node.f:.3f} '
+            f"g={node.g:.3f} h={node.h:.3f}"
             f"{esc(marks)}</span>{'<ul>' + below + '</ul>' if below else ''}</li>"
         )
 
@@ -390,7 +393,10 @@ ul { list-style: none; border-left: 1px solid #ccc; margin-left: .6em; padding-l
 .path > .step { background: #d8f0d0; font-weight: bold; }
 .terminal > .step { border: 1px solid #999; }
 """
-    summary = f"<p>{len(nodes)} states, {sum(1 for n in nodes if n.expanded)} expanded; highlighted: the answer's path. Children are sorted by f.</p>"
+    summary = (
+        f"<p>{len(nodes)} states, {sum(1 for n in nodes if n.expanded)} expanded; highlighted: the answer's "
+        "path. Children are sorted by f.</p>"
+    )
     return _page(title, css, f"{summary}\n{prompt_block}<ul>{roots}</ul>")
 
 

@@ -42,7 +42,8 @@ def embedded_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def base_and_guide(tiny_model_and_tokenizer):
-    """The tiny model (a reference) and a perturbed copy of it (a policy trained against it, for guidance and implicit rewards)."""
+    """The tiny model (a reference) and a perturbed copy of it (a policy trained against it, for guidance and implicit
+    rewards)."""
     import copy
 
     import torch

@@ -230,7 +230,8 @@ def test_inconsistent_best_of_n_settings_are_refused(flags, message, capsys, tin
 
 @pytest.mark.slow
 def test_llmq_train_sft_fine_tunes_on_extracted_best_of_n_samples(tmp_path, data_dir, tiny_model_dir):
-    """method sft: extraction keeps each question's best sample above build_min_score, then TRL's SFTTrainer trains on it."""
+    """method sft: extraction keeps each question's best sample above build_min_score, then TRL's SFTTrainer trains on
+    it."""
     out = tmp_path / "sft"
     argv = [
         "train",

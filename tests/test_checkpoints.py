@@ -15,6 +15,7 @@ import sys
 import datasets
 import pytest
 import torch
+from conftest import SCORED_ROWS as ROWS
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
@@ -24,7 +25,6 @@ from llmq.cli import main
 from llmq.errors import UserError
 from llmq.models import load_model, load_tokenizer
 from llmq.trainers import ShiQConfig, ShiQTrainer
-from conftest import SCORED_ROWS as ROWS
 
 
 def make_trainer(output_dir, peft_config=None, callbacks=None, **overrides):
@@ -125,7 +125,8 @@ def test_missing_weights_and_the_oldest_checkpoint(run):
     (run / "checkpoint-1" / "model.safetensors").unlink()
     with pytest.raises(
         UserError,
-        match=r"checkpoint .*checkpoint-1 has no weights \(model.safetensors, .*\); delete .*checkpoint-1 and train from the start$",
+        match=r"checkpoint .*checkpoint-1 has no weights \(model.safetensors, .*\); delete .*checkpoint-1 and train "
+        r"from the start$",
     ):
         validate_checkpoint(run / "checkpoint-1")
     with pytest.raises(UserError, match="does not exist or is not a directory"):
@@ -145,7 +146,8 @@ def test_sharded_weights_are_read_shard_by_shard(run):
     shards[-1].unlink()
     with pytest.raises(
         UserError,
-        match=f"{shards[-1]}, named by model.safetensors.index.json, is missing; delete {folder} and resume from {run / 'checkpoint-2'}",
+        match=f"{shards[-1]}, named by model.safetensors.index.json, is missing; delete {folder} and resume from "
+        f"{run / 'checkpoint-2'}",
     ):
         validate_checkpoint(folder)
     # A shard that lacks a tensor the index places in it.
@@ -166,7 +168,8 @@ def test_a_lora_checkpoint_holds_adapter_weights_only(tmp_path, tiny_model_dir):
     truncate(folder / "adapter_model.safetensors")
     with pytest.raises(
         UserError,
-        match=f"{folder / 'adapter_model.safetensors'} is truncated or corrupt.*; delete {folder} and train from the start$",
+        match=f"{folder / 'adapter_model.safetensors'} is truncated or corrupt.*; delete {folder} and train from "
+        "the start$",
     ):
         resume_point(tmp_path)
 
@@ -292,7 +295,8 @@ def test_llmq_train_with_a_file_size_limit_exits_2_with_one_line(tmp_path, shiq_
         disable_tqdm=True,
     )
 
-    def limit_file_size():  # in the child: files past 200 kB fail with EFBIG (an ignored signal stays ignored across exec)
+    # In the child: files past 200 kB fail with EFBIG (an ignored signal stays ignored across exec).
+    def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
@@ -309,9 +313,11 @@ def test_llmq_train_with_a_file_size_limit_exits_2_with_one_line(tmp_path, shiq_
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(
-        f"llmq train: error: could not save the checkpoint of step 1 in {tmp_path / 'out' / 'checkpoint-1'} (SafetensorError:"
+        f"llmq train: error: could not save the checkpoint of step 1 in {tmp_path / 'out' / 'checkpoint-1'} "
+        "(SafetensorError:"
     )
     assert last.endswith(
-        "the partial folder was removed and there is no earlier checkpoint; free disk space (or raise the file size limit) and start again"
+        "the partial folder was removed and there is no earlier checkpoint; free disk space (or raise the file size "
+        "limit) and start again"
     )
     assert not (tmp_path / "out" / "checkpoint-1").exists() and resume_point(tmp_path / "out") is None

@@ -1,8 +1,8 @@
-"""Digi-Q's critic and Best-of-N extraction against the exact oracle (ALGORITHMS.md §5.9, §6.1, §8).
+"""Digi-Q's critic and Best-of-N extraction against the exact oracle (docs/algorithms.md §5.5, §5.9, §8.5).
 
 Tabular features (one-hot states, one-hot state-action pairs) with linear heads make fitted TD
 evaluation exact: with π_b = π_ref the critic must reach Q^{π_ref}, V^{π_ref}; with an expectile
-V it must reach the expectile fixed points that §6.1 prints for the toy MDP.
+V it must reach the expectile fixed points that §8.5 prints for the toy MDP.
 """
 
 import numpy as np
@@ -65,7 +65,7 @@ def fit_critic(mdp, expectile=None, num_heads=2):
             line_search_fn="strong_wolfe",
         )
 
-        def closure():
+        def closure(optimizer=optimizer, target_q=target_q, target_v_next=target_v_next):  # bound to this iteration
             optimizer.zero_grad()
             loss, _ = td_loss(
                 critic.online.q(data["state"], data["action"]),
@@ -110,7 +110,7 @@ def test_td_on_logged_actions_converges_to_the_behaviour_values(name, mdp):
 
 @pytest.mark.parametrize(("expectile", "root_value"), [(0.5, None), (0.7, 0.6255), (0.9, 0.8887)])
 def test_expectile_value_reaches_the_printed_toy_fixed_points(expectile, root_value):
-    """§6.1: τ = 0.5 is plain evaluation; τ = 0.7 and 0.9 give V(root) = 0.6255 and 0.8887."""
+    """§8.5: τ = 0.5 is plain evaluation; τ = 0.7 and 0.9 give V(root) = 0.6255 and 0.8887."""
     mdp = toy_mdp()
     critic, states, _, _ = fit_critic(mdp, expectile=expectile, num_heads=1)
     with torch.no_grad():
@@ -121,7 +121,8 @@ def test_expectile_value_reaches_the_printed_toy_fixed_points(expectile, root_va
 
 
 def test_best_of_n_extraction_on_exact_values_picks_the_oracle_best_actions():
-    """§5.9: root advantages (0.24, −0.16, −0.36), state A (−0.1, 0.4, −0.6): the extracted policy writes "A B" (return 1)."""
+    """§5.9: root advantages (0.24, −0.16, −0.36), state A (−0.1, 0.4, −0.6): the extracted policy writes "A B" (return
+    1)."""
     mdp = toy_mdp()
     critic, states, pairs, _ = fit_critic(mdp)
     eye_s, eye_sa = torch.eye(len(states), dtype=torch.float64), torch.eye(len(pairs), dtype=torch.float64)

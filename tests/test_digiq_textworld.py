@@ -10,8 +10,11 @@ import torch
 pytest.importorskip("textworld", reason="TextWorld is not installed (the agents extra: pip install 'llmq[agents]')")
 
 from llmq.cli import main  # noqa: E402
-from llmq.envs.textworld import command_logprobs, likelihood_policy  # noqa: E402
-from llmq.envs.textworld import policy_prompt  # noqa: E402
+from llmq.envs.textworld import (  # noqa: E402
+    command_logprobs,
+    likelihood_policy,
+    policy_prompt,  # noqa: E402
+)
 from llmq.mdp import token_logprobs  # noqa: E402
 
 
@@ -164,8 +167,8 @@ def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_mod
 
 
 def test_actionability_labels_follow_changes_of_the_world(tmp_path):
-    from llmq.methods.digiq import ACTIONABILITY_QUESTION, actionability_rows
     from llmq.envs.textworld import collect_trajectories, make_games, random_policy, walkthrough_policy
+    from llmq.methods.digiq import ACTIONABILITY_QUESTION, actionability_rows
 
     games = make_games(tmp_path, count=2, seed=0, rooms=1, nb_objects=3, quest_length=2)
     walkthrough = actionability_rows(

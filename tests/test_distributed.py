@@ -38,7 +38,8 @@ def recipe(tmp_path_factory, tiny_model_dir):
     path = folder / "recipe.yaml"
     path.write_text(
         f"# llmq train {path} --accelerate_config zero2 --num_processes 2\n"
-        f"model_name_or_path: tiny-llama\ndataset_path: {folder / 'data.jsonl'}\nmax_steps: {STEPS}\nlearning_rate: 0.01\nlr_scheduler_type: constant\nbeta: 0.5\n"
+        f"model_name_or_path: tiny-llama\ndataset_path: {folder / 'data.jsonl'}\nmax_steps: {STEPS}\nlearning_rate: "
+        "0.01\nlr_scheduler_type: constant\nbeta: 0.5\n"
         "save_strategy: steps\nsave_steps: 2\nlogging_steps: 1\nseed: 0\nreport_to: none\n"
     )
     return path

@@ -3,7 +3,7 @@
 Docstrings and comments under llmq/ cite the document by section ("§2.3", "§2.3–2.4", "§4.4 item 2")
 and by equation label ("(S3)", "R2", "B1–B3"). Every such citation must name a heading or an
 equation of docs/algorithms.md, and none may point at the reference documents that do not ship
-(ALGORITHMS.md, DESIGN.md).
+(docs/algorithms.md, DESIGN.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "llmq"
 ALGORITHMS = REPO / "docs" / "algorithms.md"
 
-UNSHIPPED_DOCUMENTS = ("ALGORITHMS.md", "DESIGN.md")
+UNSHIPPED_DOCUMENTS = ("docs/algorithms.md", "DESIGN.md")
 BINARY_SUFFIXES = {".pyc", ".pyo", ".so", ".pyd", ".png", ".jpg", ".safetensors", ".bin"}
 
 # "§2", "§2.3", "§8.6.7" (item 7 of §8.6), and ranges "§2.3–2.4", "§5.4-5.5", "§2–4".
@@ -41,7 +41,8 @@ def package_text_files() -> list[Path]:
 
 
 def cited_sections(text: str) -> set[str]:
-    """Sections ``"N"`` or ``"N.M"`` cited in ``text``; ranges within one section are expanded, deeper levels cut to N.M."""
+    """Sections ``"N"`` or ``"N.M"`` cited in ``text``; ranges within one section are expanded, deeper levels cut to
+    N.M."""
     text = OTHER_DOCUMENT_SECTION.sub("", text)
     found: set[str] = set()
     for match in SECTION.finditer(text):
@@ -87,7 +88,7 @@ def citations(parse) -> dict[str, list[str]]:
 
 
 def test_the_citation_parsers_read_sections_ranges_and_labels_as_the_package_writes_them():
-    assert cited_sections("see ALGORITHMS.md §2.3–2.4 and §4.4 item 2, (§8.6.7), §4") == {
+    assert cited_sections("see docs/algorithms.md §2.3–2.4 and §4.4 item 2, (§8.6.7), §4") == {
         "2.3",
         "2.4",
         "4.4",
@@ -95,7 +96,7 @@ def test_the_citation_parsers_read_sections_ranges_and_labels_as_the_package_wri
         "4",
     }
     assert cited_sections("§8.3–8.5; §5.4-5.5; §2–4") == {"8.3", "8.4", "8.5", "5.4", "5.5", "2", "3", "4"}
-    assert cited_sections("(ALGORITHMS.md §7.1, DESIGN.md §3)") == {"7.1"}
+    assert cited_sections("(docs/algorithms.md §7.1, DESIGN.md §3)") == {"7.1"}
     assert cited_labels("(S3) and (S2, default); R2) B1–B3 (E6, the identity) E8:") == {
         "S3",
         "S2",

@@ -1,4 +1,5 @@
-"""DPO as inverse soft Q-learning reaches the exact fixed point (ALGORITHMS.md §3, §8.5), matches TRL, and the Q views agree (§7.1).
+"""DPO as inverse soft Q-learning reaches the exact fixed point (docs/algorithms.md §3, §8.5), matches TRL, and the
+Q views agree (§7.1).
 
 Population DPO — Bradley–Terry with the true reward over every pair of complete trajectories —
 is fitted on a tabular LM with L-BFGS; its policy must be π* and its per-token implicit reward
@@ -118,7 +119,7 @@ def test_population_dpo_recovers_pi_star_and_the_optimal_advantage(name, weighti
     policy_error, advantage_error = state_errors(mdp, model, reference, values, beta)
     assert policy_error < 1e-4 and advantage_error < 1e-3, (policy_error, advantage_error)
     assert trajectory_sum_error(mdp, model, reference, batch, values, beta) < 1e-3
-    if name == "toy":  # the A* column of ALGORITHMS.md §8.3 (β = 0.5)
+    if name == "toy":  # the A* column of docs/algorithms.md §8.3 (β = 0.5)
         root = beta * (
             torch.log_softmax(model.state_logits(()), -1) - torch.log_softmax(reference.state_logits(()), -1)
         )

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,

@@ -163,7 +163,8 @@ def test_no_module_imports_a_higher_layer(graph: Graph) -> None:
 
 
 def test_function_local_imports_are_only_for_optional_heavy_dependencies(graph: Graph) -> None:
-    # A bridge module (llmq.rollout.vllm, llmq.envs.textworld) imports an optional extra; importing it lazily is lazy too.
+    # A bridge module (llmq.rollout.vllm, llmq.envs.textworld) imports an optional extra; importing it lazily is lazy
+    # too.
     heavy = {imp.source for imp in graph.imports if imp.target.split(".")[0] in OPTIONAL}
     offenders = [
         f"{imp.where}: {imp.text}"

@@ -20,7 +20,8 @@ ROWS = [{"prompt": f"Q{i}: what is 1+{i}?", "completion": f" It is {1 + i}.", "r
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter on the tiny model, saved by peft: adapter_config.json + adapter_model.safetensors, no tokenizer, no config.json."""
+    """A LoRA adapter on the tiny model, saved by peft: adapter_config.json + adapter_model.safetensors, no tokenizer,
+    no config.json."""
     model = get_peft_model(
         load_model("tiny-llama", dtype="float32"),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
@@ -77,12 +78,14 @@ def test_a_valid_adapter_directory_loads_its_base_model_with_the_adapter(
         ),
         (
             "truncated weights",
-            "cannot load model '{path}': Error while deserializing header: incomplete metadata, file not fully covered",
+            "cannot load model '{path}': Error while deserializing header: incomplete metadata, file not fully "
+            "covered",
         ),
         ("no weights", "cannot load model '{path}': Error no file named model.safetensors"),
         (
             "adapter on a missing directory",
-            "adapter '{path}': its base model '/nonexistent/base' (base_model_name_or_path in adapter_config.json) is neither an existing directory nor a Hub id",
+            "adapter '{path}': its base model '/nonexistent/base' (base_model_name_or_path in adapter_config.json) "
+            "is neither an existing directory nor a Hub id",
         ),
         (
             "adapter on an unreachable Hub id",
@@ -128,7 +131,8 @@ def test_an_unloadable_model_directory_is_one_line_exit_2(
 
 
 def assert_one_line_error(err, start):
-    """The error is stderr's last line, alone on it; before it, at most the progress bar of a base model that did load."""
+    """The error is stderr's last line, alone on it; before it, at most the progress bar of a base model that did
+    load."""
     assert "Traceback" not in err and err.endswith("\n"), err
     lines = err.strip().splitlines()
     assert lines[-1].startswith(start) and all("Loading weights" in line for line in lines[:-1]), err
@@ -195,5 +199,6 @@ def test_a_task_with_no_local_copy_and_no_hub_is_one_line_exit_2(tmp_path, tiny_
     )
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(
-        f"llmq eval: error: task gsm8k, split test: {local}, and the Hub dataset 'openai/gsm8k' (config main) could not be loaded (ConnectionError: "
+        f"llmq eval: error: task gsm8k, split test: {local}, and the Hub dataset 'openai/gsm8k' (config main) could "
+        "not be loaded (ConnectionError: "
     ), last

@@ -1,5 +1,5 @@
 """Q* A* search on the oracle MDP: with the exact Q_hard it returns a maximal-return sequence;
-budget, depth and dedup are respected (ALGORITHMS.md §4.9)."""
+budget, depth and dedup are respected (docs/algorithms.md §4.9)."""
 
 import pytest
 
@@ -123,8 +123,8 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
     import torch
 
     from llmq.decoding.qstar import LLMStepProposer
-    from llmq.models.qvm import FeatureQVM, ReasoningStep
     from llmq.models.features import score_continuations
+    from llmq.models.qvm import FeatureQVM, ReasoningStep
     from llmq.models.value_heads import CriticHeads
     from llmq.rollout import HFEngine
 

@@ -199,7 +199,7 @@ def test_arbitrary_text_as_a_recipe_fails_in_one_line_or_parses(content, tmp_pat
         b"- a\n- b\n",
         b"!!python/object:os.system 'echo hi'\n",
         b"task: gsm8k\ntask: math500\n",
-        "limit: 1e999\n".encode(),
+        b"limit: 1e999\n",
     ],
 )
 def test_malformed_recipes_through_the_cli_exit_2_with_one_line(content, tmp_path, capsys):

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from llmq.cli import main
-from llmq.evaluation import EvalConfig
 from llmq.config import ModelConfig, RecipeError, parse_recipe
+from llmq.evaluation import EvalConfig
 
 
 def write(tmp_path, text, name="recipe.yaml"):

@@ -55,7 +55,10 @@ def test_sampling_n_per_prompt_is_seeded(engine):
     again = engine.generate(PROMPTS, n=4, sampling=sampling)
     other = engine.generate(PROMPTS, n=4, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=4))
     assert [len(r) for r in first] == [4, 4, 4]
-    tokens = lambda results: [[c.token_ids for c in r] for r in results]
+
+    def tokens(results):
+        return [[c.token_ids for c in r] for r in results]
+
     assert tokens(first) == tokens(again) and tokens(first) != tokens(other)
     assert len({tuple(c.token_ids) for c in first[1]}) > 1  # samples differ from each other
 

@@ -1,4 +1,4 @@
-"""ShiQ reaches the exact KL-regularised optimum on finite token MDPs (ALGORITHMS.md §2.11, §8.5).
+"""ShiQ reaches the exact KL-regularised optimum on finite token MDPs (docs/algorithms.md §2.11, §8.5).
 
 A tabular LM (one logit row per state) is fitted with `shiq_loss` on every complete trajectory of
 the MDP; its learned policy must equal π* and its logit shift ℓ_θ − ℓ_ref must equal Q*/β, as
@@ -74,7 +74,7 @@ def test_toy_mdp_token_reward(beta):
     model, reference, loss = fit(mdp, beta)
     policy_error, shift_error, value_error = errors(mdp, model, reference, soft_optimal(mdp, beta), beta)
     assert loss < 1e-12 and policy_error < 1e-4 and shift_error < 1e-3 and value_error < 1e-3
-    if beta == 0.5:  # the shifts printed in ALGORITHMS.md §8.5
+    if beta == 0.5:  # the shifts printed in docs/algorithms.md §8.5
         root_shift = (model.state_logits(()) - reference.state_logits(())).detach().numpy()[:3]
         np.testing.assert_allclose(root_shift, [1.575557, 0.823215, 0.0], atol=1e-5)
 
@@ -130,7 +130,8 @@ def test_precomputed_reference_statistics_reach_the_same_optimum():
 
 
 def test_truncated_prefixes_bootstrap_consistently_at_the_optimum():
-    """Trained on complete trajectories, the optimum also zeroes the residuals of cut prefixes (u(s_{T+1}) bootstrap)."""
+    """Trained on complete trajectories, the optimum also zeroes the residuals of cut prefixes (u(s_{T+1})
+    bootstrap)."""
     beta, mdp = 0.5, random_mdp(11, vocab_size=3, horizon=4, gamma=0.9)
     model, reference, _ = fit(mdp, beta)
     prefixes = make_batch(mdp, [s for s in mdp.states if len(s) >= 1])
@@ -174,7 +175,7 @@ def test_reference_logit_offsets_do_not_change_the_learned_policy():
 
 
 def test_stochastic_observations_leave_a_residual():
-    """Consistency losses assume deterministic transitions (ALGORITHMS.md §7.3 item 8): with random
+    """Consistency losses assume deterministic transitions (docs/algorithms.md §7.3 item 8): with random
     observations the optimum no longer zeroes the loss — documented on `shiq_loss`."""
     beta, mdp = 0.5, random_mdp(2, vocab_size=3, horizon=3, stochastic_obs=True, obs_rate=1.0)
     assert mdp.obs_probs

@@ -6,6 +6,7 @@ import math
 import datasets
 import pytest
 import torch
+from conftest import SCORED_ROWS as ROWS
 from peft import LoraConfig
 
 from llmq.cli import main
@@ -14,7 +15,6 @@ from llmq.errors import UserError
 from llmq.losses import shiq_loss
 from llmq.models import load_model, load_tokenizer
 from llmq.trainers import ShiQConfig, ShiQTrainer
-from conftest import SCORED_ROWS as ROWS
 
 CONVERSATION = {
     "messages": [
@@ -323,7 +323,8 @@ def test_skip_invalid_rows_counts_and_names_the_skipped_rows(tokenizer, tmp_path
         make_trainer(tokenizer, tmp_path, rows=rows)
     with pytest.warns(
         UserWarning,
-        match=r"skipped 3 of 11 rows: dataset row 8: the completion is empty; dataset row 9: reward must be a finite number.*; dataset row 10: 2003 tokens exceed",
+        match=r"skipped 3 of 11 rows: dataset row 8: the completion is empty; dataset row 9: reward must be a "
+        r"finite number.*; dataset row 10: 2003 tokens exceed",
     ):
         trainer = make_trainer(tokenizer, tmp_path, rows=rows, skip_invalid_rows=True, max_length=1024, max_steps=1)
     assert len(trainer.train_dataset) == len(ROWS)

@@ -1,4 +1,4 @@
-"""llmq.testing: the exact oracle reproduces ALGORITHMS.md §8.3–8.5 and the property tests of §8.6."""
+"""llmq.testing: the exact oracle reproduces docs/algorithms.md §8.3–8.5 and the property tests of §8.6."""
 
 import numpy as np
 import pytest
@@ -410,13 +410,14 @@ def test_reference_tabular_lm(mdp):
 
 
 def test_tabular_lm_fits_a_policy_through_forward():
-    """Fitting every action position's logits row (row p − 1 for the token at p) to π*(·|s_p) recovers π* on every state."""
+    """Fitting every action position's logits row (row p − 1 for the token at p) to π*(·|s_p) recovers π* on every
+    state."""
     mdp = random_mdp(4, vocab_size=3, horizon=3, stochastic_obs=True)
     soft = soft_optimal(mdp, 0.7)
     batch = make_batch(mdp)
     targets = torch.zeros(*batch["input_ids"].shape, mdp.n_tokens, dtype=torch.float64)
     for b, (y, _) in enumerate(mdp.trajectories()):
-        for s, a in mdp.steps(y):
+        for s, _ in mdp.steps(y):
             targets[b, len(s), : mdp.n_actions] = torch.from_numpy(soft.pi[s])
     model = TabularLM(mdp, init="zeros")
     optimizer = torch.optim.LBFGS(

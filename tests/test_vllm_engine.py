@@ -24,7 +24,8 @@ try:
     import vllm  # noqa: F401
 except Exception as error:  # noqa: BLE001 - any import failure means: no vLLM here
     pytest.skip(
-        f"vllm is not importable here ({type(error).__name__}: {error}); `make test-vllm` runs these tests in .venv-vllm",
+        f"vllm is not importable here ({type(error).__name__}: {error}); `make test-vllm` runs these tests in "
+        ".venv-vllm",
         allow_module_level=True,
     )
 

@@ -36,7 +36,8 @@ def preference_pairs(scored):
             )
     if not pairs:
         raise UserError(
-            "no question has completions with different rewards: there is no preference to learn (sample more completions or questions)"
+            "no question has completions with different rewards: there is no preference to learn (sample more "
+            "completions or questions)"
         )
     return datasets.Dataset.from_list(pairs)
 

@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import datasets
 import yaml
-from reward_models.gsm8k import extract_strict, gold_answer, score_gsm8k
-from reward_models.math import score_math
 
 from llmq.errors import UserError
+from reward_models.gsm8k import extract_strict, gold_answer, score_gsm8k
+from reward_models.math import score_math
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "eval"
 
@@ -53,7 +53,8 @@ def load_task(name_or_path: str) -> TaskSpec:
     if not isinstance(content, dict) or set(content) != fields:
         given = set(content) if isinstance(content, dict) else set()
         raise UserError(
-            f"task spec {path}: expected keys {sorted(fields)}; missing {sorted(fields - given)}, unknown {sorted(given - fields)}"
+            f"task spec {path}: expected keys {sorted(fields)}; missing {sorted(fields - given)}, unknown "
+            f"{sorted(given - fields)}"
         )
     return TaskSpec(**content)
 
@@ -90,7 +91,8 @@ def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = N
             )
             hub = f"'{task.hub_path}'" + (f" (config {task.hub_name})" if task.hub_name else "")
             raise UserError(
-                f"task {task.name}, split {split}: {local}, and the Hub dataset {hub} could not be loaded ({type(error).__name__}: {' '.join(str(error).split())})"
+                f"task {task.name}, split {split}: {local}, and the Hub dataset {hub} could not be loaded "
+                f"({type(error).__name__}: {' '.join(str(error).split())})"
             ) from None
     rows = []
     for index, row in enumerate(raw):

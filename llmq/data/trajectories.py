@@ -49,7 +49,8 @@ def _chat_action_spans(
         through = render(messages[: turn + 1], tokenize=False)
         if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
             raise UserError(
-                "the chat template does not render conversations prefix by prefix; llmq cannot locate assistant turns with it"
+                "the chat template does not render conversations prefix by prefix; llmq cannot locate assistant "
+                "turns with it"
             )
         spans.append((len(before), len(through.rstrip())))
     if truncated:
@@ -109,7 +110,8 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
         raise UserError(f"dataset row {index}: the first token cannot be an action (the prompt is empty)")
     if len(input_ids) + 1 > max_length:
         raise UserError(
-            f"dataset row {index}: {len(input_ids)} tokens exceed max_length={max_length} (raise max_length or drop the row)"
+            f"dataset row {index}: {len(input_ids)} tokens exceed max_length={max_length} (raise max_length or drop "
+            "the row)"
         )
 
     rewards = [0.0] * len(input_ids)
@@ -118,7 +120,8 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
         values = row["token_rewards"]
         if not isinstance(values, list) or len(values) != len(actions):
             raise UserError(
-                f"dataset row {index}: 'token_rewards' needs one number per action token ({len(actions)}), got {len(values) if isinstance(values, list) else values!r}"
+                f"dataset row {index}: 'token_rewards' needs one number per action token ({len(actions)}), got "
+                f"{len(values) if isinstance(values, list) else values!r}"
             )
         for position, value in zip(actions, values):
             rewards[position] = _number(value, "token_rewards", index)
@@ -126,7 +129,8 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
         values = row["turn_rewards"]
         if not isinstance(values, list) or len(values) != len(turn_ends):
             raise UserError(
-                f"dataset row {index}: 'turn_rewards' needs one number per assistant turn ({len(turn_ends)}), got {values!r}"
+                f"dataset row {index}: 'turn_rewards' needs one number per assistant turn ({len(turn_ends)}), got "
+                f"{values!r}"
             )
         for position, value in zip(turn_ends, values):
             rewards[position] = _number(value, "turn_rewards", index)

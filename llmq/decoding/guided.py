@@ -79,7 +79,8 @@ class QGuidedLogitsProcessor(LogitsProcessor):
         guide_logp = torch.log_softmax(_at_least_fp32(self._advance(input_ids)), dim=-1)
         if guide_logp.shape != scores.shape:
             raise ValueError(
-                f"the guide scores {guide_logp.shape[-1]} tokens but the generating model {scores.shape[-1]}: they must share a vocabulary"
+                f"the guide scores {guide_logp.shape[-1]} tokens but the generating model {scores.shape[-1]}: they "
+                "must share a vocabulary"
             )
         base_logp = torch.log_softmax(_at_least_fp32(scores), dim=-1)
         guided = base_logp + self.weight * (guide_logp - base_logp)  # log π_ref + A/β_dec (B3)
@@ -119,7 +120,8 @@ class QGuidedLogitsProcessor(LogitsProcessor):
         return output.logits[:, -1]
 
     def _parents(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
-        """For each row, the index of the previously read row it extends by one token; ``None`` if some row extends none."""
+        """For each row, the index of the previously read row it extends by one token; ``None`` if some row extends
+        none."""
         fed = self._fed
         if fed is None or input_ids.shape[1] != fed.shape[1] + 1 or input_ids.shape[0] != fed.shape[0]:
             return None

@@ -22,10 +22,14 @@ class DecodingOptions:
     decoding: str = dataclasses.field(
         default="sample",
         metadata={
-            "help": "sample (temperature / top-p; temperature 0 is greedy), greedy, beam (beam search ranking by the summed log-probs: on a DPO policy, "
-            "search on its implicit Q*, docs/algorithms.md §3.6; with guide_model, on the guide's implicit reward), or guided (token-level sampling "
-            "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_temperature) on the top guidance_top_k tokens; temperature 0: argmax), "
-            "best_of_n (sample num_candidates, keep the best by scorer), maj_at_n (sample num_candidates, keep one with the most frequent final answer), "
+            "help": "sample (temperature / top-p; temperature 0 is greedy), greedy, beam (beam search ranking by "
+            "the summed log-probs: on a DPO policy, "
+            "search on its implicit Q*, docs/algorithms.md §3.6; with guide_model, on the guide's implicit reward), "
+            "or guided (token-level sampling "
+            "of the model reweighted by guide_model's advantages, π_ref·exp(A/guidance_temperature) on the top "
+            "guidance_top_k tokens; temperature 0: argmax), "
+            "best_of_n (sample num_candidates, keep the best by scorer), maj_at_n (sample num_candidates, keep one "
+            "with the most frequent final answer), "
             "or qstar (A* over reasoning steps guided by the Q-value model at qvm_path, docs/algorithms.md §4).",
             "choices": ["sample", "greedy", "beam", "guided", "best_of_n", "maj_at_n", "qstar"],
         },
@@ -44,7 +48,8 @@ class DecodingOptions:
     search_heuristic: str = dataclasses.field(
         default="inherited",
         metadata={
-            "help": "decoding qstar: h of a child = Q of its step (inherited) or the max Q of its own proposals (child).",
+            "help": "decoding qstar: h of a child = Q of its step (inherited) or the max Q of its own proposals "
+            "(child).",
             "choices": ["inherited", "child"],
         },
     )
@@ -58,9 +63,12 @@ class DecodingOptions:
     scorer: str = dataclasses.field(
         default="verifier",
         metadata={
-            "help": "Candidate scores for best_of_n (and maj_at_n ties): verifier (the task's verifier against the gold answer: an oracle at evaluation time), "
-            "implicit_reward (Σ β·log π_guide/π_model of guide_model), likelihood (the model's summed log-probs), or qvm (the value head at qvm_path "
-            "scoring each answer by the Q of its last step given the steps before it: its estimate of the answer being correct).",
+            "help": "Candidate scores for best_of_n (and maj_at_n ties): verifier (the task's verifier against the "
+            "gold answer: an oracle at evaluation time), "
+            "implicit_reward (Σ β·log π_guide/π_model of guide_model), likelihood (the model's summed log-probs), "
+            "or qvm (the value head at qvm_path "
+            "scoring each answer by the Q of its last step given the steps before it: its estimate of the answer "
+            "being correct).",
             "choices": ["verifier", "implicit_reward", "likelihood", "qvm"],
         },
     )
@@ -70,7 +78,8 @@ class DecodingOptions:
     guide_model: str | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Policy (trained by ShiQ or DPO against model_name_or_path, which then plays the reference) whose Q guides decoding "
+            "help": "Policy (trained by ShiQ or DPO against model_name_or_path, which then plays the reference) "
+            "whose Q guides decoding "
             "(guided, beam) or scores candidates (scorer implicit_reward)."
         },
     )
@@ -80,7 +89,8 @@ class DecodingOptions:
     guidance_temperature: float | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Decoding temperature β_dec on the advantages; default guide_beta, which samples the guide itself. Smaller follows Q harder."
+            "help": "Decoding temperature β_dec on the advantages; default guide_beta, which samples the guide "
+            "itself. Smaller follows Q harder."
         },
     )
     guidance_top_k: int = dataclasses.field(
@@ -98,7 +108,8 @@ class DecodingOptions:
             self.decoding == "greedy" or (self.temperature == 0 and self.decoding in ("sample", "guided"))
         ):
             raise UserError(
-                f"key '{answers_key}' > 1 needs 'temperature' > 0 with decoding sample or guided, or decoding beam (greedy answers would all be identical)"
+                f"key '{answers_key}' > 1 needs 'temperature' > 0 with decoding sample or guided, or decoding beam "
+                "(greedy answers would all be identical)"
             )
         if self.decoding == "beam" and not 1 <= answers <= self.num_beams:
             raise UserError(
@@ -108,7 +119,8 @@ class DecodingOptions:
             raise UserError(f"decoding {self.decoding} needs 'temperature' > 0 and 'num_candidates' >= 2")
         if self.decoding == "best_of_n" and answers > self.num_candidates:
             raise UserError(
-                f"key '{answers_key}' ({answers}) must not exceed 'num_candidates' ({self.num_candidates}) with decoding best_of_n"
+                f"key '{answers_key}' ({answers}) must not exceed 'num_candidates' ({self.num_candidates}) with "
+                "decoding best_of_n"
             )
         if self.decoding == "maj_at_n" and answers != 1:
             raise UserError(f"key '{answers_key}' must be 1 with decoding maj_at_n (one majority answer per question)")
@@ -119,23 +131,27 @@ class DecodingOptions:
                 raise UserError("decoding qstar needs key 'qvm_path': a Q-value model from `llmq train --method qvm`")
             if answers != 1 or self.temperature == 0:
                 raise UserError(
-                    "decoding qstar returns one answer per question and samples its candidate steps: 'num_samples' 1 and 'temperature' > 0"
+                    "decoding qstar returns one answer per question and samples its candidate steps: 'num_samples' "
+                    "1 and 'temperature' > 0"
                 )
             if min(self.search_budget, self.search_candidates, self.search_max_depth, self.step_max_tokens) < 1:
                 raise UserError(
-                    "keys 'search_budget', 'search_candidates', 'search_max_depth' and 'step_max_tokens' must be at least 1"
+                    "keys 'search_budget', 'search_candidates', 'search_max_depth' and 'step_max_tokens' must be at "
+                    "least 1"
                 )
         if self.decoding == "guided" and self.guide_model is None:
             raise UserError("decoding guided needs key 'guide_model': the policy whose Q guides the model")
         if selecting and self.scorer == "implicit_reward" and self.guide_model is None:
             raise UserError(
-                "scorer implicit_reward needs key 'guide_model': the policy whose implicit reward scores the candidates"
+                "scorer implicit_reward needs key 'guide_model': the policy whose implicit reward scores the "
+                "candidates"
             )
         if self.guide_model is None:
             return
         if not (self.decoding in ("guided", "beam") or (selecting and self.scorer == "implicit_reward")):
             raise UserError(
-                f"key 'guide_model' is used by decoding guided or beam, or by scorer implicit_reward; not by decoding {self.decoding} with scorer {self.scorer}"
+                "key 'guide_model' is used by decoding guided or beam, or by scorer implicit_reward; not by "
+                f"decoding {self.decoding} with scorer {self.scorer}"
             )
         if (
             self.guide_beta <= 0

@@ -155,7 +155,7 @@ def astar_search(
                 child: max((next(values) for _ in steps_of_child), default=0.0)
                 for child, steps_of_child in zip(open_children, proposals)
             }
-        for (step, child), score, done in zip(fresh, scores, terminal):
+        for (_, child), score, done in zip(fresh, scores, terminal):
             utilities[child] = utilities[node.state] + ([utility(child)] if utility is not None else [])
             g = combine(utilities[child])
             h = score if heuristic == "inherited" else (0.0 if done else best_next.get(child, 0.0))
@@ -186,7 +186,8 @@ class LLMStepProposer:
     Args:
         engine: e.g. :class:`llmq.rollout.HFEngine`; raw prompts are the question's rendered chat
             prompt followed by the steps so far.
-        prompt: the rendered prompt of the question (``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True)``).
+        prompt: the rendered prompt of the question (``tokenizer.apply_chat_template(..., tokenize=False,
+        add_generation_prompt=True)``).
         eos_token_ids: token ids that end an answer.
         delimiter: text that ends a step (GSM8K solutions: one line per step).
         max_step_tokens: budget of one step; a longer step is cut there.

@@ -114,7 +114,8 @@ def make_games(
     """
     if count < 0 or rooms < 1 or nb_objects < 0 or quest_length < 1:
         raise ValueError(
-            f"invalid game settings: count={count}, rooms={rooms}, nb_objects={nb_objects}, quest_length={quest_length}"
+            f"invalid game settings: count={count}, rooms={rooms}, nb_objects={nb_objects}, "
+            f"quest_length={quest_length}"
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +257,8 @@ class TextWorldEnv:
         matched = match_command(command, last.admissible)
         if matched is None:
             entry = " ".join(command.split())
-            entry = f"{entry[:_HISTORY_ENTRY_CHARS] + '…' if len(entry) > _HISTORY_ENTRY_CHARS else entry} (invalid)".lstrip()
+            shown = entry[:_HISTORY_ENTRY_CHARS] + "…" if len(entry) > _HISTORY_ENTRY_CHARS else entry
+            entry = f"{shown} (invalid)".lstrip()
             observation = dataclasses.replace(
                 last, history=last.history + (entry,), text=_join(INVALID_FEEDBACK, self._place), steps=last.steps + 1
             )
@@ -564,7 +566,8 @@ def evaluate_agent(
 
     Returns:
         ``success_rate`` and ``normalized_score`` (score / max score) means over games, each with
-        a 95% interval (``*_ci95``: Wilson for the success rate, a bootstrap for the score), ``steps_mean``, ``invalid_action_rate`` (over all
+        a 95% interval (``*_ci95``: Wilson for the success rate, a bootstrap for the score), ``steps_mean``,
+        ``invalid_action_rate`` (over all
         steps), ``episodes`` and ``games``: per game ``game``, ``won``, ``score``, ``max_score``,
         ``normalized_score``, ``steps`` and ``invalid_actions``.
     """

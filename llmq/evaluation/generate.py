@@ -9,12 +9,12 @@ from pathlib import Path
 
 import datasets
 
+from llmq.config import check_output_path
 from llmq.data.offline import preference_pairs
 from llmq.data.tasks import load_task, load_task_rows, task_scorer
 from llmq.decoding.best_of_n import select_candidates
 from llmq.decoding.guided import guidance_processors, load_guide
 from llmq.decoding.options import DecodingOptions
-from llmq.config import check_output_path
 from llmq.errors import UserError
 from llmq.rollout import HFEngine
 
@@ -28,7 +28,8 @@ class GenerateConfig(DecodingOptions):
     task: str = dataclasses.field(
         default="gsm8k",
         metadata={
-            "help": "Task spec whose questions are the prompts and whose verifier gives the rewards (gsm8k, math500, or a YAML path)."
+            "help": "Task spec whose questions are the prompts and whose verifier gives the rewards (gsm8k, "
+            "math500, or a YAML path)."
         },
     )
     split: str = dataclasses.field(default="train", metadata={"help": "Dataset split of the prompts."})
@@ -51,7 +52,8 @@ class GenerateConfig(DecodingOptions):
     format_reward: float = dataclasses.field(
         default=0.0,
         metadata={
-            "help": "Added to the 0/1 correctness reward when the answer is stated in the task's format (GSM8K: '#### N', MATH: boxed). A denser signal for models that rarely answer correctly."
+            "help": "Added to the 0/1 correctness reward when the answer is stated in the task's format (GSM8K: "
+            "'#### N', MATH: boxed). A denser signal for models that rarely answer correctly."
         },
     )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
@@ -63,13 +65,15 @@ class GenerateConfig(DecodingOptions):
     min_score: float | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "With decoding best_of_n: keep a question's kept completions only when their scorer score is at least this (rejection sampling: an SFT dataset of good answers)."
+            "help": "With decoding best_of_n: keep a question's kept completions only when their scorer score is at "
+            "least this (rejection sampling: an SFT dataset of good answers)."
         },
     )
     pairs_path: str | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Also save preference pairs here: per question, the best vs the worst scored completion (prompt, chosen, rejected), for DPO."
+            "help": "Also save preference pairs here: per question, the best vs the worst scored completion "
+            "(prompt, chosen, rejected), for DPO."
         },
     )
 
@@ -139,7 +143,8 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     if not rows:
         if questions and config.min_score is not None:
             raise UserError(
-                f"no question's best candidate scored at least min_score {config.min_score}: the dataset would be empty"
+                f"no question's best candidate scored at least min_score {config.min_score}: the dataset would be "
+                "empty"
             )
         raise UserError(f"task {task.name} split {config.split} gave no questions")
     dataset = datasets.Dataset.from_list(rows)

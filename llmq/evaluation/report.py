@@ -57,7 +57,8 @@ def score_records(
 
 
 def write_reports(report: dict, output_dir: Path, compare_with: list[str]) -> None:
-    """``report.json``, and ``report.md`` and ``accuracy_vs_tokens.png`` with the reports of ``compare_with`` beside it."""
+    """``report.json``, and ``report.md`` and ``accuracy_vs_tokens.png`` with the reports of ``compare_with`` beside
+    it."""
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     reports = [report] + [json.loads((Path(other) / "report.json").read_text()) for other in compare_with]
     (output_dir / "report.md").write_text(format_markdown(reports))
@@ -65,7 +66,8 @@ def write_reports(report: dict, output_dir: Path, compare_with: list[str]) -> No
 
 
 def decoding_label(report: dict) -> str:
-    """A short name of a report's decoding, e.g. ``greedy``, ``T=0.7 ×8``, ``beam 4``, ``best_of_n 8 (implicit_reward)``."""
+    """A short name of a report's decoding, e.g. ``greedy``, ``T=0.7 ×8``, ``beam 4``, ``best_of_n 8
+    (implicit_reward)``."""
     decoding = report["protocol"]["decoding"]
     mode = decoding.get("decoding", "sample")
     if mode == "beam":
@@ -79,7 +81,10 @@ def decoding_label(report: dict) -> str:
     else:
         label = f"T={decoding['temperature']}"
     if decoding.get("guide_model") and mode in ("guided", "beam"):
-        label += f", guided by {Path(decoding['guide_model']).name} (β_dec={decoding.get('guidance_temperature') or decoding['guide_beta']})"
+        label += (
+            f", guided by {Path(decoding['guide_model']).name} "
+            f"(β_dec={decoding.get('guidance_temperature') or decoding['guide_beta']})"
+        )
     if decoding["num_samples"] > 1:
         label += f" ×{decoding['num_samples']}"
     return label
@@ -106,14 +111,17 @@ def format_markdown(reports: list[dict]) -> str:
         for name, metric in report["metrics"].items():
             low, high = metric["ci95"]
             lines.append(
-                f"| {report['protocol']['model']} | {decoding_label(report)} | {name} | {100 * metric['mean']:.1f}% | {100 * low:.1f}–{100 * high:.1f}% "
-                f"| {metric['count']}/{examples} | {report['generated_tokens'] / examples:.0f} | {report['wall_time_s']:.0f} |"
+                f"| {report['protocol']['model']} | {decoding_label(report)} | {name} | {100 * metric['mean']:.1f}% "
+                f"| {100 * low:.1f}–{100 * high:.1f}% "
+                f"| {metric['count']}/{examples} | {report['generated_tokens'] / examples:.0f} | "
+                f"{report['wall_time_s']:.0f} |"
             )
     for report in reports:
         if report.get("pass_at_k"):
             curve = ", ".join(f"k={k}: {100 * value['mean']:.1f}%" for k, value in report["pass_at_k"].items())
             lines.append(
-                f"\npass@k of the sampled answers of {report['protocol']['model']}, {decoding_label(report)} (unbiased estimate, Chen et al. 2021): {curve}"
+                f"\npass@k of the sampled answers of {report['protocol']['model']}, {decoding_label(report)} "
+                f"(unbiased estimate, Chen et al. 2021): {curve}"
             )
     return "\n".join(lines) + "\n"
 
@@ -127,7 +135,8 @@ def format_report(report: dict) -> str:
     for name, metric in report["metrics"].items():
         low, high = metric["ci95"]
         lines.append(
-            f"  {name:>13}: {100 * metric['mean']:5.1f}%  (95% CI {100 * low:.1f}–{100 * high:.1f}%, {metric['count']}/{protocol['examples']})"
+            f"  {name:>13}: {100 * metric['mean']:5.1f}%  (95% CI {100 * low:.1f}–{100 * high:.1f}%, "
+            f"{metric['count']}/{protocol['examples']})"
         )
     lines.append(f"  {report['generated_tokens']} tokens generated in {report['wall_time_s']:.1f} s of generation")
     return "\n".join(lines)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from llmq.config import check_output_path
 from llmq.data.tasks import TaskSpec, load_task, load_task_rows, task_scorer
 from llmq.decoding.best_of_n import select_candidates
 from llmq.decoding.guided import guidance_processors, load_guide
 from llmq.decoding.options import DecodingOptions
 from llmq.decoding.qstar import qstar_answer
-from llmq.config import check_output_path
 from llmq.errors import UserError
 from llmq.evaluation.report import score_records, write_reports
 from llmq.models.features import weights_checksum
@@ -34,7 +34,8 @@ class EvalConfig(DecodingOptions):
     data_dir: str | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Folder with local copies (gsm8k/test.jsonl, math500/test.jsonl); default $LLMQ_DATA_DIR, else the Hugging Face Hub."
+            "help": "Folder with local copies (gsm8k/test.jsonl, math500/test.jsonl); default $LLMQ_DATA_DIR, else "
+            "the Hugging Face Hub."
         },
     )
     limit: int | None = dataclasses.field(
@@ -60,7 +61,8 @@ class EvalConfig(DecodingOptions):
     output_dir: str = dataclasses.field(
         default="outputs/eval",
         metadata={
-            "help": "Where completions.jsonl (appended as batches finish: a killed run resumes here), report.json, report.md and accuracy_vs_tokens.png are written."
+            "help": "Where completions.jsonl (appended as batches finish: a killed run resumes here), report.json, "
+            "report.md and accuracy_vs_tokens.png are written."
         },
     )
     compare_with: list[str] = dataclasses.field(
@@ -146,7 +148,8 @@ def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool)
                     key for key in protocol.keys() | previous.keys() if previous.get(key) != protocol.get(key)
                 )
                 raise UserError(
-                    f"output_dir '{output_dir}' holds completions of another evaluation (differs in: {', '.join(differing)}); use another output_dir or delete it"
+                    f"output_dir '{output_dir}' holds completions of another evaluation (differs in: "
+                    f"{', '.join(differing)}); use another output_dir or delete it"
                 )
             cache.unlink(missing_ok=True)
     protocol_file.write_text(json.dumps(protocol, indent=2) + "\n")

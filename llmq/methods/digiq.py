@@ -6,7 +6,8 @@
 4. (optional, ``representation_steps``) representation fine-tuning of a copy of the backbone on
    automatically labelled "does this command change the game?" yes/no questions (§5.4), then
    frozen features of every state and every (state, admissible command) pair, computed once
-   (:func:`llmq.models.features.score_continuations`: a state read once, its commands through the KV cache; cached on disk);
+   (:func:`llmq.models.features.score_continuations`: a state read once, its commands through the KV cache; cached on
+   disk);
 5. critic: double Q/V heads fitted by TD on the logged actions (:class:`~llmq.trainers.critic.CriticTrainer`);
 6. Best-of-N extraction: in every logged state, the admissible command with the largest
    ``max Q − max V`` is kept when that advantage exceeds ``threshold`` (:func:`best_of_n_advantages`);
@@ -89,7 +90,8 @@ class Config:
     representation_steps: int = dataclasses.field(
         default=0,
         metadata={
-            "help": "Representation fine-tuning (§5.4) before the features: LoRA steps on 'does this command change the game?' yes/no labels from the data; 0 skips it."
+            "help": "Representation fine-tuning (§5.4) before the features: LoRA steps on 'does this command change "
+            "the game?' yes/no labels from the data; 0 skips it."
         },
     )
     representation_learning_rate: float = dataclasses.field(
@@ -331,12 +333,14 @@ def extract_best_of_n(
                     }
                 )
     print(
-        f"Best-of-N extraction: kept {len(rows)} of {len(data)} states (mean best advantage {np.mean(advantages):.3f})",
+        f"Best-of-N extraction: kept {len(rows)} of {len(data)} states (mean best advantage "
+        f"{np.mean(advantages):.3f})",
         flush=True,
     )
     if not rows:
         raise UserError(
-            f"Best-of-N extraction kept no state (no advantage above threshold {threshold}); lower 'threshold' or collect more data"
+            f"Best-of-N extraction kept no state (no advantage above threshold {threshold}); lower 'threshold' or "
+            "collect more data"
         )
     ledger.record(
         "extraction",
@@ -455,4 +459,7 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
 def describe(summary: dict, output_dir: str) -> str:
     """The closing line of a run."""
     before, after = summary["before"]["success_rate"], summary["after"]["success_rate"]
-    return f"success on test games {100 * before:.1f}% → {100 * after:.1f}%; model saved to {output_dir}; summary: {output_dir}/summary.json"
+    return (
+        f"success on test games {100 * before:.1f}% → {100 * after:.1f}%; model saved to {output_dir}; summary: "
+        f"{output_dir}/summary.json"
+    )

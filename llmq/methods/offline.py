@@ -42,7 +42,8 @@ class Config:
     dataset_path: str = dataclasses.field(
         default="outputs/offline_data",
         metadata={
-            "help": "Training data: a folder saved by `llmq generate`, a .jsonl/.json file, or a Hub id. Built first from build_task when missing."
+            "help": "Training data: a folder saved by `llmq generate`, a .jsonl/.json file, or a Hub id. Built "
+            "first from build_task when missing."
         },
     )
     data_dir: str | None = dataclasses.field(
@@ -62,7 +63,8 @@ class Config:
     build_min_score: float = dataclasses.field(
         default=1.0,
         metadata={
-            "help": "method sft: a question's best sample (by the verifier) is kept only when it scores at least this (1: correct answers only)."
+            "help": "method sft: a question's best sample (by the verifier) is kept only when it scores at least "
+            "this (1: correct answers only)."
         },
     )
     benchmark_task: str | None = dataclasses.field(
@@ -83,7 +85,8 @@ class Config:
         local = "/" not in self.dataset_path or self.dataset_path.startswith((".", "/"))
         if self.build_task is None and local and not Path(self.dataset_path).exists():
             raise UserError(
-                f"key 'dataset_path': '{self.dataset_path}' does not exist; create it with `llmq generate` or set build_task to build it first"
+                f"key 'dataset_path': '{self.dataset_path}' does not exist; create it with `llmq generate` or set "
+                "build_task to build it first"
             )
         if self.build_task is not None:
             self.build_config()  # validates the build keys now, before any model is loaded
@@ -128,7 +131,8 @@ def config_types(method: str) -> tuple[type, type]:
 
 
 def fit(model, tokenizer, dataset, model_args: ModelConfig, training_args: TrainingArguments, method: str) -> tuple:
-    """Train ``model`` on ``dataset`` with the method's trainer and save it to ``output_dir``; returns the trainer and its metrics."""
+    """Train ``model`` on ``dataset`` with the method's trainer and save it to ``output_dir``; returns the trainer and
+    its metrics."""
     model.train()
     extra = {}
     peft_config = get_peft_config(model_args)
@@ -154,7 +158,8 @@ def fit(model, tokenizer, dataset, model_args: ModelConfig, training_args: Train
         trainer.save_model(training_args.output_dir)
     except (OSError, SafetensorError) as error:
         raise UserError(
-            f"training finished but the model could not be saved to {training_args.output_dir} ({type(error).__name__}: {' '.join(str(error).split())}); "
+            f"training finished but the model could not be saved to {training_args.output_dir} "
+            f"({type(error).__name__}: {' '.join(str(error).split())}); "
             "free disk space and resume from the last checkpoint (llmq train --resume) to save it"
         ) from None
     return trainer, dict(result.metrics) | extra
@@ -215,7 +220,8 @@ def run(
             model, tokenizer, config.build_config(), model_name=model_args.model_name_or_path
         )
         print(
-            f"offline data: {len(dataset)} completions, mean reward {np.mean(dataset['reward']):.3f} → {config.dataset_path}",
+            f"offline data: {len(dataset)} completions, mean reward {np.mean(dataset['reward']):.3f} → "
+            f"{config.dataset_path}",
             flush=True,
         )
     else:
@@ -253,4 +259,7 @@ def run(
 
 def describe(summary: dict, output_dir: str) -> str:
     """The closing line of a run."""
-    return f"model saved to {output_dir}; summary: {output_dir}/summary.json (train loss {summary['train'].get('train_loss', float('nan')):.4f})"
+    return (
+        f"model saved to {output_dir}; summary: {output_dir}/summary.json (train loss "
+        f"{summary['train'].get('train_loss', float('nan')):.4f})"
+    )

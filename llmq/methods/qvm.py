@@ -111,7 +111,8 @@ class Config:
                 raise UserError(f"key '{name}' must be at least 1, got {getattr(self, name)}")
         if not 0 < self.sampling_temperature < math.inf:
             raise UserError(
-                f"key 'sampling_temperature' must be > 0 (the labels need sampled continuations), got {self.sampling_temperature}"
+                "key 'sampling_temperature' must be > 0 (the labels need sampled continuations), got "
+                f"{self.sampling_temperature}"
             )
         if not self.delimiter:
             raise UserError("key 'delimiter' must not be empty")
@@ -401,4 +402,7 @@ def run(
 
 def describe(summary: dict, output_dir: str) -> str:
     """The closing line of a run."""
-    return f"QVM on {summary['steps']} labelled steps (mean label {summary['rollout_label_mean']:.3f}) saved to {output_dir}"
+    return (
+        f"QVM on {summary['steps']} labelled steps (mean label {summary['rollout_label_mean']:.3f}) saved to "
+        f"{output_dir}"
+    )

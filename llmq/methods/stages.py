@@ -3,7 +3,8 @@ the before/after benchmark's paired change, and ``summary.json``.
 
 A run is a sequence of named stages (a benchmark before, data, training, a benchmark after, ...).
 :class:`StageLedger` records the run's settings (key ``settings``) and each finished stage's report
-(keyed by the stage's name) in ``output_dir/stages.json``, rewritten after every stage; with ``resume`` a stage already recorded
+(keyed by the stage's name) in ``output_dir/stages.json``, rewritten after every stage; with ``resume`` a stage already
+recorded
 under the same settings is read back instead of run again, and a ledger of other settings is
 refused, naming the keys that differ.
 """

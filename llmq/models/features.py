@@ -166,7 +166,8 @@ def score_continuations(
     """
     if len(prefixes) != len(continuations):
         raise ValueError(
-            f"{len(continuations)} continuation lists for {len(prefixes)} prefixes: give one list (possibly empty) per prefix"
+            f"{len(continuations)} continuation lists for {len(prefixes)} prefixes: give one list (possibly empty) "
+            "per prefix"
         )
     index = feature_layer(model, layer)
     cache_file = None

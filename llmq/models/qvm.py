@@ -78,7 +78,8 @@ class FeatureQVM:
         self.model, self.tokenizer, self.heads, self.prompt, self.layer = model, tokenizer, heads, prompt, layer
 
     def __call__(self, pairs: list[tuple[State, ReasoningStep]]) -> list[float]:
-        # An answer that ends right after a delimiter ends with an empty final step: the end-of-sequence token is its text.
+        # An answer that ends right after a delimiter ends with an empty final step: the end-of-sequence token is its
+        # text.
         def text(step: ReasoningStep) -> str:
             return step.text or self.tokenizer.eos_token
 

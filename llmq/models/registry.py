@@ -150,7 +150,8 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def resolve_dtype(dtype: str | None) -> torch.dtype:
-    """``auto``/None: bf16 on a CUDA device that supports it, fp32 otherwise (bf16 is ~175x slower on CPUs without AMX)."""
+    """``auto``/None: bf16 on a CUDA device that supports it, fp32 otherwise (bf16 is ~175x slower on CPUs without
+    AMX)."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,13 +179,15 @@ def _adapter_base(path: str) -> str | None:
             ) from None
         if not isinstance(base, str) or not (Path(base).is_dir() or _HUB_ID.match(base)):
             raise UserError(
-                f"adapter '{path}': its base model '{base}' (base_model_name_or_path in adapter_config.json) is neither an existing directory nor a Hub id; "
+                f"adapter '{path}': its base model '{base}' (base_model_name_or_path in adapter_config.json) is "
+                "neither an existing directory nor a Hub id; "
                 "point it at the base model's directory"
             )
         return base
     if not (directory / "config.json").is_file():
         raise UserError(
-            f"model directory '{path}' has neither config.json nor adapter_config.json: it is not a saved model (save_pretrained or llmq train writes one)"
+            f"model directory '{path}' has neither config.json nor adapter_config.json: it is not a saved model "
+            "(save_pretrained or llmq train writes one)"
         )
     return None
 

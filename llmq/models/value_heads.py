@@ -38,7 +38,8 @@ class CriticHeads(nn.Module):
         self.v_heads = nn.ModuleList(_mlp(state_dim, hidden_size, num_layers) for _ in range(num_heads))
 
     def q(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """``Q_i(s, a)``: ``[H, B]`` for action features ``[B, D_a]``, ``[H, B, N]`` for N candidates ``[B, N, D_a]``."""
+        """``Q_i(s, a)``: ``[H, B]`` for action features ``[B, D_a]``, ``[H, B, N]`` for N candidates ``[B, N,
+        D_a]``."""
         if action.dim() == 3:
             state = state[:, None, :].expand(-1, action.shape[1], -1)
         inputs = torch.cat([state, action], dim=-1)

@@ -326,7 +326,8 @@ class VLLMEngine:
                 missing = self._expected_weights - {name for name, _ in weights}
                 if missing:
                     raise ValueError(
-                        f"load_weights needs every weight of the checkpoint; missing {len(missing)}, e.g. {sorted(missing)[:3]}"
+                        f"load_weights needs every weight of the checkpoint; missing {len(missing)}, e.g. "
+                        f"{sorted(missing)[:3]}"
                     )
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}

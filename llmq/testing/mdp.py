@@ -98,7 +98,8 @@ class TokenMDP:
             keys = set(getattr(self, table))
             if keys != states:
                 raise ValueError(
-                    f"{table} must have exactly one entry per agent state; missing {sorted(states - keys)}, unknown {sorted(keys - states)}"
+                    f"{table} must have exactly one entry per agent state; missing {sorted(states - keys)}, unknown "
+                    f"{sorted(keys - states)}"
                 )
         for s, logits in self.ref_logits.items():
             if np.isnan(logits).any() or (logits == np.inf).any() or (logits == -np.inf).all():
@@ -174,7 +175,8 @@ class TokenMDP:
         return {s: i for i, s in enumerate(self.states)}
 
     def is_path(self, seq: Sequence[int]) -> bool:
-        """Whether the dynamics can produce ``seq``: each action taken in an agent state, each observation where one follows."""
+        """Whether the dynamics can produce ``seq``: each action taken in an agent state, each observation where one
+        follows."""
         seq = tuple(seq)
         for i, t in enumerate(seq):
             if t < self.n_actions:
@@ -187,7 +189,8 @@ class TokenMDP:
         return True
 
     def steps(self, seq: Sequence[int]) -> list[tuple[State, int]]:
-        """The ``(agent state, action)`` pairs along a sequence (``seq[i]`` sits at batch position ``i + 1``, after BOS)."""
+        """The ``(agent state, action)`` pairs along a sequence (``seq[i]`` sits at batch position ``i + 1``, after
+        BOS)."""
         seq = tuple(seq)
         return [(seq[:i], t) for i, t in enumerate(seq) if t < self.n_actions]
 

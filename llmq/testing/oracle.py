@@ -17,7 +17,8 @@ from llmq.testing.mdp import Policy, State, TokenMDP
 
 @dataclasses.dataclass(frozen=True)
 class Values:
-    """Action values ``q[s]`` ``[n_actions]``, state values ``v[s]`` and the policy ``pi[s]`` they belong to, per agent state."""
+    """Action values ``q[s]`` ``[n_actions]``, state values ``v[s]`` and the policy ``pi[s]`` they belong to, per agent
+    state."""
 
     q: dict[State, np.ndarray]
     v: dict[State, float]

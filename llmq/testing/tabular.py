@@ -55,7 +55,8 @@ class TabularLM(torch.nn.Module):
         return cls(mdp, "reference", dtype).requires_grad_(False).eval()
 
     def state_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` table row of the state ``input_ids[:, 1:p+1]`` at each position ``p``, -1 where that prefix is no agent state."""
+        """``[B, L]`` table row of the state ``input_ids[:, 1:p+1]`` at each position ``p``, -1 where that prefix is no
+        agent state."""
         rows = []
         for ids in input_ids.tolist():
             if ids[0] != self.mdp.bos_id:

@@ -53,8 +53,10 @@ class LossMetricsTrainer(Trainer):
             self._save_checkpoint(model, trial=None)
             folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; the weights of step {self.state.global_step} "
-                f"are saved in {folder} (resume_from_checkpoint: {folder}); lower learning_rate or check the data's rewards"
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; the weights of step "
+                f"{self.state.global_step} "
+                f"are saved in {folder} (resume_from_checkpoint: {folder}); lower learning_rate or check the data's "
+                "rewards"
             )
         return loss
 
@@ -62,7 +64,8 @@ class LossMetricsTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         folder = Path(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
-            # A save into an existing folder overwrites it: it is incomplete until the Trainer writes this file again, last.
+            # A save into an existing folder overwrites it: it is incomplete until the Trainer writes this file again,
+            # last.
             (folder / TRAINER_STATE).unlink(missing_ok=True)
         try:
             super()._save_checkpoint(model, trial)
@@ -77,7 +80,10 @@ class LossMetricsTrainer(Trainer):
                 raise
             good = complete_checkpoints(run_dir)
             if good:
-                last = f"the last good checkpoint is {good[0]}; free disk space (or raise the file size limit) and resume from it (llmq train --resume, or resume_from_checkpoint: {good[0]})"
+                last = (
+                    f"the last good checkpoint is {good[0]}; free disk space (or raise the file size limit) and "
+                    f"resume from it (llmq train --resume, or resume_from_checkpoint: {good[0]})"
+                )
             else:
                 last = "there is no earlier checkpoint; free disk space (or raise the file size limit) and start again"
             free = (
@@ -86,7 +92,8 @@ class LossMetricsTrainer(Trainer):
                 else ""
             )
             raise UserError(
-                f"could not save the checkpoint of step {self.state.global_step} in {folder} ({type(error).__name__}: {' '.join(str(error).split())}{free}); "
+                f"could not save the checkpoint of step {self.state.global_step} in {folder} "
+                f"({type(error).__name__}: {' '.join(str(error).split())}{free}); "
                 f"the partial folder was removed and {last}"
             ) from None
 
@@ -108,7 +115,8 @@ class LossMetricsTrainer(Trainer):
 
 
 def _is_write_failure(error: Exception) -> bool:
-    """An OS error while writing, including the forms safetensors and ``torch.save`` give it (neither raises OSError)."""
+    """An OS error while writing, including the forms safetensors and ``torch.save`` give it (neither raises
+    OSError)."""
     if isinstance(error, (OSError, SafetensorError)):
         return True
     # torch.save reports a failed write from its zip writer (caffe2/serialize/inline_container.cc).

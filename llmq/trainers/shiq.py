@@ -71,7 +71,8 @@ class ShiQConfig(TrainingArguments):
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
-            "help": "Compute the reference log-probs and log-sum-exps once before training instead of keeping a live reference model."
+            "help": "Compute the reference log-probs and log-sum-exps once before training instead of keeping a "
+            "live reference model."
         },
     )
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
@@ -152,7 +153,8 @@ class ShiQTrainer(LossMetricsTrainer):
             model = get_peft_model(model, peft_config)
             if ref_model is not None:
                 raise UserError(
-                    "give either ref_model or peft_config: with PEFT the reference is the model with its adapters disabled"
+                    "give either ref_model or peft_config: with PEFT the reference is the model with its adapters "
+                    "disabled"
                 )
         elif ref_model is None and not args.precompute_ref_log_probs:
             if is_deepspeed_zero3_enabled():
@@ -163,7 +165,8 @@ class ShiQTrainer(LossMetricsTrainer):
                 ref_model = copy.deepcopy(model)
         if args.precompute_ref_log_probs and is_deepspeed_zero3_enabled():
             raise UserError(
-                "precompute_ref_log_probs runs the unsharded model and is not available under DeepSpeed ZeRO-3; use a live reference (the default) or ZeRO-2"
+                "precompute_ref_log_probs runs the unsharded model and is not available under DeepSpeed ZeRO-3; use "
+                "a live reference (the default) or ZeRO-2"
             )
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
