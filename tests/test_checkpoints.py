@@ -283,6 +283,7 @@ def test_a_checkpoint_the_os_cannot_write_is_removed_and_named(tmp_path, tiny_mo
     assert resume_point(tmp_path) == str(tmp_path / "checkpoint-2")
 
 
+@pytest.mark.slow
 def test_llmq_train_with_a_file_size_limit_exits_2_with_one_line(tmp_path, shiq_recipe):
     recipe = shiq_recipe(
         tmp_path,

@@ -3,7 +3,7 @@
 Docstrings and comments under llmq/ cite the document by section ("§2.3", "§2.3–2.4", "§4.4 item 2")
 and by equation label ("(S3)", "R2", "B1–B3"). Every such citation must name a heading or an
 equation of docs/algorithms.md, and none may point at the reference documents that do not ship
-(docs/algorithms.md, DESIGN.md).
+(ALGORITHMS.md, DESIGN.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "llmq"
 ALGORITHMS = REPO / "docs" / "algorithms.md"
 
-UNSHIPPED_DOCUMENTS = ("docs/algorithms.md", "DESIGN.md")
+UNSHIPPED_DOCUMENTS = ("ALGORITHMS.md", "DESIGN.md")
 BINARY_SUFFIXES = {".pyc", ".pyo", ".so", ".pyd", ".png", ".jpg", ".safetensors", ".bin"}
 
 # "§2", "§2.3", "§8.6.7" (item 7 of §8.6), and ranges "§2.3–2.4", "§5.4-5.5", "§2–4".
@@ -96,7 +96,7 @@ def test_the_citation_parsers_read_sections_ranges_and_labels_as_the_package_wri
         "4",
     }
     assert cited_sections("§8.3–8.5; §5.4-5.5; §2–4") == {"8.3", "8.4", "8.5", "5.4", "5.5", "2", "3", "4"}
-    assert cited_sections("(docs/algorithms.md §7.1, DESIGN.md §3)") == {"7.1"}
+    assert cited_sections("(ALGORITHMS.md §7.1, DESIGN.md §3)") == {"7.1"}
     assert cited_labels("(S3) and (S2, default); R2) B1–B3 (E6, the identity) E8:") == {
         "S3",
         "S2",

@@ -164,6 +164,7 @@ def test_an_unknown_guide_model_is_one_line_exit_2(tmp_path, capsys, monkeypatch
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_dir_set", [True, False])
 def test_a_task_with_no_local_copy_and_no_hub_is_one_line_exit_2(tmp_path, tiny_model_dir, data_dir_set):
     # Offline, with an empty Hugging Face cache: the Hub is never reached and no cached copy is found.

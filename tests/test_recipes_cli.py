@@ -131,6 +131,7 @@ def test_help_documents_every_option(capsys):
     assert code == 0 and all(c in out for c in ("train", "generate", "eval", "models"))
 
 
+@pytest.mark.slow
 def test_console_script_bad_input_has_no_traceback(tmp_path):
     recipe = write(tmp_path, "limit: many\n")
     result = subprocess.run(

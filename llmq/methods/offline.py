@@ -133,26 +133,23 @@ def config_types(method: str) -> tuple[type, type]:
 def fit(model, tokenizer, dataset, model_args: ModelConfig, training_args: TrainingArguments, method: str) -> tuple:
     """Train ``model`` on ``dataset`` with the method's trainer and save it to ``output_dir``; returns the trainer and
     its metrics."""
-    model.train()
     extra = {}
-    peft_config = get_peft_config(model_args)
     if method == "dpo":
         if "reward" in dataset.column_names:
             dataset = preference_pairs(dataset)
             extra["preference_pairs"] = len(dataset)
         dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
-        trainer = DPOTrainer(
-            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-        )
     elif method == "sft":
         dataset = dataset.select_columns(["prompt", "completion"])
-        trainer = SFTTrainer(
-            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-        )
-    else:
-        trainer = ShiQTrainer(
-            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-        )
+    trainer_type = {"shiq": ShiQTrainer, "dpo": DPOTrainer, "sft": SFTTrainer}[method]
+    model.train()
+    trainer = trainer_type(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     try:
         trainer.save_model(training_args.output_dir)
