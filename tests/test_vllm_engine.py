@@ -10,6 +10,7 @@ and sizes otherwise, seeded random weights). One in-process vLLM engine is alive
 """
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.request
 
+import datasets
 import pytest
 import torch
 
@@ -29,6 +31,8 @@ except Exception as error:  # noqa: BLE001 - any import failure means: no vLLM h
         allow_module_level=True,
     )
 
+from llmq.cli import main
+from llmq.errors import UserError
 from llmq.mdp import token_logprobs
 from llmq.models import load_model, load_tokenizer
 from llmq.rollout import HFEngine, SamplingParams, VLLMEngine, VLLMServerEngine
@@ -277,6 +281,35 @@ def test_server_client_matches_offline_engine(server, tiny, vllm_tiny_dir):
     assert all(len(r) == 3 and all("e" not in c.text for c in r) for r in first)
     with pytest.raises(ValueError, match="beam search"):
         client.generate(PROMPTS, sampling=SamplingParams(num_beams=2))
+
+
+def test_a_server_of_another_model_is_refused_naming_both(server, vllm_tiny_dir):
+    with pytest.raises(UserError, match=f"serves {vllm_tiny_dir}, not the model 'smollm2-135m-instruct'"):
+        VLLMServerEngine(server, tokenizer=str(vllm_tiny_dir), expected_model="smollm2-135m-instruct")
+
+
+def test_llmq_eval_and_generate_with_engine_vllm_server_match_engine_hf(server, vllm_tiny_dir, data_dir, tmp_path):
+    common = ["--model_name_or_path", str(vllm_tiny_dir), "--dtype", "float32", "--data_dir", str(data_dir)]
+    common += ["--limit", "4", "--max_new_tokens", "12", "--vllm_server_url", server, "--vllm_server_url", server]
+    for engine in ("hf", "vllm_server"):
+        assert main(["eval", *common, "--engine", engine, "--output_dir", str(tmp_path / engine)]) == 0
+    hf, remote = (
+        [json.loads(line) for line in (tmp_path / e / "completions.jsonl").open()] for e in ("hf", "vllm_server")
+    )
+    assert [r["completions"] for r in remote] == [r["completions"] for r in hf]  # greedy: token for token
+    assert (
+        json.loads((tmp_path / "vllm_server" / "report.json").read_text())["protocol"]["decoding"]["engine"]
+        == "vllm_server"
+    )
+
+    sampled = ["--engine", "vllm_server", "--num_completions", "2", "--temperature", "1.0"]
+    assert main(["generate", *common, *sampled, "--dataset_path", str(tmp_path / "data")]) == 0
+    rows = datasets.load_from_disk(str(tmp_path / "data"))
+    assert len(rows) == 8 and set(rows["question_index"]) == {0, 1, 2, 3}
+    assert (
+        json.loads((tmp_path / "data" / "llmq_generation.json").read_text())["generate_config"]["engine"]
+        == "vllm_server"
+    )
 
 
 def perturbed(model, scale: float, seed: int):

@@ -13,11 +13,13 @@ import math
 from llmq.errors import UserError
 from llmq.models import check_model_reference
 from llmq.rollout import SamplingParams
+from llmq.rollout.engines import EngineConfig
 
 
 @dataclasses.dataclass
-class DecodingOptions:
-    """How answers are decoded; a config that inherits it defines ``temperature``, ``top_p`` and ``seed``."""
+class DecodingOptions(EngineConfig):
+    """How answers are decoded, and by which engine; a config that inherits it defines
+    ``temperature``, ``top_p`` and ``seed``."""
 
     decoding: str = dataclasses.field(
         default="sample",
@@ -99,6 +101,17 @@ class DecodingOptions:
 
     def check_decoding(self, answers: int, answers_key: str) -> None:
         """Consistency of the decoding keys with ``answers`` per question (recipe key ``answers_key``)."""
+        self.check_engine()
+        if self.engine != "hf" and (self.decoding == "guided" or (self.decoding == "beam" and self.guide_model)):
+            raise UserError(
+                f"decoding {self.decoding} with guide_model needs engine hf (a logits processor reweights every "
+                "token), "
+                f"not engine {self.engine}"
+            )
+        if self.engine == "vllm_server" and self.decoding == "beam":
+            raise UserError(
+                "decoding beam needs engine hf or vllm: a vLLM server's completions API has no beam search"
+            )
         if not 0 <= self.temperature < math.inf:  # NaN fails too
             raise UserError(f"key 'temperature' must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -178,5 +191,9 @@ class DecodingOptions:
         )
 
     def decoding_record(self) -> dict:
-        """The decoding keys, for reports and dataset settings."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(DecodingOptions)}
+        """The decoding keys and the engine, for reports and dataset settings."""
+        engine_keys = {field.name for field in dataclasses.fields(EngineConfig)}
+        decoding = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingOptions) if f.name not in engine_keys
+        }
+        return decoding | self.engine_record()

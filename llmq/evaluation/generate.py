@@ -16,7 +16,7 @@ from llmq.decoding.best_of_n import select_candidates
 from llmq.decoding.guided import guidance_processors, load_guide
 from llmq.decoding.options import DecodingOptions
 from llmq.errors import UserError
-from llmq.rollout import HFEngine
+from llmq.rollout.engines import make_engine
 
 SETTINGS_FILE = "llmq_generation.json"
 
@@ -108,8 +108,15 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", q["question"])}] for q in questions]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
-    engine = HFEngine(
-        model, tokenizer, batch_size=config.batch_size, logits_processor=guidance_processors(config, tokenizer, guide)
+    engine = make_engine(
+        config,
+        model,
+        tokenizer,
+        model_name,
+        batch_size=config.batch_size,
+        logits_processor=guidance_processors(config, tokenizer, guide),
+        dtype=str(model.dtype).removeprefix("torch."),
+        seed=config.seed,
     )
     started = time.perf_counter()
     outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_completions), sampling=sampling)
@@ -151,7 +158,7 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     rewards = [row["reward"] for row in rows]
     settings = {
         "model": model_name,
-        "generate_config": dataclasses.asdict(config),
+        "generate_config": config.settings_record(),
         "sampling": dataclasses.asdict(sampling),
         "prompt_template": template,
         "questions": len(questions),

@@ -19,7 +19,8 @@ from llmq.errors import UserError
 from llmq.evaluation.report import score_records, write_reports
 from llmq.models.features import weights_checksum
 from llmq.models.qvm import load_qvm
-from llmq.rollout import Completion, HFEngine
+from llmq.rollout import Completion
+from llmq.rollout.engines import make_engine
 from llmq.visualize import render_search_tree_html
 
 
@@ -93,6 +94,8 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
     model and its weights, task, prompt, decoding) generates only the missing questions, with the
     same per-batch seeds, so the report equals that of an uninterrupted run.  Another protocol in
     the same folder is an error, or with ``restart_on_mismatch`` the old completions are discarded.
+    ``model_name`` names the model in the report; with engine vllm or vllm_server it is also what
+    the engine loads or must find served (a registry name, a directory or a Hub id).
     """
     task = load_task(config.task)
     rows = load_task_rows(task, config.split, config.data_dir)[: config.limit]
@@ -100,7 +103,7 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records = _cached_records(output_dir, protocol, restart_on_mismatch)
-    _generate_missing(model, tokenizer, task, rows, records, config, output_dir)
+    _generate_missing(model, tokenizer, model_name, task, rows, records, config, output_dir)
 
     ordered = [records[row["index"]] for row in rows]
     selecting = config.decoding in ("best_of_n", "maj_at_n")
@@ -171,7 +174,14 @@ def _cached_records(output_dir: Path, protocol: dict, restart_on_mismatch: bool)
 
 
 def _generate_missing(
-    model, tokenizer, task: TaskSpec, rows: list[dict], records: dict[int, dict], config: EvalConfig, output_dir: Path
+    model,
+    tokenizer,
+    model_name: str,
+    task: TaskSpec,
+    rows: list[dict],
+    records: dict[int, dict],
+    config: EvalConfig,
+    output_dir: Path,
 ) -> None:
     """Answer, score and select for every batch of questions with no record yet, appending each
     batch's records to ``completions.jsonl`` (and to ``records``) as it finishes."""
@@ -180,12 +190,16 @@ def _generate_missing(
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
     qvm = load_qvm(config.qvm_path) if config.decoding == "qstar" else None
-    engine = HFEngine(
+    engine = make_engine(
+        config,
         model,
         tokenizer,
+        model_name,
         batch_size=config.batch_size,
         progress=False,
         logits_processor=guidance_processors(config, tokenizer, guide),
+        dtype=str(model.dtype).removeprefix("torch."),
+        seed=config.seed,
     )
     score = task_scorer(task)
     batches = [

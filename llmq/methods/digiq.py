@@ -42,16 +42,19 @@ from llmq.methods import method_field
 from llmq.methods.stages import StageLedger, paired_change, write_summary
 from llmq.models import load_from_config
 from llmq.models.features import score_continuations
+from llmq.rollout.engines import EngineConfig
 from llmq.trainers import SFTConfig
 from llmq.trainers.critic import CriticConfig, CriticTrainer, critic_config
 
 
 @dataclasses.dataclass
-class Config:
+class Config(EngineConfig):
     """Games, behaviour data, features and critic of a Digi-Q run; the actor's fine-tuning takes the
     usual training arguments (learning_rate, num_train_epochs, per_device_train_batch_size, ...).
     The critic's keys set the fields of :class:`~llmq.trainers.critic.CriticConfig` of the same name
-    (without ``critic_``), with its defaults."""
+    (without ``critic_``), with its defaults.  Every stage runs on transformers (``engine: hf``): the
+    policy scores a state's admissible commands through the state's KV cache, and the same pass gives
+    the critic's features, which no vLLM API returns."""
 
     method: str = method_field("digiq")
     games_dir: str = dataclasses.field(
@@ -115,6 +118,12 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        self.check_engine()
+        if self.engine != "hf":
+            raise UserError(
+                f"key 'engine': method digiq runs on transformers (engine hf), not engine {self.engine}: it scores "
+                "commands and reads features through one KV cache"
+            )
         for name in (
             "train_games",
             "test_games",
@@ -363,7 +372,7 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
     output_dir = Path(training_args.output_dir)
     ledger = StageLedger(
         output_dir,
-        {"model": model_args.model_name_or_path, "seed": training_args.seed, **dataclasses.asdict(config)},
+        {"model": model_args.model_name_or_path, "seed": training_args.seed, **config.settings_record()},
         resume=launch.resume,
     )
     games = dict(rooms=config.rooms, nb_objects=config.nb_objects, quest_length=config.quest_length)

@@ -27,6 +27,7 @@ from llmq.launch import LaunchConfig, is_launched_process, launch_training
 from llmq.methods import method_field
 from llmq.methods.stages import StageLedger, paired_change, write_summary
 from llmq.models import load_from_config, load_model
+from llmq.rollout.engines import EngineConfig
 from llmq.trainers import DPOConfig, SFTConfig, ShiQConfig, ShiQTrainer
 
 # The training processes' metrics, read back by the process that launched them.
@@ -35,8 +36,9 @@ TRAINING_ARGUMENTS: dict[str, type[TrainingArguments]] = {"shiq": ShiQConfig, "d
 
 
 @dataclasses.dataclass
-class Config:
-    """The run around the trainer: where the data come from and how the model is benchmarked."""
+class Config(EngineConfig):
+    """The run around the trainer: where the data come from (sampled by ``engine`` when built) and how
+    the model is benchmarked (by transformers: the benchmark after training runs the trained model)."""
 
     method: str = method_field("shiq")
     dataset_path: str = dataclasses.field(
@@ -82,6 +84,11 @@ class Config:
     def __post_init__(self) -> None:
         if self.method not in TRAINING_ARGUMENTS:
             raise UserError(f"key 'method': {self.method} is not an offline method ({', '.join(TRAINING_ARGUMENTS)})")
+        self.check_engine()
+        if self.engine != "hf" and self.build_task is None:
+            raise UserError(
+                f"key 'engine' ({self.engine}) samples the data that build_task builds; set build_task or engine hf"
+            )
         local = "/" not in self.dataset_path or self.dataset_path.startswith((".", "/"))
         if self.build_task is None and local and not Path(self.dataset_path).exists():
             raise UserError(
@@ -105,6 +112,7 @@ class Config:
             format_reward=self.build_format_reward,
             batch_size=self.generation_batch_size,
             dataset_path=self.dataset_path,
+            **{field.name: getattr(self, field.name) for field in dataclasses.fields(EngineConfig)},
             # SFT data are best-of-N extractions (rejection sampling); ShiQ and DPO keep every sample.
             **(
                 dict(decoding="best_of_n", num_candidates=self.build_num_completions, min_score=self.build_min_score)
@@ -186,7 +194,7 @@ def run(
             (output_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         return {"train": metrics}
 
-    settings = {"model": model_args.model_name_or_path, "seed": training_args.seed, **dataclasses.asdict(config)}
+    settings = {"model": model_args.model_name_or_path, "seed": training_args.seed, **config.settings_record()}
     ledger = StageLedger(output_dir, settings, resume=launch.resume)
     building = config.build_task is not None and not Path(config.dataset_path).exists()
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"

@@ -43,15 +43,17 @@ from llmq.models import load_from_config
 from llmq.models.features import score_continuations
 from llmq.models.qvm import FeatureQVM, ReasoningStep, save_qvm, split_steps
 from llmq.models.value_heads import CriticHeads
-from llmq.rollout import HFEngine, SamplingParams
+from llmq.rollout import Engine, SamplingParams
+from llmq.rollout.engines import EngineConfig, make_engine
 from llmq.trainers.critic import CriticConfig, CriticTrainer, critic_config
 
 LABELS_FILE = "labels.json"
 
 
 @dataclasses.dataclass
-class Config:
-    """Where the QVM's training data come from and how the heads are fitted."""
+class Config(EngineConfig):
+    """Where the QVM's training data come from (sampled by ``engine``) and how the heads are fitted;
+    the heads read the policy's features through transformers whatever the engine."""
 
     method: str = method_field("qvm")
     task: str = dataclasses.field(
@@ -97,6 +99,7 @@ class Config:
     generation_batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generate call."})
 
     def __post_init__(self) -> None:
+        self.check_engine()
         for name in (
             "limit",
             "trajectories",
@@ -136,7 +139,7 @@ class LabelledStep:
 
 
 def sample_steps(
-    engine: HFEngine,
+    engine: Engine,
     tokenizer,
     prompts: list[str],
     questions: list[dict],
@@ -169,7 +172,7 @@ def sample_steps(
 
 
 def rollout_labels(
-    engine: HFEngine,
+    engine: Engine,
     tokenizer,
     prompts: list[str],
     questions: list[dict],
@@ -273,7 +276,7 @@ def fit_heads(
 def fqi_refit(
     model,
     tokenizer,
-    engine: HFEngine,
+    engine: Engine,
     prompts: list[str],
     items: list[LabelledStep],
     features: list,
@@ -321,7 +324,7 @@ def run(
     output_dir = Path(training_args.output_dir)
     ledger = StageLedger(
         output_dir,
-        {"model": model_args.model_name_or_path, "seed": training_args.seed, **dataclasses.asdict(config)},
+        {"model": model_args.model_name_or_path, "seed": training_args.seed, **config.settings_record()},
         resume=launch.resume,
     )
     model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
@@ -329,7 +332,15 @@ def run(
     task = load_task(config.task)
     questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     score = task_scorer(task)
-    engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size)
+    engine = make_engine(
+        config,
+        model,
+        tokenizer,
+        model_args.model_name_or_path,
+        batch_size=config.generation_batch_size,
+        dtype=model_args.dtype,
+        seed=training_args.seed,
+    )
     prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": task.prompt.replace("{question}", q["question"])}],
@@ -344,9 +355,8 @@ def run(
 
     def label() -> dict:
         items = sample_steps(engine, tokenizer, prompts, questions, score, config, sampling)
-        rollout_engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size, progress=False)
         labels = rollout_labels(
-            rollout_engine, tokenizer, prompts, questions, score, items, config, sampling, training_args.seed
+            engine, tokenizer, prompts, questions, score, items, config, sampling, training_args.seed
         )
         (output_dir / LABELS_FILE).write_text(
             json.dumps([dataclasses.asdict(item) | {"label": y} for item, y in zip(items, labels)]) + "\n"

