@@ -4,6 +4,7 @@ What needs no vLLM runs here (the keys, the combinations they refuse, a server t
 the tests against a real ``vllm serve`` are in tests/test_vllm_engine.py (``make test-vllm``).
 """
 
+import importlib.util
 import socket
 import time
 
@@ -59,3 +60,13 @@ def test_an_unreachable_server_is_one_line_naming_its_url_within_15_seconds(tmp_
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
     assert time.monotonic() - started < 15
     assert last.startswith("llmq eval: error: vLLM server " + url) and "cannot be reached" in last
+
+
+@pytest.mark.slow
+def test_engine_vllm_without_vllm_installed_is_one_line_saying_how_to_get_it(tmp_path, data_dir, capsys):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/test_vllm_engine.py runs it")
+    argv = ["eval", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir), "--limit", "1"]
+    assert main([*argv, "--engine", "vllm", "--output_dir", str(tmp_path)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "engine vllm needs vLLM" in last and "llmq[vllm]" in last and "vllm_server" in last
