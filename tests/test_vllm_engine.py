@@ -234,7 +234,7 @@ def server(vllm_tiny_dir, tmp_path_factory):
         "--port",
         str(port),
     ]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_SERVER_DEV_MODE="1")  # dev mode: weight reloading
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     with open(log, "wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
@@ -310,6 +310,24 @@ def test_llmq_eval_and_generate_with_engine_vllm_server_match_engine_hf(server, 
         json.loads((tmp_path / "data" / "llmq_generation.json").read_text())["generate_config"]["engine"]
         == "vllm_server"
     )
+
+
+def test_server_load_weights_serves_the_weights_of_a_training_model(server, vllm_tiny_dir, tiny_hf, tmp_path):
+    client = VLLMServerEngine(server, tokenizer=str(vllm_tiny_dir))
+    sampling = SamplingParams(max_new_tokens=12)
+    before = client.generate(PROMPTS, sampling=sampling)
+    trained = HFEngine(perturbed(tiny_hf.model, 0.1, seed=0), tiny_hf.tokenizer, progress=False)
+    expected = trained.generate(PROMPTS, sampling=sampling)
+    assert ids(expected) != ids(before)  # the perturbation changes greedy decoding
+    try:
+        client.load_weights(trained.model, sync_dir=tmp_path / "sync")  # tiny-llama ties its embeddings
+        synced = client.generate(PROMPTS, sampling=sampling)
+        assert ids(synced) == ids(expected)
+        for [a], [b] in zip(synced, expected):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3)
+    finally:
+        client.load_weights(tiny_hf.model)  # the server is shared by the module's tests
+    assert ids(client.generate(PROMPTS, sampling=sampling)) == ids(before)
 
 
 def perturbed(model, scale: float, seed: int):

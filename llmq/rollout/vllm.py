@@ -32,11 +32,14 @@ import dataclasses
 import gc
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import httpx
 import openai
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from llmq.errors import UserError
@@ -400,6 +403,7 @@ class VLLMServerEngine:
             for url in self.servers
         ]
         self.max_concurrency = max_concurrency
+        self._weights_dir: tempfile.TemporaryDirectory | None = None
         served = [
             [
                 entry.id
@@ -435,7 +439,39 @@ class VLLMServerEngine:
                 "vllm_server_url, then run the same command again"
             ) from None
         except openai.APIStatusError as error:
+            if error.status_code == 404 and not error.request.url.path.startswith("/v1/"):
+                raise UserError(
+                    f"vLLM server {url} has no endpoint {error.request.url.path}: reloading weights needs the server "
+                    "started with VLLM_SERVER_DEV_MODE=1"
+                ) from None
             raise RuntimeError(f"vLLM server {url}: HTTP {error.status_code}: {str(error.message)[:500]}") from error
+
+    def load_weights(self, model_or_state_dict, sync_dir: str | Path | None = None) -> None:
+        """Serve these weights (a model, PEFT adapters merged, or a state dict in Hugging Face names):
+        written as one safetensors file to ``sync_dir``, reloaded in place by every server, whose
+        prefix cache is then dropped.
+
+        ``sync_dir`` must be a folder the servers can read: by default a temporary folder on this
+        machine (servers on other machines need a shared one). A tied output layer is written under
+        its own name too (``lm_head.weight``): vLLM's in-place reload loads it from nowhere else.
+        Uses vLLM's development endpoints ``/collective_rpc`` (the workers' ``reload_weights``) and
+        ``/reset_prefix_cache``: start the servers with ``VLLM_SERVER_DEV_MODE=1``.
+        """
+        with named_weights(model_or_state_dict) as named:  # copied inside: PEFT adapters are merged only here
+            weights = {name: tensor.to("cpu", copy=True).contiguous() for name, tensor in named}
+        if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:  # tied embeddings
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+        if sync_dir is None and self._weights_dir is None:  # removed when this engine is
+            self._weights_dir = tempfile.TemporaryDirectory(prefix="llmq-weights-")
+        directory = Path(sync_dir if sync_dir is not None else self._weights_dir.name)
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / "model.safetensors.partial"
+        save_file(weights, str(partial))
+        partial.replace(directory / "model.safetensors")  # a server never reads a half-written file
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(directory.resolve())}}
+        for url, client in zip(self.servers, self.clients):
+            for path, body in (("/collective_rpc", rpc), ("/reset_prefix_cache", None)):
+                self._call(url, client.with_options(base_url=url).post, path=path, body=body, cast_to=httpx.Response)
 
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
