@@ -115,8 +115,6 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
         model_name,
         batch_size=config.batch_size,
         logits_processor=guidance_processors(config, tokenizer, guide),
-        dtype=str(model.dtype).removeprefix("torch."),
-        seed=config.seed,
     )
     started = time.perf_counter()
     outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_completions), sampling=sampling)

@@ -185,6 +185,16 @@ def _generate_missing(
 ) -> None:
     """Answer, score and select for every batch of questions with no record yet, appending each
     batch's records to ``completions.jsonl`` (and to ``records``) as it finishes."""
+    batches = [
+        list(range(start, min(start + config.batch_size, len(rows))))
+        for start in range(0, len(rows), config.batch_size)
+    ]
+    todo = [
+        (number, batch) for number, batch in enumerate(batches) if any(rows[i]["index"] not in records for i in batch)
+    ]
+    if not todo:  # a finished run needs no guide, QVM or engine (a vLLM server may be gone by now)
+        return
+    done = len(rows) - sum(len(batch) for _, batch in todo)
     template = config.prompt or task.prompt
     sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
@@ -198,18 +208,8 @@ def _generate_missing(
         batch_size=config.batch_size,
         progress=False,
         logits_processor=guidance_processors(config, tokenizer, guide),
-        dtype=str(model.dtype).removeprefix("torch."),
-        seed=config.seed,
     )
     score = task_scorer(task)
-    batches = [
-        list(range(start, min(start + config.batch_size, len(rows))))
-        for start in range(0, len(rows), config.batch_size)
-    ]
-    todo = [
-        (number, batch) for number, batch in enumerate(batches) if any(rows[i]["index"] not in records for i in batch)
-    ]
-    done = len(rows) - sum(len(batch) for _, batch in todo)
     with (
         open(output_dir / "completions.jsonl", "a") as cache,
         tqdm(total=len(rows), initial=done, desc=f"eval {task.name}", unit="question") as progress,

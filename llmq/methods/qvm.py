@@ -338,8 +338,6 @@ def run(
         tokenizer,
         model_args.model_name_or_path,
         batch_size=config.generation_batch_size,
-        dtype=model_args.dtype,
-        seed=training_args.seed,
     )
     prompts = [
         tokenizer.apply_chat_template(

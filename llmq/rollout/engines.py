@@ -97,12 +97,11 @@ def make_engine(
     batch_size: int = 8,
     progress: bool = True,
     logits_processor: list | None = None,
-    dtype: str = "auto",
-    seed: int = 0,
 ) -> Engine:
     """The engine ``config`` names, generating from the model ``model_name`` (``model`` and ``tokenizer``
-    are that model loaded with transformers: HFEngine runs them, the others use the tokenizer and
-    check that they serve the same model).  Logits processors need ``engine: hf``."""
+    are that model loaded with transformers: HFEngine runs them, VLLMEngine loads the model in its
+    dtype, the server client uses the tokenizer and checks that the server serves the same model).
+    Logits processors need ``engine: hf``.  Every engine seeds each request itself."""
     if logits_processor and config.engine != "hf":
         raise UserError(f"engine {config.engine} runs no logits processor (Q-guided decoding): use engine hf")
     if config.engine == "hf":
@@ -122,8 +121,7 @@ def make_engine(
         try:
             return VLLMEngine(
                 model_name,
-                dtype=dtype,
-                seed=seed,
+                dtype=str(model.dtype).removeprefix("torch."),
                 gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                 **options,
             )

@@ -106,11 +106,16 @@ class LossMetricsTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            # Every process logs the same metrics at the same steps, as TRL's trainers: the mean over processes.
-            mean = torch.stack(values).mean().to(self.accelerator.device)
-            logs[prefix + name] = self.accelerator.gather(mean).mean().item()
-        self._metrics[mode].clear()
+        metrics = self._metrics[mode]
+        if metrics:
+            # Every process logs the same metrics at the same steps, as TRL's trainers: one gather of all their
+            # means, then the mean over processes, and one host sync per log line.
+            means = torch.stack([torch.stack(values).mean() for values in metrics.values()]).to(
+                self.accelerator.device
+            )
+            gathered = self.accelerator.gather(means[None]).mean(dim=0).tolist()
+            logs |= {prefix + name: value for name, value in zip(metrics, gathered)}
+        metrics.clear()
         super().log(logs, start_time)
 
 
