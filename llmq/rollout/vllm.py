@@ -32,6 +32,7 @@ import dataclasses
 import gc
 import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -404,6 +405,7 @@ class VLLMServerEngine:
         ]
         self.max_concurrency = max_concurrency
         self._weights_dir: tempfile.TemporaryDirectory | None = None
+        self._transfers: list | None = None  # NCCL weight-transfer groups, one per server (broadcast_weights)
         served = [
             [
                 entry.id
@@ -472,6 +474,85 @@ class VLLMServerEngine:
         for url, client in zip(self.servers, self.clients):
             for path, body in (("/collective_rpc", rpc), ("/reset_prefix_cache", None)):
                 self._call(url, client.with_options(base_url=url).post, path=path, body=body, cast_to=httpx.Response)
+
+    def broadcast_weights(self, model_or_state_dict, master_address: str | None = None) -> None:
+        """Serve these weights (as :meth:`load_weights` takes them) by sending them from this process's GPU
+        to every server's workers over NCCL: vLLM's weight-transfer engine, which TRL's server mode also
+        uses; no file and no copy through the CPU.
+
+        The servers must run on GPUs (other GPUs than this process's: NCCL joins distinct devices) and be
+        started with ``llmq serve --enable_weight_sync``, which adds ``--weight-transfer-config
+        '{"backend": "nccl"}'``. The first call joins one NCCL group per server, this process as rank 0 and
+        the server's workers after it, at ``master_address`` (default: the address this machine reaches
+        the server from) on a free port; later calls reuse the groups.
+        """
+        from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource  # optional extra: vLLM
+
+        class Weights(WeightSource):
+            def __init__(self, named: list[tuple[str, object]]) -> None:
+                self.named = named
+
+            def metadata(self) -> list[ParamMeta]:
+                return [ParamMeta(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in self.named]
+
+            def __iter__(self):
+                return iter(self.named)
+
+        with named_weights(model_or_state_dict) as named:  # PEFT adapters stay merged while the weights go out
+            weights = dict(named)
+            if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:  # as load_weights
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            if any(tensor.device.type != "cuda" for tensor in weights.values()):
+                raise ValueError("broadcast_weights sends CUDA tensors over NCCL; on a CPU use load_weights")
+            source = Weights(list(weights.items()))
+            if self._transfers is None:
+                self._transfers = [
+                    self._join_transfer_group(url, client, source, master_address)
+                    for url, client in zip(self.servers, self.clients)
+                ]
+            for transfer in self._transfers:
+                transfer.source = source
+                transfer.send_weights()
+        for url, client in zip(self.servers, self.clients):
+            self._call(url, client.with_options(base_url=url).post, path="/reset_prefix_cache", cast_to=httpx.Response)
+
+    def _join_transfer_group(self, url: str, client: openai.OpenAI, source, master_address: str | None):
+        """The trainer side of an NCCL group with the workers of the server at ``url`` (vLLM's
+        ``NCCLTrainerWeightTransferEngine``, driven through the server's weight-transfer endpoints)."""
+        from vllm.distributed.weight_transfer.nccl_engine import (  # optional extra: vLLM
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        server = client.with_options(base_url=url)
+
+        def post(path: str, body: dict | None = None) -> None:
+            self._call(url, server.post, path=path, body=body, cast_to=httpx.Response)
+
+        class Endpoints:  # vLLM's VLLMWeightSyncClient protocol, over this engine's authenticated client
+            def init_weight_transfer_engine(self, init_info: dict) -> None:
+                post("/init_weight_transfer_engine", {"init_info": init_info})
+
+            def start_weight_update(self) -> None:
+                post("/start_weight_update")
+
+            def update_weights(self, update_info: dict) -> None:
+                post("/update_weights", {"update_info": update_info})
+
+            def finish_weight_update(self, weight_version: str | None = None) -> None:
+                post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version})
+
+        workers = self._call(url, server.get, path="/get_world_size", cast_to=httpx.Response).json()["world_size"]
+        if master_address is None:  # the address of this machine on the route to the server
+            host = httpx.URL(url).host
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((host, 9))  # UDP: no packet is sent
+                master_address = probe.getsockname()[0]
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        info = NCCLTrainerInitInfo(master_address=master_address, master_port=port, world_size=workers + 1, rank=0)
+        return NCCLTrainerWeightTransferEngine.trainer_init(info, client=Endpoints(), source=source)
 
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
