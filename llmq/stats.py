@@ -2,8 +2,11 @@
 
 - Proportions (accuracy, pass@N, success rate) get the Wilson score interval, which is never zero-width:
   0/500 correct reads "0.0% (95% CI 0.0–0.8%)", not "0.0–0.0%". ``exact_interval`` is Clopper–Pearson.
-- Means of real values (pass@k estimates, scores) and paired per-question differences get scipy's bootstrap,
-  BCa where it is defined and the percentile bootstrap where it is not (constant values: the interval is (c, c)).
+  Means of per-question success probabilities (pass@k estimates) get the same Wilson interval on their sum.
+- Paired changes of 0/1 outcomes (a question right before, wrong after) get Newcombe's hybrid score
+  interval, never zero-width either; paired changes of real values get the bootstrap.
+- Means of real values (scores) get scipy's bootstrap, BCa where it is defined and the percentile bootstrap
+  where it is not (constant values: the interval is (c, c)).
 - ``pass_at_k`` is the unbiased pass@k estimator of Chen et al. (2021).
 
 Numpy and scipy only: this is a primitives layer, it imports nothing else from llmq.
@@ -29,11 +32,11 @@ def _check_proportion(successes: int, trials: int, level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
-def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+def wilson_interval(successes: float, trials: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for the proportion ``successes / trials``.
 
-    Never zero-width for trials >= 1 (0/500 gives (0, 0.0076)) and stays inside [0, 1].
-    Raises ValueError when trials == 0.
+    Never zero-width for trials >= 1 (0/500 gives (0, 0.0076)) and stays inside [0, 1]. ``successes`` may be
+    fractional (see :func:`probability_interval`). Raises ValueError when trials == 0.
     """
     _check_proportion(successes, trials, level)
     n, p, z = trials, successes / trials, float(scipy.stats.norm.ppf((1 + level) / 2))
@@ -66,6 +69,47 @@ def proportion_summary(outcomes: Sequence[bool | int], level: float = 0.95) -> d
     successes = int(array.sum())
     low, high = wilson_interval(successes, len(array), level)
     return {"mean": successes / len(array), "ci95": [low, high], "count": successes}
+
+
+def probability_interval(probabilities: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Interval of the mean of per-question success probabilities ``p_i`` (e.g. unbiased pass@k estimates):
+    the Wilson interval of ``sum(p_i)`` successes in ``n`` trials.
+
+    One Bernoulli(``p_i``) draw per question has the same mean and at most the binomial variance of a single
+    proportion, so the interval is conservative, and like any proportion's it is never zero-width (a
+    bootstrap of n zeros would give (0, 0)).
+    """
+    values = np.asarray(probabilities, dtype=float).ravel()
+    if len(values) == 0 or not ((values >= 0) & (values <= 1)).all():
+        raise ValueError("probabilities must be a non-empty sequence of values in [0, 1]")
+    return wilson_interval(float(values.sum()), len(values), level)
+
+
+def paired_proportion_interval(
+    before: Sequence[bool | int], after: Sequence[bool | int], level: float = 0.95
+) -> tuple[float, float]:
+    """Interval of ``mean(after) - mean(before)`` for 0/1 outcomes on the same questions: Newcombe's (1998)
+    hybrid score interval for paired proportions (his method 10), built from the two Wilson intervals and
+    the (corrected) correlation of the pairs. Never zero-width; no resampling.
+    """
+    before, after = np.asarray(before, dtype=int), np.asarray(after, dtype=int)
+    n = len(before)
+    a = int(np.sum((after == 1) & (before == 1)))
+    b = int(np.sum((after == 1) & (before == 0)))
+    c = int(np.sum((after == 0) & (before == 1)))
+    d = n - a - b - c
+    p1, p2 = (a + b) / n, (a + c) / n
+    (l1, u1), (l2, u2) = wilson_interval(a + b, n, level), wilson_interval(a + c, n, level)
+    denominator = (a + b) * (c + d) * (a + c) * (b + d)
+    # Newcombe's corrected phi: a positive correlation shrunk by n/2, so concordant pairs alone (b = c = 0) do not
+    # make the interval collapse to a point.
+    concordance = a * d - b * c
+    if concordance > 0:
+        concordance = max(concordance - n / 2, 0.0)
+    phi = concordance / np.sqrt(denominator) if denominator > 0 else 0.0
+    delta = np.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    epsilon = np.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return float(max(-1.0, p1 - p2 - delta)), float(min(1.0, p1 - p2 + epsilon))
 
 
 def bootstrap_interval(
@@ -111,16 +155,20 @@ def paired_difference(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict:
-    """``{"mean", "ci95_paired"}`` of the per-question differences ``after - before``.
+    """``{"mean", "ci95_paired", "interval"}`` of the per-question differences ``after - before``.
 
-    The interval is ``bootstrap_interval`` of the differences (BCa where defined), at ``level`` (0.95 by default).
+    0/1 outcomes get :func:`paired_proportion_interval` (``interval: "newcombe"``); other values the
+    ``bootstrap_interval`` of the differences (``interval: "bootstrap"``, BCa where defined), at ``level``.
     """
     before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
     if before.shape != after.shape:
         raise ValueError(f"before and after must pair up question by question, got {before.shape} and {after.shape}")
     difference = after - before
+    if np.isin(before, (0.0, 1.0)).all() and np.isin(after, (0.0, 1.0)).all():
+        low, high = paired_proportion_interval(before, after, level)
+        return {"mean": float(difference.mean()), "ci95_paired": [low, high], "interval": "newcombe"}
     low, high = bootstrap_interval(difference, samples, seed, level)
-    return {"mean": float(difference.mean()), "ci95_paired": [low, high]}
+    return {"mean": float(difference.mean()), "ci95_paired": [low, high], "interval": "bootstrap"}
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:

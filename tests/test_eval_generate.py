@@ -133,6 +133,8 @@ def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsy
     argv = [
         "train",
         "recipes/quickstart.yaml",
+        "--engine",  # transformers here; the recipe's in-process vLLM is tested in tests/test_vllm_engine.py
+        "hf",
         "--data_dir",
         str(data_dir),
         "--output_dir",
@@ -157,4 +159,5 @@ def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsy
     assert summary["train_rows"] == 4 and set(summary["change"]) == {"first_sample", "answer_format"}
     assert (out / "model.safetensors").is_file()
     printed = capsys.readouterr().out
-    assert "(before shiq)" in printed and "(after shiq)" in printed and "change after shiq" in printed
+    assert "benchmark before shiq:" in printed and "benchmark after shiq:" in printed
+    assert "change after shiq" in printed

@@ -23,7 +23,6 @@ def config(output_dir, data_dir, **overrides) -> EvalConfig:
         temperature=1.0,
         num_samples=2,
         output_dir=str(output_dir),
-        bootstrap_samples=200,
     )
     return EvalConfig(**(settings | overrides))
 

@@ -11,7 +11,9 @@ from llmq.stats import (
     bootstrap_interval,
     exact_interval,
     paired_difference,
+    paired_proportion_interval,
     pass_at_k,
+    probability_interval,
     proportion_summary,
     wilson_interval,
 )
@@ -118,12 +120,52 @@ def test_bootstrap_interval_of_constant_values_is_the_constant_without_warnings(
         bootstrap_interval([])
 
 
-def test_paired_difference_of_identical_results_is_zero():
+def test_paired_difference_of_identical_results_is_zero_with_an_interval_of_some_width():
     before = [1, 0, 1, 1, 0, 0, 1, 0]
     change = paired_difference(before, before)
-    assert set(change) == {"mean", "ci95_paired"}
+    assert set(change) == {"mean", "ci95_paired", "interval"} and change["interval"] == "newcombe"
     low, high = change["ci95_paired"]
-    assert change["mean"] == 0.0 and low <= 0.0 <= high
+    assert change["mean"] == 0.0 and low < 0.0 < high
+    assert paired_difference([0.5, 0.2], [0.7, 0.1])["interval"] == "bootstrap"  # scores, not 0/1 outcomes
+
+
+@pytest.mark.parametrize(
+    "both, gained, lost, neither, expected",
+    [(36, 12, 2, 0, (0.0569, 0.3404)), (18, 12, 2, 18, (0.0562, 0.3290))],  # Newcombe (1998), method 10
+)
+def test_the_paired_proportion_interval_matches_newcombes_worked_examples(both, gained, lost, neither, expected):
+    after = [1] * both + [1] * gained + [0] * lost + [0] * neither
+    before = [1] * both + [0] * gained + [1] * lost + [0] * neither
+    assert paired_proportion_interval(before, after) == pytest.approx(expected, abs=5e-5)
+
+
+@pytest.mark.parametrize("outcome", [0, 1])
+def test_a_paired_change_of_proportions_is_never_zero_width(outcome):
+    low, high = paired_proportion_interval([outcome] * 200, [outcome] * 200)
+    assert low < 0.0 < high and high - low > 0.01  # 0/200 before and after: not "0.0 (0.0 to 0.0)"
+
+
+def test_the_paired_proportion_interval_covers_the_true_change_at_about_the_nominal_rate():
+    rng = np.random.default_rng(1)
+    # (P(before), P(after | before right), P(after | before wrong)): correlated pairs, gains, losses, none
+    for p_before, keep, gain in [(0.3, 0.9, 0.2), (0.1, 0.5, 0.05), (0.5, 0.7, 0.3), (0.05, 1.0, 0.0)]:
+        truth = (p_before * keep + (1 - p_before) * gain) - p_before
+        covered = 0
+        for _ in range(1000):
+            before = rng.random(60) < p_before
+            after = np.where(before, rng.random(60) < keep, rng.random(60) < gain)
+            low, high = paired_proportion_interval(before, after)
+            covered += low <= truth <= high
+        assert covered / 1000 >= 0.93, (p_before, keep, gain, covered)
+
+
+def test_the_interval_of_pass_at_k_estimates_is_wilsons_on_their_sum():
+    assert probability_interval([0.0] * 500) == wilson_interval(0, 500) and wilson_interval(0, 500)[1] > 0
+    assert probability_interval([1, 0, 1, 1]) == wilson_interval(3, 4)
+    low, high = probability_interval([0.25, 0.5, 0.75, 0.5])
+    assert low < 0.5 < high
+    with pytest.raises(ValueError):
+        probability_interval([1.5])
 
 
 def test_paired_difference_of_a_clear_improvement_excludes_zero():

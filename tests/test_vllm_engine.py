@@ -35,6 +35,7 @@ except Exception as error:  # noqa: BLE001 - any import failure means: no vLLM h
     )
 
 from llmq.cli import main
+from llmq.data.tasks import load_task
 from llmq.errors import UserError
 from llmq.mdp import token_logprobs
 from llmq.models import load_model, load_tokenizer
@@ -356,6 +357,43 @@ def test_a_server_killed_during_llmq_eval_stops_it_in_one_line_and_the_rerun_gen
     assert calls == [2]  # only the missing batch
     records = [json.loads(line) for line in (tmp_path / "eval" / "completions.jsonl").read_text().splitlines()]
     assert sorted(record["index"] for record in records) == list(range(4))
+
+
+def test_llmq_train_with_engine_vllm_builds_and_benchmarks_on_vllm(engines, vllm_tiny_dir, data_dir, tmp_path):
+    """Data building and both benchmarks run on in-process vLLM engines, one after another (each closed
+    before the next): the before benchmark on the initial weights, the after one on the saved trained model."""
+    engines.close()  # this module's shared engine would be a second one alive
+    out = tmp_path / "shiq"
+    argv = ["train", "--method", "shiq", "--model_name_or_path", str(vllm_tiny_dir), "--dtype", "float32"]
+    argv += ["--engine", "vllm", "--vllm_max_model_len", "512", "--data_dir", str(data_dir)]
+    argv += ["--output_dir", str(out), "--dataset_path", str(out / "data"), "--build_task", "gsm8k"]
+    argv += ["--build_limit", "4", "--build_num_completions", "2", "--build_max_new_tokens", "8"]
+    argv += ["--benchmark_task", "gsm8k", "--benchmark_limit", "4", "--benchmark_max_new_tokens", "8"]
+    # weight decay changes the weights even where a random tiny model's samples give the loss no gradient
+    argv += [
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--weight_decay",
+        "0.5",
+    ]
+    argv += ["--report_to", "none", "--save_strategy", "no"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["before"]["protocol"], summary["after"]["protocol"]
+    assert before["decoding"]["engine"] == after["decoding"]["engine"] == "vllm"
+    assert before["model"] == str(vllm_tiny_dir) and after["model"] == str(out)
+    assert before["weights_checksum"] != after["weights_checksum"]  # the trained weights were benchmarked
+    hf = HFEngine(load_model(str(out), dtype="float32"), load_tokenizer(str(out)), progress=False)
+    records = [json.loads(line) for line in (out / "benchmark_after" / "completions.jsonl").open()]
+    prompts = [
+        [{"role": "user", "content": load_task("gsm8k").prompt.replace("{question}", r["question"])}] for r in records
+    ]
+    expected = hf.generate(prompts, sampling=SamplingParams(max_new_tokens=8))
+    assert [r["completions"][0] for r in records] == [c[0].text for c in expected]  # vLLM ran the trained model
 
 
 def perturbed(model, scale: float, seed: int):

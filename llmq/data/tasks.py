@@ -1,8 +1,14 @@
 """Evaluation task specs and their data.
 
 Task specs live in the repository's ``eval/`` folder (``eval/NAME.yaml``); a path to any YAML file
-of the same shape works too.  Rows come from ``{data_dir}/{local_file}`` when a local copy exists
-(``data_dir`` from the recipe, else ``$LLMQ_DATA_DIR``), otherwise from the Hugging Face Hub.
+of the same shape works too. A spec's questions come from one of two sources:
+
+* a dataset: ``{data_dir}/{local_file}`` when a local copy exists (``data_dir`` from the recipe, else
+  ``$LLMQ_DATA_DIR``), otherwise the Hugging Face Hub (``hub_path``, ``hub_name``);
+* a reasoning-gym generator (``reasoning_gym: {dataset, config, seeds, sizes}``): each split is the
+  generator's items at that split's seed. Seeds far apart give disjoint item streams (reasoning-gym
+  seeds item ``i`` with ``seed + i``), and the train split also drops every question that the test
+  split asks, so no test question is trained on.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import reasoning_gym
 import yaml
 
 from llmq.errors import UserError
 from reward_models.gsm8k import extract_strict, gold_answer, score_gsm8k
 from reward_models.math import score_math
+from reward_models.reasoning_gym import score_reasoning_gym
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "eval"
 
@@ -27,14 +35,22 @@ TASKS_DIR = Path(__file__).resolve().parents[2] / "eval"
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     name: str
-    local_file: str
-    hub_path: str
-    hub_name: str | None
-    question_field: str
-    answer_field: str
-    scorer: str
+    scorer: str  # gsm8k, math, reasoning_gym
     prompt: str
     max_new_tokens: int
+    # a dataset: local copy or Hub
+    local_file: str | None = None
+    hub_path: str | None = None
+    hub_name: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    # or a reasoning-gym generator: {dataset, config, seeds: {split: seed}, sizes: {split: size}}
+    reasoning_gym: dict | None = None
+
+
+_COMMON_KEYS = {"name", "scorer", "prompt", "max_new_tokens"}
+_DATASET_KEYS = {"local_file", "hub_path", "hub_name", "question_field", "answer_field"}
+_GENERATOR_KEYS = {"dataset", "config", "seeds", "sizes"}
 
 
 def available_tasks() -> list[str]:
@@ -49,14 +65,45 @@ def load_task(name_or_path: str) -> TaskSpec:
             f"unknown task '{name_or_path}'; available: {', '.join(available_tasks())}, or a path to a task YAML"
         )
     content = yaml.safe_load(path.read_text())
-    fields = {f.name for f in dataclasses.fields(TaskSpec)}
-    if not isinstance(content, dict) or set(content) != fields:
-        given = set(content) if isinstance(content, dict) else set()
+    given = set(content) if isinstance(content, dict) else set()
+    fields = _COMMON_KEYS | ({"reasoning_gym"} if "reasoning_gym" in given else _DATASET_KEYS)
+    if given != fields:
         raise UserError(
             f"task spec {path}: expected keys {sorted(fields)}; missing {sorted(fields - given)}, unknown "
             f"{sorted(given - fields)}"
         )
+    generator = content.get("reasoning_gym")
+    if generator is not None:
+        keys = set(generator) if isinstance(generator, dict) else set()
+        if keys != _GENERATOR_KEYS or not all(isinstance(generator[k], dict) for k in ("config", "seeds", "sizes")):
+            raise UserError(
+                f"task spec {path}: key 'reasoning_gym' needs the mappings config, seeds and sizes and the name "
+                f"dataset; got {sorted(keys)}"
+            )
+        if set(generator["seeds"]) != set(generator["sizes"]) or "test" not in generator["seeds"]:
+            raise UserError(
+                f"task spec {path}: reasoning_gym seeds and sizes must name the same splits, test among them"
+            )
     return TaskSpec(**content)
+
+
+def _generated_rows(task: TaskSpec, split: str) -> list[dict]:
+    """A reasoning-gym split as rows; the train split without the test split's questions."""
+    generator = task.reasoning_gym
+    if split not in generator["seeds"]:
+        raise UserError(f"task {task.name} has no split '{split}'; its splits: {', '.join(generator['seeds'])}")
+
+    def items(name: str) -> list[dict]:
+        dataset = reasoning_gym.create_dataset(
+            generator["dataset"], seed=generator["seeds"][name], size=generator["sizes"][name], **generator["config"]
+        )
+        return [dataset[i] for i in range(len(dataset))]
+
+    rows = items(split)
+    if split != "test":
+        asked = {item["question"] for item in items("test")}
+        rows = [item for item in rows if item["question"] not in asked]
+    return [{"index": i, "question": item["question"], "answer": item["answer"]} for i, item in enumerate(rows)]
 
 
 def local_data_dir(data_dir: str | None) -> Path | None:
@@ -68,7 +115,9 @@ def load_task_rows(task: TaskSpec, split: str = "test", data_dir: str | None = N
     """Rows of ``task`` as dicts ``{"question", "answer", "index"}`` (``answer`` = the raw gold field).
 
     Read from the local copy when there is one, else from the Hub; :class:`UserError` when neither
-    can be read, naming the file looked for and why the Hub failed."""
+    can be read, naming the file looked for and why the Hub failed. A reasoning-gym task generates its rows."""
+    if task.reasoning_gym is not None:
+        return _generated_rows(task, split)
     root = local_data_dir(data_dir)
     local_file = task.local_file.format(split=split)
     if root is not None and (root / local_file).is_file():
@@ -125,4 +174,15 @@ def task_scorer(task: TaskSpec) -> Callable[[str, str], Verdict]:
             return Verdict(result["reward"] == 1.0, result["answer"], result["answer"] is not None)
 
         return score
-    raise UserError(f"task {task.name}: unknown scorer '{task.scorer}' (gsm8k, math)")
+    if task.scorer == "reasoning_gym":
+        if task.reasoning_gym is None:
+            raise UserError(f"task {task.name}: scorer reasoning_gym needs a reasoning_gym generator in the spec")
+        generator = task.reasoning_gym
+        dataset = reasoning_gym.create_dataset(generator["dataset"], seed=0, size=1, **generator["config"])
+
+        def score(text: str, gold: str) -> Verdict:
+            result = score_reasoning_gym(text, gold, dataset)
+            return Verdict(result["reward"] == 1.0, result["answer"], result["answer"] is not None)
+
+        return score
+    raise UserError(f"task {task.name}: unknown scorer '{task.scorer}' (gsm8k, math, reasoning_gym)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -117,7 +118,8 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
         logits_processor=guidance_processors(config, tokenizer, guide),
     )
     started = time.perf_counter()
-    outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_completions), sampling=sampling)
+    with contextlib.closing(engine):  # an in-process vLLM engine frees its memory for the next one
+        outputs = engine.generate(prompts, n=config.candidates_per_question(config.num_completions), sampling=sampling)
     score = task_scorer(task)
     verdicts = [[score(c.text, q["answer"]) for c in group] for q, group in zip(questions, outputs)]
     kept, scores = select_candidates(

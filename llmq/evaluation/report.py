@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llmq.stats import bootstrap_interval, pass_at_k, proportion_summary
+from llmq.stats import pass_at_k, probability_interval, proportion_summary
 from llmq.visualize import plot_accuracy_vs_tokens
 
 
-def score_records(
-    records: list[dict], num_samples: int, num_candidates: int, selecting: bool, bootstrap_samples: int, seed: int
-) -> dict:
+def score_records(records: list[dict], num_samples: int, num_candidates: int, selecting: bool) -> dict:
     """``metrics``, ``pass_at_k`` and ``per_question`` of a report from the completion records of
     every question (in order).  ``selecting``: the records come from best-of-N or maj@N, whose
     candidates' verdicts are the sampler's."""
@@ -39,7 +37,7 @@ def score_records(
     curve = {}
     for k in range(1, answers_per_question + 1 if answers_per_question > 1 else 1):
         estimates = np.array([pass_at_k(len(group), sum(group), k) for group in sampled])
-        low, high = bootstrap_interval(estimates, bootstrap_samples, seed)
+        low, high = probability_interval(estimates)
         curve[str(k)] = {"mean": float(estimates.mean()), "ci95": [low, high]}
     metrics = {"first_sample": proportion_summary(correct), "answer_format": proportion_summary(formatted)}
     if num_samples > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -55,10 +56,7 @@ class EvalConfig(DecodingOptions):
         metadata={"help": "Answers per question N; N > 1 also reports pass@N and maj@N (needs temperature > 0)."},
     )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Questions per generate call."})
-    seed: int = dataclasses.field(default=0, metadata={"help": "Sampling and bootstrap seed."})
-    bootstrap_samples: int = dataclasses.field(
-        default=1000, metadata={"help": "Bootstrap resamples for the 95 percent interval."}
-    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = dataclasses.field(
         default="outputs/eval",
         metadata={
@@ -74,7 +72,7 @@ class EvalConfig(DecodingOptions):
     )
 
     def __post_init__(self) -> None:
-        for name in ("limit", "max_new_tokens", "num_samples", "batch_size", "bootstrap_samples"):
+        for name in ("limit", "max_new_tokens", "num_samples", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"key '{name}' must be at least 1, got {value}")
@@ -109,9 +107,7 @@ def evaluate(model, tokenizer, config: EvalConfig, model_name: str, restart_on_m
     selecting = config.decoding in ("best_of_n", "maj_at_n")
     report = {
         "protocol": protocol,
-        **score_records(
-            ordered, config.num_samples, config.num_candidates, selecting, config.bootstrap_samples, config.seed
-        ),
+        **score_records(ordered, config.num_samples, config.num_candidates, selecting),
         "generated_tokens": sum(record["generated_tokens"] for record in ordered),
         "wall_time_s": round(sum(record["seconds"] for record in ordered), 2),
     }
@@ -136,6 +132,14 @@ def _protocol(model, task: TaskSpec, config: EvalConfig, model_name: str, exampl
         | config.decoding_record(),
         "scorer": task.scorer,
     }
+    if task.reasoning_gym is not None:  # the generator and this split's seed and size define the questions
+        generator = task.reasoning_gym
+        protocol["generator"] = {
+            "reasoning_gym": generator["dataset"],
+            "config": generator["config"],
+            "seed": generator["seeds"].get(config.split),
+            "size": generator["sizes"].get(config.split),
+        }
     return json.loads(json.dumps(protocol))  # as protocol.json will hold it (tuples become lists)
 
 
@@ -211,6 +215,7 @@ def _generate_missing(
     )
     score = task_scorer(task)
     with (
+        contextlib.closing(engine),  # an in-process vLLM engine frees its memory for the next one
         open(output_dir / "completions.jsonl", "a") as cache,
         tqdm(total=len(rows), initial=done, desc=f"eval {task.name}", unit="question") as progress,
     ):

@@ -38,7 +38,7 @@ TRAINING_ARGUMENTS: dict[str, type[TrainingArguments]] = {"shiq": ShiQConfig, "d
 @dataclasses.dataclass
 class Config(EngineConfig):
     """The run around the trainer: where the data come from (sampled by ``engine`` when built) and how
-    the model is benchmarked (by transformers: the benchmark after training runs the trained model)."""
+    the model is benchmarked (greedy; by vLLM when ``engine`` is vllm, else by transformers)."""
 
     method: str = method_field("shiq")
     dataset_path: str = dataclasses.field(
@@ -70,7 +70,11 @@ class Config(EngineConfig):
         },
     )
     benchmark_task: str | None = dataclasses.field(
-        default=None, metadata={"help": "Evaluate greedily on this task before and after training (none: skip)."}
+        default=None,
+        metadata={
+            "help": "Evaluate greedily on this task before and after training (none: skip); by vLLM with engine "
+            "vllm (the trained model saved in output_dir), else by transformers."
+        },
     )
     benchmark_split: str = mirror(EvalConfig, "split")
     benchmark_limit: int | None = dataclasses.field(
@@ -122,6 +126,13 @@ class Config(EngineConfig):
         )
 
     def benchmark_config(self, output_dir: Path) -> EvalConfig:
+        """Greedy evaluation, by vLLM when ``engine`` is vllm (the trained model is loaded from ``output_dir``)
+        and otherwise by transformers: a server serves the initial weights, not the trained ones."""
+        engine_keys = (
+            {field.name: getattr(self, field.name) for field in dataclasses.fields(EngineConfig)}
+            if self.engine == "vllm"
+            else {}
+        )
         return EvalConfig(
             task=self.benchmark_task,
             split=self.benchmark_split,
@@ -130,6 +141,7 @@ class Config(EngineConfig):
             max_new_tokens=self.benchmark_max_new_tokens,
             batch_size=self.generation_batch_size,
             output_dir=str(output_dir),
+            **engine_keys,
         )
 
 
@@ -194,6 +206,11 @@ def run(
             (output_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         return {"train": metrics}
 
+    if config.engine == "vllm" and config.benchmark_task and model_args.use_peft:
+        raise UserError(
+            "keys 'engine' vllm and 'use_peft': the benchmark after training loads the saved model, which holds "
+            "only PEFT adapters; use engine hf for the benchmark or train without PEFT"
+        )
     settings = {"model": model_args.model_name_or_path, "seed": training_args.seed, **config.settings_record()}
     ledger = StageLedger(output_dir, settings, resume=launch.resume)
     building = config.build_task is not None and not Path(config.dataset_path).exists()
@@ -207,14 +224,13 @@ def run(
     def benchmark(stage: str) -> dict:
         model.eval()
         eval_config = config.benchmark_config(output_dir / f"benchmark_{stage}")
-        report = evaluate(
-            model,
-            tokenizer,
-            eval_config,
-            model_name=f"{model_args.model_name_or_path} ({stage} {config.method})",
-            restart_on_mismatch=True,
-        )
-        print(format_report(report), flush=True)
+        # vLLM loads the weights by name: the initial model's, or the trained model saved in output_dir.
+        if config.engine == "vllm":
+            name = model_args.model_name_or_path if stage == "before" else str(output_dir)
+        else:
+            name = f"{model_args.model_name_or_path} ({stage} {config.method})"
+        report = evaluate(model, tokenizer, eval_config, model_name=name, restart_on_mismatch=True)
+        print(f"benchmark {stage} {config.method}:\n{format_report(report)}", flush=True)
         return report
 
     if config.benchmark_task:

@@ -72,7 +72,8 @@ class StageLedger:
 
 def paired_change(before: Sequence[float], after: Sequence[float], metric: str, method: str, seed: int) -> dict:
     """The change of a per-question (per-game) ``metric`` from ``before`` to ``after`` on the same
-    questions: its mean and a paired bootstrap 95% interval; printed as one line."""
+    questions: its mean and a paired 95% interval (Newcombe's for 0/1 outcomes, else the bootstrap);
+    printed as one line."""
     change = paired_difference(before, after, seed=seed)
     low, high = change["ci95_paired"]
     print(

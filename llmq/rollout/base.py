@@ -54,3 +54,7 @@ class Engine(Protocol):
     ) -> list[list[Completion]]:
         """``n`` completions for each prompt, in prompt order."""
         ...
+
+    def close(self) -> None:
+        """Release what the engine holds (vLLM's memory, connections); the engine is not used afterwards."""
+        ...

@@ -125,6 +125,9 @@ class HFEngine:
             )
         return [completions[i * n : (i + 1) * n] for i in range(len(texts))]
 
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
+
     def _sequence_logprobs(self, sequences: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """``log π(token)`` of each generated token ``[N, new tokens]``, the prompts left-padded as in ``generate``."""
         mask = torch.cat(

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from llmq.config import ModelConfig, mirror
 from llmq.errors import UserError
 from llmq.models import check_model_reference
 from llmq.rollout.engines import VLLMSettings
@@ -24,20 +25,10 @@ class ServeConfig:
     """The keys of ``llmq serve`` besides :class:`~llmq.rollout.engines.VLLMSettings` (recipe keys or ``--flags``);
     options after ``--`` go to vLLM unchanged."""
 
-    model_name_or_path: str = dataclasses.field(
-        default="smollm2-135m-instruct",
-        metadata={"help": "The model to serve: a registered name (see `llmq models list`), a directory or a Hub id."},
-    )
-    dtype: str = dataclasses.field(
-        default="auto",
-        metadata={
-            "help": "Weights dtype: auto (bf16 on a CUDA GPU, fp32 on CPU), float32, bfloat16 or float16.",
-            "choices": ["auto", "float32", "bfloat16", "float16"],
-        },
-    )
-    trust_remote_code: bool = dataclasses.field(
-        default=False, metadata={"help": "Run model code shipped with a Hub repository (off unless asked for)."}
-    )
+    # The model keys of every other command, with their defaults and help.
+    model_name_or_path: str = mirror(ModelConfig, "model_name_or_path")
+    dtype: str = mirror(ModelConfig, "dtype")
+    trust_remote_code: bool = mirror(ModelConfig, "trust_remote_code")
     host: str = dataclasses.field(
         default="127.0.0.1",
         metadata={"help": "Address to listen on: loopback by default; 0.0.0.0 serves other machines."},

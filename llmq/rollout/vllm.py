@@ -554,6 +554,14 @@ class VLLMServerEngine:
         info = NCCLTrainerInitInfo(master_address=master_address, master_port=port, world_size=workers + 1, rank=0)
         return NCCLTrainerWeightTransferEngine.trainer_init(info, client=Endpoints(), source=source)
 
+    def close(self) -> None:
+        """Close the connections and the weights folder; the servers keep running."""
+        for client in self.clients:
+            client.close()
+        if self._weights_dir is not None:
+            self._weights_dir.cleanup()
+            self._weights_dir = None
+
     def render(self, prompt: Prompt) -> str:
         return render(self.tokenizer, prompt)
 
