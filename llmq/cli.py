@@ -176,7 +176,6 @@ def _serve(argv: Sequence[str]) -> int:
             "vLLM is not installed in this environment: pip install 'llmq[vllm]' (on a CPU machine, `make install` "
             "installs vLLM's CPU build)"
         )
-    vllm.check_vllm_settings()
     cpu = not torch.cuda.is_available()
     dtype = str(resolve_dtype(config.dtype)).removeprefix("torch.")
     command, env = serve_command(

@@ -116,7 +116,7 @@ class Config(EngineConfig):
             format_reward=self.build_format_reward,
             batch_size=self.generation_batch_size,
             dataset_path=self.dataset_path,
-            **{field.name: getattr(self, field.name) for field in dataclasses.fields(EngineConfig)},
+            **self.engine_keys(),
             # SFT data are best-of-N extractions (rejection sampling); ShiQ and DPO keep every sample.
             **(
                 dict(decoding="best_of_n", num_candidates=self.build_num_completions, min_score=self.build_min_score)
@@ -128,11 +128,6 @@ class Config(EngineConfig):
     def benchmark_config(self, output_dir: Path) -> EvalConfig:
         """Greedy evaluation, by vLLM when ``engine`` is vllm (the trained model is loaded from ``output_dir``)
         and otherwise by transformers: a server serves the initial weights, not the trained ones."""
-        engine_keys = (
-            {field.name: getattr(self, field.name) for field in dataclasses.fields(EngineConfig)}
-            if self.engine == "vllm"
-            else {}
-        )
         return EvalConfig(
             task=self.benchmark_task,
             split=self.benchmark_split,
@@ -141,7 +136,7 @@ class Config(EngineConfig):
             max_new_tokens=self.benchmark_max_new_tokens,
             batch_size=self.generation_batch_size,
             output_dir=str(output_dir),
-            **engine_keys,
+            **(self.engine_keys() if self.engine == "vllm" else {}),
         )
 
 

@@ -39,6 +39,9 @@ class VLLMSettings:
         default=True, metadata={"help": "vLLM: reuse the KV cache of shared prompt prefixes (best-of-N, Q*)."}
     )
 
+    def __post_init__(self) -> None:
+        self.check_vllm_settings()
+
     def check_vllm_settings(self) -> None:
         if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise UserError(
@@ -86,6 +89,10 @@ class EngineConfig(VLLMSettings):
         if not 0 < self.vllm_timeout < float("inf"):
             raise UserError(f"key 'vllm_timeout' must be a positive number of seconds, got {self.vllm_timeout}")
         self.check_vllm_settings()
+
+    def engine_keys(self) -> dict:
+        """The keys of :class:`EngineConfig` with this config's values: to hand the engine on to another config."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(EngineConfig)}
 
     def settings_record(self) -> dict:
         """Every key of this config (and of a config that inherits it) but the API key: what files record."""

@@ -18,6 +18,7 @@ from llmq.config import ModelConfig, mirror
 from llmq.errors import UserError
 from llmq.models import check_model_reference
 from llmq.rollout.engines import VLLMSettings
+from llmq.rollout.vllm import cpu_threads_bind
 
 
 @dataclasses.dataclass
@@ -83,8 +84,7 @@ def serve_command(
     if cpu:
         command += ["--enforce-eager", "--no-enable-chunked-prefill"]
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE") or f"{config.cpu_kv_cache_gib:g}"
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or ",".join(map(str, cores))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_threads_bind()
     if config.enable_weight_sync:
         env["VLLM_SERVER_DEV_MODE"] = "1"
         if not cpu:  # the trainer broadcasts its weights to the server's workers (NCCL needs GPUs)

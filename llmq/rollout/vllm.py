@@ -51,6 +51,12 @@ from llmq.rollout.base import Completion, Prompt, SamplingParams
 _CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
+def cpu_threads_bind() -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for every core this process may use (vLLM's CPU build binds a thread to each)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return ",".join(map(str, cores))
+
+
 def request_seed(seed: int, index: int) -> int:
     """The seed of the ``index``-th prompt's request: a 63-bit hash of (``seed``, ``index``)."""
     digest = hashlib.blake2b(f"llmq:{seed}:{index}".encode(), digest_size=8).digest()
@@ -193,8 +199,7 @@ class VLLMEngine:
 
         cpu = current_platform.is_cpu()
         if cpu:
-            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind())
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in llm_kwargs:
                 llm_kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
             # vLLM 0.32 on a CPU: when a seeded request's prefill is split over scheduler steps, the
@@ -443,8 +448,8 @@ class VLLMServerEngine:
         except openai.APIStatusError as error:
             if error.status_code == 404 and not error.request.url.path.startswith("/v1/"):
                 raise UserError(
-                    f"vLLM server {url} has no endpoint {error.request.url.path}: reloading weights needs the server "
-                    "started with VLLM_SERVER_DEV_MODE=1"
+                    f"vLLM server {url} has no endpoint {error.request.url.path}: weight sync needs the server "
+                    "started with `llmq serve --enable_weight_sync` (VLLM_SERVER_DEV_MODE=1)"
                 ) from None
             raise RuntimeError(f"vLLM server {url}: HTTP {error.status_code}: {str(error.message)[:500]}") from error
 
@@ -460,9 +465,7 @@ class VLLMServerEngine:
         ``/reset_prefix_cache``: start the servers with ``VLLM_SERVER_DEV_MODE=1``.
         """
         with named_weights(model_or_state_dict) as named:  # copied inside: PEFT adapters are merged only here
-            weights = {name: tensor.to("cpu", copy=True).contiguous() for name, tensor in named}
-        if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:  # tied embeddings
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+            weights = _with_output_layer({name: tensor.to("cpu", copy=True).contiguous() for name, tensor in named})
         if sync_dir is None and self._weights_dir is None:  # removed when this engine is
             self._weights_dir = tempfile.TemporaryDirectory(prefix="llmq-weights-")
         directory = Path(sync_dir if sync_dir is not None else self._weights_dir.name)
@@ -471,9 +474,9 @@ class VLLMServerEngine:
         save_file(weights, str(partial))
         partial.replace(directory / "model.safetensors")  # a server never reads a half-written file
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(directory.resolve())}}
-        for url, client in zip(self.servers, self.clients):
-            for path, body in (("/collective_rpc", rpc), ("/reset_prefix_cache", None)):
-                self._call(url, client.with_options(base_url=url).post, path=path, body=body, cast_to=httpx.Response)
+        for server in range(len(self.servers)):
+            self._post(server, "/collective_rpc", rpc)
+        self._reset_prefix_caches()
 
     def broadcast_weights(self, model_or_state_dict, master_address: str | None = None) -> None:
         """Serve these weights (as :meth:`load_weights` takes them) by sending them from this process's GPU
@@ -499,50 +502,49 @@ class VLLMServerEngine:
                 return iter(self.named)
 
         with named_weights(model_or_state_dict) as named:  # PEFT adapters stay merged while the weights go out
-            weights = dict(named)
-            if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:  # as load_weights
-                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            weights = _with_output_layer(dict(named))
             if any(tensor.device.type != "cuda" for tensor in weights.values()):
                 raise ValueError("broadcast_weights sends CUDA tensors over NCCL; on a CPU use load_weights")
             source = Weights(list(weights.items()))
             if self._transfers is None:
                 self._transfers = [
-                    self._join_transfer_group(url, client, source, master_address)
-                    for url, client in zip(self.servers, self.clients)
+                    self._join_transfer_group(server, source, master_address) for server in range(len(self.servers))
                 ]
             for transfer in self._transfers:
                 transfer.source = source
                 transfer.send_weights()
-        for url, client in zip(self.servers, self.clients):
-            self._call(url, client.with_options(base_url=url).post, path="/reset_prefix_cache", cast_to=httpx.Response)
+        self._reset_prefix_caches()
 
-    def _join_transfer_group(self, url: str, client: openai.OpenAI, source, master_address: str | None):
-        """The trainer side of an NCCL group with the workers of the server at ``url`` (vLLM's
+    def _join_transfer_group(self, server: int, source, master_address: str | None):
+        """The trainer side of an NCCL group with the workers of server number ``server`` (vLLM's
         ``NCCLTrainerWeightTransferEngine``, driven through the server's weight-transfer endpoints)."""
         from vllm.distributed.weight_transfer.nccl_engine import (  # optional extra: vLLM
             NCCLTrainerInitInfo,
             NCCLTrainerWeightTransferEngine,
         )
 
-        server = client.with_options(base_url=url)
-
-        def post(path: str, body: dict | None = None) -> None:
-            self._call(url, server.post, path=path, body=body, cast_to=httpx.Response)
+        engine = self
 
         class Endpoints:  # vLLM's VLLMWeightSyncClient protocol, over this engine's authenticated client
             def init_weight_transfer_engine(self, init_info: dict) -> None:
-                post("/init_weight_transfer_engine", {"init_info": init_info})
+                engine._post(server, "/init_weight_transfer_engine", {"init_info": init_info})
 
             def start_weight_update(self) -> None:
-                post("/start_weight_update")
+                engine._post(server, "/start_weight_update")
 
             def update_weights(self, update_info: dict) -> None:
-                post("/update_weights", {"update_info": update_info})
+                engine._post(server, "/update_weights", {"update_info": update_info})
 
             def finish_weight_update(self, weight_version: str | None = None) -> None:
-                post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version})
+                engine._post(
+                    server,
+                    "/finish_weight_update",
+                    None if weight_version is None else {"weight_version": weight_version},
+                )
 
-        workers = self._call(url, server.get, path="/get_world_size", cast_to=httpx.Response).json()["world_size"]
+        url = self.servers[server]
+        client = self.clients[server].with_options(base_url=url)
+        workers = self._call(url, client.get, path="/get_world_size", cast_to=httpx.Response).json()["world_size"]
         if master_address is None:  # the address of this machine on the route to the server
             host = httpx.URL(url).host
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -553,6 +555,18 @@ class VLLMServerEngine:
             port = probe.getsockname()[1]
         info = NCCLTrainerInitInfo(master_address=master_address, master_port=port, world_size=workers + 1, rank=0)
         return NCCLTrainerWeightTransferEngine.trainer_init(info, client=Endpoints(), source=source)
+
+    def _post(self, server: int, path: str, body: dict | None = None) -> httpx.Response:
+        """POST to one of vLLM's own (non-OpenAI) endpoints of server number ``server``."""
+        url = self.servers[server]
+        return self._call(
+            url, self.clients[server].with_options(base_url=url).post, path=path, body=body, cast_to=httpx.Response
+        )
+
+    def _reset_prefix_caches(self) -> None:
+        """After a weight sync: no server reuses KV cache computed with the old weights."""
+        for server in range(len(self.servers)):
+            self._post(server, "/reset_prefix_cache")
 
     def close(self) -> None:
         """Close the connections and the weights folder; the servers keep running."""
@@ -605,6 +619,15 @@ class VLLMServerEngine:
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             return list(pool.map(one, range(len(prompts)), prompts))
+
+
+def _with_output_layer(weights: dict) -> dict:
+    """``weights`` with a tied output layer written under its own name too (``lm_head.weight``): a server's
+    in-place reload and its weight transfer load it from nowhere else. A copy: safetensors files hold no
+    tensors that share memory."""
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    return weights
 
 
 def _same_model(served: str, expected: str) -> bool:
