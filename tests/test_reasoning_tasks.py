@@ -68,11 +68,13 @@ def test_every_test_gold_equals_the_value_of_its_expression(name):
 
 
 @pytest.mark.parametrize("name", GENERATED)
-def test_train_questions_never_appear_in_the_test_split(name):
+def test_train_and_validation_questions_never_appear_in_the_test_split(name):
     task = load_task(name)
     test = {row["question"] for row in load_task_rows(task, "test")}
     train = [row["question"] for row in load_task_rows(task, "train")]
+    validation = [row["question"] for row in load_task_rows(task, "validation")]
     assert len(train) >= 1000 and not test.intersection(train)
+    assert len(validation) >= 50 and not test.intersection(validation)
     again = load_task_rows(task, "test")  # fixed seeds: the same questions every time
     assert [row["question"] for row in again] == [row["question"] for row in load_task_rows(task, "test")]
 

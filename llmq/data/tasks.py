@@ -7,8 +7,8 @@ of the same shape works too. A spec's questions come from one of two sources:
   ``$LLMQ_DATA_DIR``), otherwise the Hugging Face Hub (``hub_path``, ``hub_name``);
 * a reasoning-gym generator (``reasoning_gym: {dataset, config, seeds, sizes}``): each split is the
   generator's items at that split's seed. Seeds far apart give disjoint item streams (reasoning-gym
-  seeds item ``i`` with ``seed + i``), and the train split also drops every question that the test
-  split asks, so no test question is trained on.
+  seeds item ``i`` with ``seed + i``), and every other split (train, validation) drops each question
+  that the test split asks, so no test question is trained on or tuned on.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def load_task(name_or_path: str) -> TaskSpec:
 
 
 def _generated_rows(task: TaskSpec, split: str) -> list[dict]:
-    """A reasoning-gym split as rows; the train split without the test split's questions."""
+    """A reasoning-gym split as rows; every split but test without the test split's questions."""
     generator = task.reasoning_gym
     if split not in generator["seeds"]:
         raise UserError(f"task {task.name} has no split '{split}'; its splits: {', '.join(generator['seeds'])}")

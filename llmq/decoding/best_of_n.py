@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
+from llmq.data.trajectories import TrajectoryCollator, length_ordered_batches, tokenize_trajectory
 from llmq.decoding.options import DecodingOptions
 from llmq.models.qvm import FeatureQVM, ReasoningStep, load_qvm, split_steps
 from llmq.qfunctions import ImplicitQ
@@ -68,16 +68,13 @@ class ImplicitRewardScorer:
                         }
                     )
         device = next(self.q.model.parameters()).device
-        totals: list[float] = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = self.collate(
-                [
-                    tokenize_trajectory(row, self.tokenizer, max_length=10**9, index=start + i)
-                    for i, row in enumerate(rows[start : start + self.batch_size])
-                ]
-            )
+        tokenized = [tokenize_trajectory(row, self.tokenizer, max_length=10**9, index=i) for i, row in enumerate(rows)]
+        totals = [0.0] * len(rows)
+        for indices in length_ordered_batches([len(row["input_ids"]) for row in tokenized], self.batch_size):
+            batch = self.collate([tokenized[i] for i in indices])
             rewards = self.q.advantages(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            totals += (rewards.float().cpu() * batch["act_mask"]).sum(dim=-1).tolist()
+            for i, total in zip(indices, (rewards.float().cpu() * batch["act_mask"]).sum(dim=-1).tolist()):
+                totals[i] = total
         sizes = [len(group) for group in candidates]
         return [totals[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
 

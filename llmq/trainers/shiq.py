@@ -21,7 +21,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.models import prepare_deepspeed
 
-from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
+from llmq.data.trajectories import TrajectoryCollator, length_ordered_batches, tokenize_trajectory
 from llmq.errors import UserError
 from llmq.losses import shiq_loss
 from llmq.mdp import token_logprobs
@@ -212,17 +212,18 @@ class ShiQTrainer(LossMetricsTrainer):
         Each row keeps one value more than its tokens: the state after its last token, which a
         truncated row bootstraps from.
         """
-        collate = self.data_collator
-        batch_size = self.args.per_device_eval_batch_size
-        logps, lses = [], []
+        batches = length_ordered_batches(
+            [len(ids) for ids in dataset["input_ids"]], self.args.per_device_eval_batch_size
+        )
+        logps, lses = [None] * len(dataset), [None] * len(dataset)
         self.model.eval()
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(self.accelerator.device) for k, v in collate(rows).items()}
+        for indices in batches:
+            rows = [dataset[i] for i in indices]
+            batch = {k: v.to(self.accelerator.device) for k, v in self.data_collator(rows).items()}
             logp, lse = token_logprobs(self._reference_logits(batch), batch["input_ids"])
-            for row, row_logp, row_lse in zip(rows, logp.cpu(), lse.cpu()):
-                logps.append(row_logp[: len(row["input_ids"]) + 1].tolist())
-                lses.append(row_lse[: len(row["input_ids"]) + 1].tolist())
+            for i, row, row_logp, row_lse in zip(indices, rows, logp.cpu(), lse.cpu()):
+                logps[i] = row_logp[: len(row["input_ids"]) + 1].tolist()
+                lses[i] = row_lse[: len(row["input_ids"]) + 1].tolist()
         return dataset.add_column("ref_logp", logps).add_column("ref_lse", lses)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
