@@ -424,7 +424,7 @@ def plot_accuracy_vs_tokens(reports: list[dict], path: Path, labels: Sequence[st
     """Accuracy (first sample, with its 95% interval) against tokens generated per question, one point per report;
     a sampler's pass@k as a dashed line at k answers' tokens, so a search can be read against sampling at equal tokens.
     ``reports`` are ``llmq eval`` reports, ``labels`` their decodings' names."""
-    figure = Figure(figsize=(7, 4.5), dpi=120)
+    figure = Figure(figsize=(10, 4.5), dpi=120)
     axes = figure.add_subplot()
     curves_drawn = set()
     for report, label in zip(reports, labels):
@@ -452,6 +452,6 @@ def plot_accuracy_vs_tokens(reports: list[dict], path: Path, labels: Sequence[st
         f"{protocol['task']} {protocol['split']}, {protocol['examples']} questions (95% Wilson CI)", fontsize=10
     )
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never over them
     figure.tight_layout()
     FigureCanvasAgg(figure).print_png(str(path))

@@ -103,3 +103,26 @@ def test_a_spec_with_a_broken_generator_block_is_one_line(tmp_path):
     path.write_text(spec)
     with pytest.raises(Exception, match="key 'reasoning_gym' needs"):
         load_task(str(path))
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_llmq_eval_runs_each_task_and_records_its_generator(name, tmp_path, tiny_model_dir):
+    import json
+
+    from llmq.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--task", name, "--split", "validation", "--model_name_or_path", "tiny-llama"]
+    assert main([*argv, "--limit", "3", "--max_new_tokens", "4", "--output_dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    spec = load_task(name).reasoning_gym
+    assert report["protocol"]["generator"] == {
+        "reasoning_gym": spec["dataset"],
+        "config": spec["config"],
+        "seed": spec["seeds"]["validation"],
+        "size": spec["sizes"]["validation"],
+    }
+    questions = [row["question"] for row in load_task_rows(load_task(name), "validation")[:3]]
+    records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [record["question"] for record in records] == questions
+    assert len(report["per_question"]["first_sample"]) == 3

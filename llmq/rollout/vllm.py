@@ -19,7 +19,10 @@ Both return what :class:`llmq.rollout.HFEngine` returns, for the same prompts an
 
 ``num_beams > 1`` uses vLLM's ``LLM.beam_search`` with ``length_penalty=0`` (the plain sum of token
 log-probs, as HFEngine ranks beams); stop strings then cut the finished beams afterwards. The
-server client does not do beam search (ValueError).
+server client does not do beam search (ValueError). ``LLM.beam_search`` submits one request per beam
+and token (vllm-project/vllm#14426): on 2 CPU cores the embedded model's first 8 questions (4 beams,
+64 tokens) did not finish in 3 minutes, where HFEngine needed about 8 s a question even while
+sharing the cores with another run; use ``engine: hf`` for beam search on a CPU.
 
 vLLM is imported only when a :class:`VLLMEngine` is built, so this module imports without it.
 """
