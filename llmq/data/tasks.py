@@ -84,6 +84,8 @@ def load_task(name_or_path: str) -> TaskSpec:
             raise UserError(
                 f"task spec {path}: reasoning_gym seeds and sizes must name the same splits, test among them"
             )
+    elif content["scorer"] == "reasoning_gym":
+        raise UserError(f"task spec {path}: scorer reasoning_gym needs a reasoning_gym generator in the spec")
     return TaskSpec(**content)
 
 
@@ -174,9 +176,7 @@ def task_scorer(task: TaskSpec) -> Callable[[str, str], Verdict]:
             return Verdict(result["reward"] == 1.0, result["answer"], result["answer"] is not None)
 
         return score
-    if task.scorer == "reasoning_gym":
-        if task.reasoning_gym is None:
-            raise UserError(f"task {task.name}: scorer reasoning_gym needs a reasoning_gym generator in the spec")
+    if task.scorer == "reasoning_gym":  # load_task ensures the spec has a generator
         generator = task.reasoning_gym
         dataset = reasoning_gym.create_dataset(generator["dataset"], seed=0, size=1, **generator["config"])
 
