@@ -248,6 +248,39 @@ def test_preference_pairs_take_best_and_worst_per_question():
         preference_pairs(scored.select([3, 4]))
 
 
+def test_mixed_reward_groups_keep_every_sample_of_the_questions_with_different_rewards():
+    from llmq.data.offline import mixed_reward_groups
+
+    def row(question, reward):
+        return {
+            "prompt": f"q{question}",
+            "completion": f"{question}:{reward}",
+            "reward": reward,
+            "question_index": question,
+        }
+
+    scored = datasets.Dataset.from_list(
+        [row(0, 0.0), row(1, 0.0), row(0, 1.0), row(1, 0.0), row(2, 1.0), row(2, 1.0), row(0, 0.0), row(3, 0.5)]
+    )
+    kept = mixed_reward_groups(scored)
+    assert kept["completion"] == ["0:0.0", "0:1.0", "0:0.0"]  # all wrong, all right, a lone sample: dropped
+    assert kept.column_names == scored.column_names
+    with pytest.raises(UserError, match="no question has completions with different rewards"):
+        mixed_reward_groups(scored.select([1, 3, 4, 5]))
+    with pytest.raises(UserError, match="no 'question_index' column"):
+        mixed_reward_groups(scored.remove_columns("question_index"))
+
+
+def test_mixed_groups_only_is_refused_for_methods_other_than_shiq(tmp_path):
+    from llmq.methods.offline import Config
+
+    data = tmp_path / "scored.jsonl"
+    data.write_text(json.dumps(ROWS[0]) + "\n")
+    assert Config(method="shiq", engine="hf", dataset_path=str(data), mixed_groups_only=True).mixed_groups_only
+    with pytest.raises(UserError, match="key 'mixed_groups_only' is for method shiq"):
+        Config(method="dpo", engine="hf", dataset_path=str(data), mixed_groups_only=True)
+
+
 @pytest.mark.slow
 def test_llmq_train_dpo_method_on_scored_data(tmp_path, tiny_model_dir):
     data = tmp_path / "scored.jsonl"

@@ -9,6 +9,28 @@ import datasets
 from llmq.errors import UserError
 
 
+def mixed_reward_groups(scored):
+    """The rows of the questions whose completions do not all have the same reward.
+
+    A question where every sample is wrong (or every one right) holds no contrast between its
+    answers: under ShiQ its rows only hold the policy at the reference.  Dropping them spends the
+    training compute on the questions that tell right from wrong (DAPO's dynamic sampling keeps the
+    same groups).
+    """
+    if "question_index" not in scored.column_names:
+        raise UserError("the training data have no 'question_index' column: samples cannot be grouped by question")
+    rewards: dict[int, set[float]] = {}
+    for question_index, reward in zip(scored["question_index"], scored["reward"], strict=True):
+        rewards.setdefault(question_index, set()).add(reward)
+    keep = [row for row, question_index in enumerate(scored["question_index"]) if len(rewards[question_index]) > 1]
+    if not keep:
+        raise UserError(
+            "no question has completions with different rewards: there is nothing to contrast (sample more "
+            "completions or questions)"
+        )
+    return scored.select(keep)
+
+
 def preference_pairs(scored):
     """Best vs worst completion of each question (``prompt``, ``chosen``, ``rejected``, both rewards).
 

@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 from trl import DPOTrainer, SFTTrainer, get_peft_config
 
 from llmq.config import ModelConfig, mirror
-from llmq.data.offline import load_training_dataset, preference_pairs
+from llmq.data.offline import load_training_dataset, mixed_reward_groups, preference_pairs
 from llmq.errors import UserError
 from llmq.evaluation import EvalConfig, GenerateConfig, build_offline_dataset, evaluate, format_report
 from llmq.launch import LaunchConfig, is_launched_process, launch_training
@@ -69,6 +69,13 @@ class Config(EngineConfig):
             "this (1: correct answers only)."
         },
     )
+    mixed_groups_only: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "method shiq: train only on the questions whose samples differ in reward (some right, some "
+            "wrong); a question with one reward for all its samples holds no contrast."
+        },
+    )
     benchmark_task: str | None = dataclasses.field(
         default=None,
         metadata={
@@ -99,6 +106,11 @@ class Config(EngineConfig):
                 f"key 'dataset_path': '{self.dataset_path}' does not exist; create it with `llmq generate` or set "
                 "build_task to build it first"
             )
+        if self.mixed_groups_only and self.method != "shiq":
+            raise UserError(
+                f"key 'mixed_groups_only' is for method shiq (method {self.method}: dpo pairs only such questions "
+                "already, sft keeps only right answers)"
+            )
         if self.build_task is not None:
             self.build_config()  # validates the build keys now, before any model is loaded
         if self.benchmark_task is not None:
@@ -124,6 +136,10 @@ class Config(EngineConfig):
                 else {}
             ),
         )
+
+    def training_rows(self, dataset):
+        """The rows the trainer sees: all of ``dataset``, or its mixed-reward questions (``mixed_groups_only``)."""
+        return mixed_reward_groups(dataset) if self.mixed_groups_only else dataset
 
     def benchmark_config(self, output_dir: Path) -> EvalConfig:
         """Greedy evaluation, by vLLM when ``engine`` is vllm (the trained model is loaded from ``output_dir``)
@@ -195,7 +211,12 @@ def run(
             model_args, device="cpu" if training_args.use_cpu else training_args.device
         )
         trainer, metrics = fit(
-            model, tokenizer, load_training_dataset(config.dataset_path), model_args, training_args, config.method
+            model,
+            tokenizer,
+            config.training_rows(load_training_dataset(config.dataset_path)),
+            model_args,
+            training_args,
+            config.method,
         )
         if trainer.is_world_process_zero():
             (output_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
@@ -242,6 +263,7 @@ def run(
         )
     else:
         dataset = load_training_dataset(config.dataset_path)
+    dataset = config.training_rows(dataset)
     summary["train_rows"] = len(dataset)
 
     if launch.distributed:
