@@ -185,6 +185,25 @@ def test_llmq_train_cli_end_to_end(tmp_path, capsys, shiq_recipe):
     assert "key 'dataset_path'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_llmq_train_on_mixed_groups_only_trains_on_the_questions_with_a_right_and_a_wrong_answer(
+    tmp_path, capsys, tiny_model_dir
+):
+    rows = [dict(row, question_index=min(i // 2, 3)) for i, row in enumerate(ROWS)]
+    rows[7]["reward"] = 0.0  # question 3: both answers wrong, no contrast
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["train", "--model_name_or_path", "tiny-llama", "--dataset_path", str(data), "--output_dir"]
+    options = ["--max_steps", "1", "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none"]
+    assert main([*argv, str(tmp_path / "out"), *options, "--mixed_groups_only", "true"]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["train_rows"] == 6
+    data.write_text(
+        "".join(json.dumps({k: v for k, v in row.items() if k != "question_index"}) + "\n" for row in rows)
+    )
+    assert main([*argv, str(tmp_path / "bad"), *options, "--mixed_groups_only", "true"]) == 2
+    assert "no 'question_index' column" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_gradient_checkpointing_gives_the_same_first_steps(tokenizer, tmp_path, use_lora):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None

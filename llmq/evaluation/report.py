@@ -128,7 +128,7 @@ def format_report(report: dict) -> str:
     protocol = report["protocol"]
     lines = [
         f"{protocol['task']} {protocol['split']} · {protocol['examples']} questions · {protocol['model']} · "
-        f"{'greedy' if protocol['decoding']['temperature'] == 0 else 'T=' + str(protocol['decoding']['temperature'])}"
+        f"{decoding_label(report)}"
     ]
     for name, metric in report["metrics"].items():
         low, high = metric["ci95"]
