@@ -427,12 +427,20 @@ def plot_accuracy_vs_tokens(reports: list[dict], path: Path, labels: Sequence[st
     figure = Figure(figsize=(10, 4.5), dpi=120)
     axes = figure.add_subplot()
     curves_drawn = set()
-    for report, label in zip(reports, labels):
+    for index, (report, label) in enumerate(zip(reports, labels)):
         metric, examples = report["metrics"]["first_sample"], report["protocol"]["examples"]
         x, y = report["generated_tokens"] / examples, 100 * metric["mean"]
         low, high = (100 * bound for bound in metric["ci95"])
         axes.errorbar(
-            [x], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=4, label=f"{report['protocol']['model']}: {label}"
+            [x],
+            [y],
+            yerr=[[y - low], [high - y]],
+            # colour and marker both change, so points stay apart past ten reports and where two coincide
+            color=f"C{index % 10}",
+            fmt="osD^vP"[index % 6],
+            markersize=7 - index % 3,
+            capsize=4,
+            label=f"{report['protocol']['model']}: {label}",
         )
         curve = tuple(100 * point["mean"] for point in report.get("pass_at_k", {}).values())
         if curve and curve not in curves_drawn:  # best-of-N and maj@N share their sampler's curve
@@ -442,7 +450,7 @@ def plot_accuracy_vs_tokens(reports: list[dict], path: Path, labels: Sequence[st
                 [tokens_per_answer * k for k in range(1, len(curve) + 1)],
                 curve,
                 "--",
-                alpha=0.7,
+                color="0.4",
                 label=f"pass@k of the T={report['protocol']['decoding']['temperature']} sampler, k = 1…{len(curve)}",
             )
     protocol = reports[0]["protocol"]
