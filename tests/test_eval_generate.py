@@ -127,6 +127,18 @@ def test_llmq_generate_saves_a_scored_dataset_with_its_settings(tmp_path, data_d
     )
 
 
+@pytest.mark.parametrize("max_new_tokens, truncated", [(64, False), (8, True)])
+def test_an_answer_cut_at_the_tasks_own_budget_ends_its_episode(tmp_path, tiny_model_dir, max_new_tokens, truncated):
+    # products_3x1digit pins 64 tokens, and llmq eval scores an answer cut there: it is terminal, not truncated
+    path = tmp_path / "data"
+    argv = ["generate", "--model_name_or_path", "tiny-llama", "--task", "products_3x1digit", "--limit", "2"]
+    options = ["--num_completions", "2", "--max_new_tokens", str(max_new_tokens), "--dataset_path", str(path)]
+    assert main([*argv, *options]) == 0
+    settings = json.loads((path / "llmq_generation.json").read_text())
+    assert settings["cut_at_max_new_tokens"] == 4  # a random model never says EOS
+    assert datasets.load_from_disk(str(path))["truncated"] == [truncated] * 4
+
+
 @pytest.mark.slow
 def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsys, data_dir, embedded_model_dir):
     out = tmp_path / "quickstart"

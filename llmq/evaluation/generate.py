@@ -48,7 +48,10 @@ class GenerateConfig(DecodingOptions):
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     max_new_tokens: int | None = dataclasses.field(
         default=None,
-        metadata={"help": "Tokens per completion; default the task's. Longer answers are kept, marked truncated."},
+        metadata={
+            "help": "Tokens per completion; default the task's. Longer answers are cut and kept; below the task's "
+            "budget they are marked truncated (ShiQ bootstraps from them), at it they end their episode."
+        },
     )
     format_reward: float = dataclasses.field(
         default=0.0,
@@ -97,16 +100,22 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
 
     Rows are conversational: ``prompt`` (the user turn), ``completion`` (the assistant turn),
     ``reward`` (0/1 correctness from the task's verifier, plus ``format_reward`` when the answer is
-    stated in the task's format), ``correct``, ``formatted``, ``truncated`` (cut at ``max_new_tokens``), plus the
-    question index, the gold answer and the extracted answer.  The sampling settings and summary
-    statistics are saved beside the data in ``llmq_generation.json``.  With decoding best_of_n or
-    maj_at_n, ``num_candidates`` are sampled per question and the kept rows also carry their
-    ``score`` and the number of ``candidates``; ``min_score`` drops kept rows scoring below it.
+    stated in the task's format), ``correct``, ``formatted``, ``truncated`` (cut at a ``max_new_tokens``
+    below the task's own budget, so not terminal: an answer cut at the task's budget ends its episode,
+    as in ``llmq eval``), plus the question index, the gold answer and the extracted answer.  The
+    sampling settings and summary statistics are saved beside the data in ``llmq_generation.json``.
+    With decoding best_of_n or maj_at_n, ``num_candidates`` are sampled per question and the kept rows
+    also carry their ``score`` and the number of ``candidates``; ``min_score`` drops kept rows scoring
+    below it.
     """
     task = load_task(config.task)
     questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     template = config.prompt or task.prompt
-    sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
+    budget = config.max_new_tokens or task.max_new_tokens
+    sampling = config.sampling(budget)
+    # An answer cut at the task's own token budget is scored as `llmq eval` scores it: its episode ends there
+    # (terminal, V = 0 after it). Only an answer cut below that budget could have gone on, and bootstraps.
+    cut_before_the_end = budget < task.max_new_tokens
     prompts = [[{"role": "user", "content": template.replace("{question}", q["question"])}] for q in questions]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
     engine = make_engine(
@@ -139,7 +148,7 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
                     "reward": float(verdict.correct) + config.format_reward * verdict.formatted,
                     "correct": verdict.correct,
                     "formatted": verdict.formatted,
-                    "truncated": completion.finish_reason == "length",
+                    "truncated": completion.finish_reason == "length" and cut_before_the_end,
                     "question_index": question["index"],
                     "sample": sample,
                     "answer": question["answer"],
@@ -172,6 +181,7 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
         "correct": sum(r["correct"] for r in rows),
         "formatted": sum(r["formatted"] for r in rows),
         "questions_with_a_correct_sample": len({r["question_index"] for r in rows if r["correct"]}),
+        "cut_at_max_new_tokens": sum(c.finish_reason == "length" for group in outputs for c in group),
         "truncated": sum(r["truncated"] for r in rows),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
