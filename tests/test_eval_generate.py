@@ -165,9 +165,14 @@ def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsy
         "24",
         "--per_device_train_batch_size",
         "2",
+        "--mixed_groups_only",  # 2 questions × 2 answers of 24 tokens seldom hold a right and a wrong one
+        "false",
+        "--seed",
+        "3",
     ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "data" / "llmq_generation.json").read_text())["generate_config"]["seed"] == 3
     assert summary["train_rows"] == 4 and set(summary["change"]) == {"first_sample", "answer_format"}
     assert (out / "model.safetensors").is_file()
     printed = capsys.readouterr().out

@@ -116,8 +116,10 @@ class Config(EngineConfig):
         if self.benchmark_task is not None:
             self.benchmark_config(Path("."))
 
-    def build_config(self) -> GenerateConfig:
+    def build_config(self, seed: int = 0) -> GenerateConfig:
+        """How the training data are sampled; ``seed`` is the run's, so another seed samples other answers."""
         return GenerateConfig(
+            seed=seed,
             task=self.build_task,
             split=self.build_split,
             data_dir=self.data_dir,
@@ -254,7 +256,7 @@ def run(
     if building:
         model.eval()
         dataset = build_offline_dataset(
-            model, tokenizer, config.build_config(), model_name=model_args.model_name_or_path
+            model, tokenizer, config.build_config(training_args.seed), model_name=model_args.model_name_or_path
         )
         print(
             f"offline data: {len(dataset)} completions, mean reward {np.mean(dataset['reward']):.3f} → "
