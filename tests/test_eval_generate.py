@@ -165,6 +165,8 @@ def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsy
         "24",
         "--per_device_train_batch_size",
         "2",
+        "--max_steps",
+        "2",
         "--mixed_groups_only",  # 2 questions × 2 answers of 24 tokens seldom hold a right and a wrong one
         "false",
         "--seed",
