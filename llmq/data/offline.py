@@ -19,10 +19,11 @@ def mixed_reward_groups(scored):
     """
     if "question_index" not in scored.column_names:
         raise UserError("the training data have no 'question_index' column: samples cannot be grouped by question")
+    questions = scored["question_index"]  # one read of the column (a copy out of Arrow), used twice
     rewards: dict[int, set[float]] = {}
-    for question_index, reward in zip(scored["question_index"], scored["reward"], strict=True):
+    for question_index, reward in zip(questions, scored["reward"], strict=True):
         rewards.setdefault(question_index, set()).add(reward)
-    keep = [row for row, question_index in enumerate(scored["question_index"]) if len(rewards[question_index]) > 1]
+    keep = [row for row, question_index in enumerate(questions) if len(rewards[question_index]) > 1]
     if not keep:
         raise UserError(
             "no question has completions with different rewards: there is nothing to contrast (sample more "
