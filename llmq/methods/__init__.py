@@ -40,6 +40,12 @@ METHODS: dict[str, Method] = {
         "TRL's SFTTrainer on best-of-N extracted completions (rejection sampling)",
         multi_process=True,
     ),
+    "online": Method(
+        "llmq.methods.online",
+        "rounds of sampling from the current policy, verifier rewards, a replay buffer and updates (objective shiq, "
+        "or the iterated baselines dpo and sft)",
+        multi_process=True,
+    ),
     "digiq": Method(
         "llmq.methods.digiq",
         "Digi-Q on TextWorld games: value heads on frozen features, Best-of-N extraction, SFT actor",

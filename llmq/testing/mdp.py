@@ -247,6 +247,19 @@ class TokenMDP:
         walk((), 1.0)
         return found
 
+    def sample(self, policy: Policy, count: int, rng: np.random.Generator) -> list[State]:
+        """``count`` complete trajectories drawn exactly from ``policy`` (and the observation distributions)."""
+        sampled = []
+        for _ in range(count):
+            state: State = ()
+            while not self.is_terminal(state):
+                action = int(rng.choice(self.n_actions, p=policy[state]))
+                successors = self.transitions(state, action)
+                pick = rng.choice(len(successors), p=[p for _, p in successors]) if len(successors) > 1 else 0
+                state = successors[pick][0]
+            sampled.append(state)
+        return sampled
+
     def trajectory_prob(self, seq: Sequence[int], policy: Policy | None = None) -> float:
         """Probability of generating the sequence (complete, or a prefix) under ``policy`` (π_ref by default)."""
         policy = self.reference_policy if policy is None else policy
