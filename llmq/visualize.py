@@ -463,3 +463,27 @@ def plot_accuracy_vs_tokens(reports: list[dict], path: Path, labels: Sequence[st
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never over them
     figure.tight_layout()
     FigureCanvasAgg(figure).print_png(str(path))
+
+
+def plot_accuracy_vs_sampled_tokens(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Held-out accuracy (with its 95% interval) against the tokens a run has sampled so far, one line per run.
+
+    ``curves`` maps a label to the evaluated entries of a run's round log (``sampled_tokens``, ``accuracy``,
+    ``accuracy_ci95``), as ``llmq train --method online`` and ``--method grpo`` write them."""
+    figure = Figure(figsize=(8, 4.5), dpi=120)
+    axes = figure.add_subplot()
+    for index, (label, entries) in enumerate(curves.items()):
+        x = [entry["sampled_tokens"] for entry in entries]
+        y = [100 * entry["accuracy"] for entry in entries]
+        low = [value - 100 * entry["accuracy_ci95"][0] for value, entry in zip(y, entries)]
+        high = [100 * entry["accuracy_ci95"][1] - value for value, entry in zip(y, entries)]
+        axes.errorbar(
+            x, y, yerr=[low, high], color=f"C{index % 10}", fmt="-" + "osD^vP"[index % 6], capsize=3, label=label
+        )
+    axes.set_xlabel("tokens sampled for training so far")
+    axes.set_ylabel("held-out accuracy, greedy (%)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    FigureCanvasAgg(figure).print_png(str(path))

@@ -142,6 +142,32 @@ def tokenize_trajectory(row: dict, tokenizer, max_length: int, index: int) -> di
     return {"input_ids": input_ids, "act_mask": act_mask, "rewards": rewards, "truncated": truncated}
 
 
+def sampled_trajectory(
+    prompt_ids: list[int], completion_ids: list[int], reward: float, truncated: bool, max_length: int, index: int
+) -> dict[str, list]:
+    """A sampled answer as the engine generated it: the prompt's tokens (states), the answer's own tokens
+    (actions, the end-of-turn token included when it was generated) and the reward on the last one.
+
+    Unlike :func:`tokenize_trajectory` nothing is re-tokenized or appended, so the actions are exactly the
+    sampled tokens and the sampler's log-probabilities line up with them.
+    """
+    if not completion_ids:
+        raise UserError(f"sample {index}: the completion is empty")
+    if len(prompt_ids) + len(completion_ids) + 1 > max_length:
+        raise UserError(
+            f"sample {index}: {len(prompt_ids) + len(completion_ids)} tokens exceed max_length={max_length} (raise "
+            "max_length)"
+        )
+    rewards = [0.0] * (len(prompt_ids) + len(completion_ids))
+    rewards[-1] = _number(reward, "reward", index)
+    return {
+        "input_ids": [*prompt_ids, *completion_ids],
+        "act_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
+        "rewards": rewards,
+        "truncated": truncated,
+    }
+
+
 def length_ordered_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices in batches of similar length, for passes whose order does not matter (reference
     statistics, scoring): padding costs what tokens cost, and random batches of sampled answers

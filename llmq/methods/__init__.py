@@ -46,6 +46,7 @@ METHODS: dict[str, Method] = {
         "or the iterated baselines dpo and sft)",
         multi_process=True,
     ),
+    "grpo": Method("llmq.methods.grpo", "TRL's GRPOTrainer on the same prompts and rewards (the peer of online ShiQ)"),
     "digiq": Method(
         "llmq.methods.digiq",
         "Digi-Q on TextWorld games: value heads on frozen features, Best-of-N extraction, SFT actor",

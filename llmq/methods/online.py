@@ -27,7 +27,7 @@ from trl import get_peft_config
 
 from llmq.config import ModelConfig, mirror
 from llmq.data.tasks import TaskSpec, load_task, load_task_rows, task_scorer
-from llmq.data.trajectories import tokenize_trajectory
+from llmq.data.trajectories import sampled_trajectory
 from llmq.errors import UserError
 from llmq.evaluation import GenerateConfig
 from llmq.launch import LaunchConfig, is_launched_process, launch_training
@@ -122,24 +122,58 @@ def verifier_reward(task: TaskSpec, format_reward: float) -> RewardFunction:
     return reward
 
 
-def total_rewards(functions: Sequence[RewardFunction], prompts, completions, completion_ids, columns: dict) -> list:
-    """The sum of every function's rewards for each completion; a function that raises, returns another
-    number of values or a non-finite one is a :class:`UserError` naming it and the row."""
-    totals = [0.0] * len(completions)
-    for function in functions:
-        name = getattr(function, "__name__", repr(function))
+def checked_reward(function: RewardFunction) -> RewardFunction:
+    """``function`` that fails with a :class:`UserError` naming it and the row when it raises, returns another
+    number of values than completions, or a value that is not a finite number."""
+    name = getattr(function, "__name__", repr(function))
+
+    def reward(prompts, completions, **kwargs) -> list[float]:
         try:
-            values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        except Exception as error:  # a user's function may raise anything
-            raise UserError(f"reward function {name} failed: {type(error).__name__}: {error}") from None
+            values = function(prompts=prompts, completions=completions, **kwargs)
+        except UserError:
+            raise
+        except Exception as error:  # a user's function may raise anything: find the first row it fails on
+            row = next(
+                (row for row in range(len(completions)) if _fails_on_row(function, row, prompts, completions, kwargs)),
+                None,
+            )
+            where = f" on row {row}" if row is not None else ""
+            raise UserError(f"reward function {name} failed{where}: {type(error).__name__}: {error}") from None
         if not isinstance(values, Sequence) or len(values) != len(completions):
             count = len(values) if isinstance(values, Sequence) else type(values).__name__
             raise UserError(f"reward function {name} returned {count} values for {len(completions)} completions")
         for row, value in enumerate(values):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"reward function {name} returned {value!r} for row {row}: rewards must be finite")
-            totals[row] += float(value)
+        return [float(value) for value in values]
+
+    reward.__name__ = name
+    return reward
+
+
+def _fails_on_row(function: RewardFunction, row: int, prompts, completions, columns: dict) -> bool:
+    """Whether ``function`` raises on row ``row`` alone."""
+    only = {key: value[row : row + 1] if isinstance(value, list) else value for key, value in columns.items()}
+    try:
+        function(prompts=prompts[row : row + 1], completions=completions[row : row + 1], **only)
+    except Exception:  # a user's function may raise anything
+        return True
+    return False
+
+
+def total_rewards(functions: Sequence[RewardFunction], prompts, completions, completion_ids, columns: dict) -> list:
+    """The sum of every (checked) function's rewards for each completion."""
+    totals = [0.0] * len(completions)
+    for function in functions:
+        values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        totals = [total + value for total, value in zip(totals, values)]
     return totals
+
+
+def reward_functions(task: TaskSpec, config) -> list[RewardFunction]:
+    """The verifier's reward and the recipe's ``reward_funcs``, each checked."""
+    functions = [verifier_reward(task, config.format_reward), *map(load_reward_function, config.reward_funcs)]
+    return [checked_reward(function) for function in functions]
 
 
 def held_out_evaluation(
@@ -189,7 +223,7 @@ def run(
     cut_before_the_end = budget < task.max_new_tokens  # as in llmq generate: a cut at the task's budget is terminal
     questions = load_task_rows(task, config.split, config.data_dir)
     held_out = load_task_rows(task, config.eval_split, config.data_dir)[: config.eval_limit]
-    functions = [verifier_reward(task, config.format_reward), *map(load_reward_function, config.reward_funcs)]
+    functions = reward_functions(task, config)
     order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(training_args.seed)).tolist()
 
     engine = None  # vLLM: built once, loads the training weights after every round
@@ -207,6 +241,11 @@ def run(
             progress=False,
             batch_size=config.generation_batch_size,
         )
+
+    def prompt_ids(prompt: list[dict]) -> list[int]:
+        """The prompt's tokens as the engines feed them (the chat template holds its own special tokens)."""
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     trainer: OnlineTrainer  # assigned below; the rollout reads the process index from it
 
@@ -233,24 +272,27 @@ def run(
             ) from None
         flat = [(q, p, c) for q, p, group in zip(chosen, prompts, outputs) for c in group]
         completions = [[{"role": "assistant", "content": c.text}] for _, _, c in flat]
-        rewards = total_rewards(
-            functions,
-            [p for _, p, _ in flat],
-            completions,
-            [c.token_ids for _, _, c in flat],
-            {"answer": [q["answer"] for q, _, _ in flat], "question_index": [q["index"] for q, _, _ in flat]},
-        )
+        try:
+            rewards = total_rewards(
+                functions,
+                [p for _, p, _ in flat],
+                completions,
+                [c.token_ids for _, _, c in flat],
+                {"answer": [q["answer"] for q, _, _ in flat], "question_index": [q["index"] for q, _, _ in flat]},
+            )
+        except UserError as error:
+            raise UserError(
+                f"round {round_index + 1}: {error}; the replay buffer and the rounds before this one are kept in "
+                f"{output_dir} (fix the function, then `llmq train ... --resume`)"
+            ) from None
         rows = []
         for index, ((question, prompt, completion), reward) in enumerate(zip(flat, rewards)):
-            row = {
-                "prompt": prompt,
-                "completion": [{"role": "assistant", "content": completion.text}],
-                "reward": reward,
-                "truncated": completion.finish_reason == "length" and cut_before_the_end,
-            }
-            if not completion.text.strip():
-                continue  # nothing to learn from an empty answer (and no row to tokenize)
-            tokens = tokenize_trajectory(row, tokenizer, training_args.max_length, index)
+            if not completion.token_ids:
+                continue  # nothing to learn from an empty answer
+            truncated = completion.finish_reason == "length" and cut_before_the_end
+            tokens = sampled_trajectory(
+                prompt_ids(prompt), completion.token_ids, reward, truncated, training_args.max_length, index
+            )
             rows.append(
                 tokens
                 | {"group": question["index"], "reward": reward, "sampled_logp": float(sum(completion.logprobs))}
@@ -275,24 +317,29 @@ def run(
         return {}
     trainer.unwrapped_model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    evaluated = [entry for entry in log if "correct" in entry]
+    summary = rounds_summary(
+        log, model_args.model_name_or_path, f"online {training_args.objective}", training_args.seed
+    )
+    return write_summary(output_dir, summary | {"task": config.task, "objective": training_args.objective})
+
+
+def rounds_summary(log: list[dict], model_name: str, method: str, seed: int) -> dict:
+    """A run in rounds: its log, sampled tokens and wall time, and held-out accuracy before and after with the
+    paired change."""
     summary = {
-        "model": model_args.model_name_or_path,
-        "method": "online",
-        "objective": training_args.objective,
-        "task": config.task,
+        "model": model_name,
+        "method": method,
         "rounds": log,
         "sampled_tokens": log[-1]["sampled_tokens"],
         "wall_s": log[-1].get("wall_s", 0.0),
     }
+    evaluated = [entry for entry in log if "correct" in entry]
     if len(evaluated) >= 2:
         before, after = evaluated[0], evaluated[-1]
-        summary["before"] = {k: before[k] for k in ("accuracy", "accuracy_ci95")}
-        summary["after"] = {k: after[k] for k in ("accuracy", "accuracy_ci95")}
-        summary["change"] = paired_change(
-            before["correct"], after["correct"], "accuracy", f"online {training_args.objective}", training_args.seed
-        )
-    return write_summary(output_dir, summary)
+        summary["before"] = {key: before[key] for key in ("accuracy", "accuracy_ci95")}
+        summary["after"] = {key: after[key] for key in ("accuracy", "accuracy_ci95")}
+        summary["change"] = paired_change(before["correct"], after["correct"], "accuracy", method, seed)
+    return summary
 
 
 def describe(summary: dict, output_dir: str) -> str:

@@ -1,4 +1,4 @@
-"""TRL's DPO and SFT trainers, reused as they are: llmq only fixes one default of their configs."""
+"""TRL's DPO, SFT and GRPO trainers, reused as they are: llmq only fixes one default of their configs."""
 
 from __future__ import annotations
 
@@ -26,3 +26,8 @@ class DPOConfig(_BF16FollowsHardware, trl.DPOConfig):
 @dataclass
 class SFTConfig(_BF16FollowsHardware, trl.SFTConfig):
     """TRL's ``SFTConfig`` (for ``trl.SFTTrainer``) whose ``bf16`` follows the hardware when not set."""
+
+
+@dataclass
+class GRPOConfig(_BF16FollowsHardware, trl.GRPOConfig):
+    """TRL's ``GRPOConfig`` (for ``trl.GRPOTrainer``) whose ``bf16`` follows the hardware when not set."""

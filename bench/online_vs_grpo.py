@@ -1,0 +1,143 @@
+"""Benchmark: online ShiQ vs TRL's GRPO vs iterated DPO vs iterated rejection-sampling SFT, at equal samples.
+
+    python bench/online_vs_grpo.py                                  # products_3x1digit, seed 0, all four
+    python bench/online_vs_grpo.py --seeds 0 1 --methods shiq grpo  # other seeds, two methods
+
+Runs ``llmq train recipes/online/{method}_{task}_smollm2.yaml --seed S`` for each method and seed
+(``--resume``: a killed benchmark goes on where it stopped, a finished run is read back), then compares
+the runs at every round where all of them measured held-out accuracy: each round samples the same
+number of answers to the same number of prompts, so those rounds are equal sampling budgets (the
+tokens each run sampled by then are reported too, as answers' lengths change with training).
+Prints and writes (``--output_dir/{task}.json``) each method's accuracy with its Wilson interval,
+the paired change against the base model and online ShiQ's paired difference from GRPO (Newcombe's
+intervals), the wall time of the rounds, the update time per training token and each run's peak
+memory; plots held-out accuracy against sampled tokens (``{task}_accuracy_vs_sampled_tokens.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llmq.stats import paired_difference
+from llmq.visualize import plot_accuracy_vs_sampled_tokens
+
+METHODS = ("shiq", "grpo", "dpo", "sft")
+LABELS = {
+    "shiq": "online ShiQ (llmq)",
+    "grpo": "GRPO (TRL GRPOTrainer)",
+    "dpo": "iterated DPO",
+    "sft": "iterated rejection-sampling SFT",
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="products", help="recipes/online/{method}_{task}_smollm2.yaml")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench/online_vs_grpo"))
+    return parser
+
+
+def run(method: str, task: str, seed: int, output_dir: Path) -> dict:
+    """The summary of one run, training it first (or finishing it) when it has none."""
+    run_dir = output_dir / task / f"{method}_seed{seed}"
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        recipe = Path("recipes/online") / f"{method}_{task}_smollm2.yaml"
+        command = [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--output_dir", str(run_dir)]
+        command += ["--seed", str(seed), "--resume"]
+        print(" ".join(command), flush=True)
+        with open(output_dir / task / f"{method}_seed{seed}.log", "a") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return json.loads(summary.read_text())
+
+
+def compare(summaries: dict[str, dict], seed: int) -> dict:
+    """Every method at each round all of them evaluated: accuracy, paired change from the base, ShiQ − GRPO."""
+    evaluated = {method: {e["round"]: e for e in s["rounds"] if "correct" in e} for method, s in summaries.items()}
+    rounds = sorted(set.intersection(*(set(entries) for entries in evaluated.values())))
+    base = next(iter(evaluated.values()))[0]["correct"]
+    if any(entries[0]["correct"] != base for entries in evaluated.values()):
+        raise SystemExit("the runs' base-model evaluations differ: they did not evaluate the same questions")
+    table = []
+    for round_number in rounds[1:]:
+        row = {"round": round_number, "methods": {}}
+        for method, entries in evaluated.items():
+            entry = entries[round_number]
+            row["methods"][method] = {
+                "sampled_tokens": entry["sampled_tokens"],
+                "accuracy": entry["accuracy"],
+                "accuracy_ci95": entry["accuracy_ci95"],
+                "change_from_base": paired_difference(base, entry["correct"], seed=seed),
+            }
+        if {"shiq", "grpo"} <= set(evaluated):
+            row["shiq_minus_grpo"] = paired_difference(
+                evaluated["grpo"][round_number]["correct"], evaluated["shiq"][round_number]["correct"], seed=seed
+            )
+        table.append(row)
+    return {"base_accuracy": sum(base) / len(base), "questions": len(base), "rounds": table}
+
+
+def print_table(comparison: dict, summaries: dict[str, dict]) -> None:
+    print(f"base model: {100 * comparison['base_accuracy']:.1f}% on {comparison['questions']} held-out questions")
+    for row in comparison["rounds"]:
+        print(f"round {row['round']}:")
+        for method, result in row["methods"].items():
+            low, high = (100 * x for x in result["accuracy_ci95"])
+            change = result["change_from_base"]
+            print(
+                f"  {LABELS[method]:34s} {100 * result['accuracy']:5.1f}% ({low:.1f}-{high:.1f}), "
+                f"{100 * change['mean']:+.1f} vs base ({100 * change['ci95_paired'][0]:+.1f} to "
+                f"{100 * change['ci95_paired'][1]:+.1f}), {result['sampled_tokens']} sampled tokens"
+            )
+        if "shiq_minus_grpo" in row:
+            difference = row["shiq_minus_grpo"]
+            print(
+                f"  online ShiQ - GRPO: {100 * difference['mean']:+.1f} ({100 * difference['ci95_paired'][0]:+.1f} to "
+                f"{100 * difference['ci95_paired'][1]:+.1f})"
+            )
+    for method, summary in summaries.items():
+        print(
+            f"{LABELS[method]}: {summary['wall_s'] / 60:.1f} min of rounds, peak memory "
+            f"{summary.get('peak_memory_mb', float('nan')):.0f} MB"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    (args.output_dir / args.task).mkdir(parents=True, exist_ok=True)
+    results = {}
+    for seed in args.seeds:
+        summaries = {method: run(method, args.task, seed, args.output_dir) for method in args.methods}
+        comparison = compare(summaries, seed)
+        print(f"--- {args.task}, seed {seed}")
+        print_table(comparison, summaries)
+        results[f"seed{seed}"] = comparison | {
+            "runs": {
+                method: {
+                    key: s.get(key) for key in ("wall_s", "sampled_tokens", "peak_memory_mb", "update_tokens_per_s")
+                }
+                for method, s in summaries.items()
+            }
+        }
+        curves = {LABELS[method]: [e for e in s["rounds"] if "accuracy" in e] for method, s in summaries.items()}
+        task_name = next(iter(summaries.values()))["task"]
+        plot = args.output_dir / f"{args.task}_seed{seed}_accuracy_vs_sampled_tokens.png"
+        plot_accuracy_vs_sampled_tokens(
+            curves,
+            plot,
+            f"{task_name}: held-out accuracy (first {comparison['questions']} test questions, seed {seed})",
+        )
+        print(f"plot: {plot}")
+    path = args.output_dir / f"{args.task}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Kill -9 in the middle of an online run (sampling, training or saving a round), then `llmq train --resume`: the
+run continues after the last finished round with the same buffer and RNG state, and its rounds after the resume
+equal an uninterrupted run's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmq.checkpoints import complete_checkpoints
+
+ROUNDS, KILL_AFTER = 6, 2
+TIMING = {"round_s", "sampling_s", "wall_s"}  # the only fields that may differ
+
+
+def train_command(recipe, output_dir, *extra):
+    return [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--output_dir", str(output_dir), *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model_name_or_path: tiny-llama\nmethod: online\ntask: products_3x1digit\nobjective: shiq\n"
+        f"rounds: {ROUNDS}\nprompts_per_round: 4\ncompletions_per_prompt: 2\nupdates_per_round: 2\n"
+        "per_device_train_batch_size: 4\nreplay_fraction: 0.5\nbuffer_capacity: 24\nmax_new_tokens: 8\n"
+        "eval_limit: 6\neval_every: 2\nlearning_rate: 1.0e-3\nbeta: 0.5\nseed: 0\nuse_cpu: true\nreport_to: none\n"
+        "disable_tqdm: true\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run, reference_dir = tmp_path / "run", tmp_path / "reference"
+    reference = subprocess.Popen(
+        train_command(recipe, reference_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killed = subprocess.Popen(
+        train_command(recipe, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 300
+        # Kill as soon as round 2's checkpoint has begun: often half-written, and the resume falls back to round 1.
+        while (
+            not (run / f"checkpoint-{KILL_AFTER}").exists() and killed.poll() is None and time.monotonic() < deadline
+        ):
+            time.sleep(0.002)
+        assert killed.poll() is None, "the run ended before it could be killed"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    finally:
+        killed.kill()
+    finished = complete_checkpoints(run)
+    resumed_after = int(finished[0].name.rsplit("-", 1)[1]) if finished else 0
+    assert resumed_after in (KILL_AFTER - 1, KILL_AFTER)
+
+    resumed = subprocess.run(
+        train_command(recipe, run, "--resume"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after round {resumed_after}" in resumed.stdout
+    assert resumed.stdout.count("round ") >= ROUNDS - resumed_after
+    assert reference.wait(timeout=300) == 0
+
+    def rounds(output_dir):
+        return json.loads((output_dir / "summary.json").read_text())["rounds"]
+
+    ours, theirs = rounds(run), rounds(reference_dir)
+    assert [entry["round"] for entry in ours] == [entry["round"] for entry in theirs] == list(range(ROUNDS + 1))
+    for mine, expected in zip(ours[resumed_after + 1 :], theirs[resumed_after + 1 :]):
+        assert mine.keys() == expected.keys()
+        for key in mine.keys() - TIMING:
+            assert mine[key] == pytest.approx(expected[key], abs=1e-6), (mine["round"], key)
+    final, expected = load_file(str(run / "model.safetensors")), load_file(str(reference_dir / "model.safetensors"))
+    assert final.keys() == expected.keys() and all(
+        torch.allclose(final[name], expected[name], atol=1e-6) for name in expected
+    )
