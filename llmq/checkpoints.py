@@ -136,7 +136,8 @@ def validate_checkpoint(path: str | os.PathLike) -> Path:
             f"{_what_to_do(folder)}"
         )
     weights = _weights(folder)
-    deepspeed = sorted(child for child in folder.glob("global_step*") if child.is_dir())
+    # The Trainer's DeepSpeed folders are global_step*, accelerate's save_state (method online) pytorch_model.
+    deepspeed = sorted(child for child in [*folder.glob("global_step*"), folder / "pytorch_model"] if child.is_dir())
     if not weights and not deepspeed:
         raise UserError(
             f"checkpoint {folder} has no weights ({WEIGHTS}, {WEIGHTS_INDEX}, {ADAPTER_WEIGHTS} or a DeepSpeed "

@@ -2,6 +2,7 @@
 replay buffer, reward functions with TRL's signature, and what a bad reward function does to a run."""
 
 import json
+import os
 import textwrap
 
 import numpy as np
@@ -167,3 +168,34 @@ def test_a_bad_reward_function_stops_the_run_with_one_line_and_keeps_the_finishe
         code == 2 and len(errors) == 1 and message in errors[0] and errors[0].startswith("llmq train: error: round 2")
     )
     assert (output_dir / "checkpoint-1" / "replay_buffer.json").is_file()  # the finished round is kept
+
+
+@pytest.mark.slow
+def test_online_lora_with_gradient_checkpointing_references_the_model_without_adapters(tmp_path, capsys, my_rewards):
+    output_dir = tmp_path / "out"
+    recipe = write_recipe(
+        tmp_path,
+        reward_funcs="[my_rewards:digit_share]",
+        use_peft="true",
+        lora_r=4,
+        lora_target_modules="[q_proj, v_proj]",
+        gradient_checkpointing="true",
+    )
+    assert main(["train", recipe, "--output_dir", str(output_dir)]) == 0, capsys.readouterr().err
+    rounds = json.loads((output_dir / "summary.json").read_text())["rounds"]
+    # LoRA starts as the identity, and the reference is the model with its adapters disabled: KL 0 in round 1.
+    assert abs(rounds[1]["kl"]) < 1e-3 and abs(rounds[2]["kl"]) > 1e-4
+    assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_online_run_in_two_ddp_processes_samples_twice_the_prompts(tmp_path, capsys, monkeypatch, my_rewards):
+    """Each process samples and buffers its own prompts; the log sums their sampled tokens."""
+    output_dir = tmp_path / "out"
+    recipe = write_recipe(tmp_path, reward_funcs="[my_rewards:digit_share]", rounds=1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    assert main(["train", recipe, "--output_dir", str(output_dir), "--num_processes", "2"]) == 0
+    tokens = json.loads((output_dir / "summary.json").read_text())["rounds"][1]["sampled_tokens"]
+    assert 4 * 2 * 8 < tokens <= 2 * 4 * 2 * 8  # more than one process's prompts × completions × 8 tokens
+    checkpoint = output_dir / "checkpoint-1"
+    assert (checkpoint / "replay_buffer.json").is_file() and (checkpoint / "replay_buffer_1.json").is_file()

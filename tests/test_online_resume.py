@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from llmq.checkpoints import complete_checkpoints
 
 ROUNDS, KILL_AFTER = 6, 2
-TIMING = {"round_s", "sampling_s", "wall_s"}  # the only fields that may differ
+TIMING = {"round_s", "sampling_s", "update_s", "wall_s"}  # the only fields that may differ
 
 
 def train_command(recipe, output_dir, *extra):

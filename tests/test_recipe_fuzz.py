@@ -58,6 +58,13 @@ TRAIN_KEYS = [
     "lora_r",
     "report_to",
     "build_temperature",
+    "objective",
+    "rounds",
+    "replay_fraction",
+    "buffer_capacity",
+    "reward_funcs",
+    "num_generations",
+    "eval_limit",
     "build_num_completions",
     "sampling_temperature",
     "behaviour_temperature",
@@ -119,7 +126,7 @@ def test_random_eval_recipes_parse_or_fail_in_one_line(recipe, tmp_path, monkeyp
 @FUZZ
 @given(
     recipe=st.dictionaries(keys(TRAIN_KEYS), values, max_size=5),
-    method=st.sampled_from(["shiq", "dpo", "sft", "digiq", "qvm", "nonsense"]),
+    method=st.sampled_from(["shiq", "dpo", "sft", "online", "grpo", "digiq", "qvm", "nonsense"]),
 )
 def test_random_train_recipes_parse_or_fail_in_one_line(recipe, method, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output paths stay in the test folder

@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import json
 import math
+import resource
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -332,7 +333,11 @@ def rounds_summary(log: list[dict], model_name: str, method: str, seed: int) -> 
         "rounds": log,
         "sampled_tokens": log[-1]["sampled_tokens"],
         "wall_s": log[-1].get("wall_s", 0.0),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+    update_s = sum(entry.get("update_s", 0.0) for entry in log)
+    if update_s:
+        summary["update_tokens_per_s"] = round(log[-1]["training_tokens"] / update_s, 1)
     evaluated = [entry for entry in log if "correct" in entry]
     if len(evaluated) >= 2:
         before, after = evaluated[0], evaluated[-1]

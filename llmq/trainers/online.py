@@ -3,7 +3,7 @@
     trainer = OnlineTrainer(model, OnlineConfig(output_dir="out", objective="shiq", rounds=8), rollout=rollout)
     trainer.train()
 
-Each round (docs/algorithms.md §2.12):
+Each round (docs/algorithms.md §2.13):
 
 1. ``rollout(round, model)`` samples ``completions_per_prompt`` answers to ``prompts_per_round`` prompts from
    the *current* policy and scores them; it returns tokenized trajectories
@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from peft import get_peft_model
 from tqdm.auto import tqdm
@@ -190,9 +191,12 @@ class OnlineTrainer:
         self.args = args
         self.rollout, self.sync, self.evaluate = rollout, sync, evaluate
         report_to = [name for name in args.report_to if name != "none"]
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if deepspeed and not torch.cuda.is_available():
+            PartialState(backend="gloo")  # DeepSpeed on CPU processes (accelerate would pick NCCL)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            cpu=args.use_cpu,
+            cpu=args.use_cpu and not deepspeed,
             mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             log_with=report_to or None,
             project_dir=args.output_dir,
@@ -215,6 +219,15 @@ class OnlineTrainer:
             eps=args.adam_epsilon,
             weight_decay=args.weight_decay,
         )
+        if deepspeed:  # no dataloader goes through accelerate, so DeepSpeed is told the batch and the clipping
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise UserError(
+                    "online runs copy the initial model as the reference and hand whole weights to the engine: use "
+                    "accelerate_config ddp or zero2, not ZeRO-3"
+                )
+            self.accelerator.state.deepspeed_plugin.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=args.per_device_train_batch_size, gradient_clipping=args.max_grad_norm
+            )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Stepped by hand once per optimizer step (accelerate would step it once per process).
         self.scheduler = get_scheduler(
@@ -267,6 +280,7 @@ class OnlineTrainer:
         sampling_s = time.perf_counter() - started
 
         self.model.train()
+        updates_started = time.perf_counter()
         rng = np.random.default_rng([args.seed, round_index])
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
         batches = mixed_batches(selected, replayed, args.replay_fraction, args.updates_per_round, rows_per_step, rng)
@@ -292,6 +306,7 @@ class OnlineTrainer:
                     self.optimizer.zero_grad()
                 losses.append(loss.item())
                 training_tokens += tokens
+        update_s = time.perf_counter() - updates_started
         self.model.eval()
         if self.sync is not None:
             self.sync(self.unwrapped_model)
@@ -309,6 +324,7 @@ class OnlineTrainer:
             "training_tokens": previous.get("training_tokens", 0) + self._summed(training_tokens),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "sampling_s": round(sampling_s, 2),
+            "update_s": round(update_s, 2),
         }
         entry["round_s"] = round(time.perf_counter() - started, 2)
         entry["wall_s"] = round(previous.get("wall_s", 0.0) + entry["round_s"], 2)
