@@ -50,7 +50,7 @@ from transformers import get_scheduler
 from llmq.checkpoints import TRAINER_STATE, complete_checkpoints
 from llmq.data.replay import ReplayBuffer, mixed_batches
 from llmq.data.trajectories import TrajectoryCollator, length_ordered_batches
-from llmq.errors import NonFiniteLossError
+from llmq.errors import NonFiniteLossError, UserError
 from llmq.losses import dpo_loss, shiq_loss
 from llmq.mdp import token_logprobs
 from llmq.trainers.shiq import ShiQConfig
