@@ -171,7 +171,9 @@ def test_a_bad_reward_function_stops_the_run_with_one_line_and_keeps_the_finishe
 
 
 @pytest.mark.slow
-def test_online_lora_with_gradient_checkpointing_references_the_model_without_adapters(tmp_path, capsys, my_rewards):
+def test_online_lora_with_gradient_checkpointing_references_the_model_without_adapters_and_logs_to_tensorboard(
+    tmp_path, capsys, my_rewards
+):
     output_dir = tmp_path / "out"
     recipe = write_recipe(
         tmp_path,
@@ -181,7 +183,8 @@ def test_online_lora_with_gradient_checkpointing_references_the_model_without_ad
         lora_target_modules="[q_proj, v_proj]",
         gradient_checkpointing="true",
     )
-    assert main(["train", recipe, "--output_dir", str(output_dir)]) == 0, capsys.readouterr().err
+    assert main(["train", recipe, "--output_dir", str(output_dir), "--report_to", "tensorboard"]) == 0
+    assert list(output_dir.rglob("events.out.tfevents.*"))  # the rounds' metrics, for TensorBoard
     rounds = json.loads((output_dir / "summary.json").read_text())["rounds"]
     # LoRA starts as the identity, and the reference is the model with its adapters disabled: KL 0 in round 1.
     assert abs(rounds[1]["kl"]) < 1e-3 and abs(rounds[2]["kl"]) > 1e-4

@@ -448,6 +448,31 @@ def test_load_weights_syncs_a_training_model(tiny, tiny_hf):
     assert ids(tiny.generate(PROMPTS, sampling=sampling)) == ids(before)
 
 
+def test_online_run_samples_every_round_from_vllm_with_the_trained_weights(
+    engines, vllm_tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """`llmq train --method online --engine vllm`: vLLM samples, the trained weights are loaded after each round.
+    Round 1 samples the initial model (the reference): the KL estimate from vLLM's own log-probabilities is 0;
+    in round 2 vLLM samples the updated policy, so it is not (it would stay 0 without the weight sync)."""
+    engines.close()  # one in-process engine at a time: the run builds its own
+    (tmp_path / "share_rewards.py").write_text(
+        "def digit_share(prompts, completions, **columns):\n"
+        "    texts = [completion[-1]['content'] for completion in completions]\n"
+        "    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in texts]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {vllm_tiny_dir}\nmethod: online\nengine: vllm\nvllm_max_model_len: 512\n"
+        "task: products_3x1digit\nrounds: 2\nprompts_per_round: 4\ncompletions_per_prompt: 2\nupdates_per_round: 2\n"
+        "per_device_train_batch_size: 4\nmax_new_tokens: 8\neval_limit: 4\nlearning_rate: 0.01\nbeta: 0.5\n"
+        "reward_funcs: [share_rewards:digit_share]\nuse_cpu: true\nreport_to: none\ndisable_tqdm: true\n"
+    )
+    assert main(["train", str(recipe), "--output_dir", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    rounds = json.loads((tmp_path / "out" / "summary.json").read_text())["rounds"]
+    assert abs(rounds[1]["kl"]) < 1e-2 < abs(rounds[2]["kl"])
+
+
 def test_load_weights_merges_peft_adapters(tiny, tiny_hf):
     from peft import LoraConfig, get_peft_model
 

@@ -263,7 +263,8 @@ class OnlineTrainer:
                 self.accelerator.log({k: v for k, v in entry.items() if _is_number(v)}, step=round_index + 1)
                 print(_round_line(entry), flush=True)
             self._save_round(round_index + 1)
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): an in-process vLLM engine shares the
+            tracker.finish()  # process group, and it is its owner's to close
         return self.log
 
     def _round(self, round_index: int) -> dict:
