@@ -30,8 +30,8 @@ from llmq.errors import UserError
 from llmq.launch import LaunchConfig
 from llmq.methods import method_field, online
 from llmq.methods.online import (
+    TaskRewardsConfig,
     held_out_evaluation,
-    load_reward_function,
     reward_functions,
     rounds_summary,
     task_prompts,
@@ -45,42 +45,19 @@ LOG_FILE = "rounds.json"  # the per-round log, also kept in every checkpoint for
 
 
 @dataclasses.dataclass
-class Config(EngineConfig):
-    """The prompts, rewards and held-out evaluation of a GRPO run (the same keys as ``method: online``)."""
+class Config(TaskRewardsConfig):
+    """The prompts, rewards and held-out evaluation of a GRPO run (the keys of ``method: online``)."""
 
     method: str = method_field("grpo")
-    task: str = dataclasses.field(
-        default="products_3x1digit",
-        metadata={"help": "Task whose train questions are the prompts and whose verifier scores the answers."},
-    )
-    split: str = dataclasses.field(default="train", metadata={"help": "Split of the prompts."})
-    data_dir: str | None = dataclasses.field(
-        default=None,
-        metadata={"help": "Folder with local GSM8K / MATH-500 copies; default $LLMQ_DATA_DIR, else the Hub."},
-    )
-    format_reward: float = dataclasses.field(
-        default=0.0, metadata={"help": "Added to the 0/1 correctness reward when the answer is in the task's format."}
-    )
-    reward_funcs: list[str] = dataclasses.field(
-        default_factory=list,
-        metadata={"help": "Extra reward functions (module:function, TRL's signature) added to the verifier's."},
-    )
-    eval_split: str = dataclasses.field(default="test", metadata={"help": "Split of the held-out questions."})
-    eval_limit: int = dataclasses.field(
-        default=100, metadata={"help": "Held-out questions: the first N of eval_split."}
-    )
     eval_every: int = dataclasses.field(
         default=1,
         metadata={"help": "Evaluate held-out accuracy before training and after every N generation batches."},
     )
 
     def __post_init__(self) -> None:
-        self.check_engine()
-        load_task(self.task)
-        if self.eval_limit < 1 or self.eval_every < 1:
-            raise UserError("keys 'eval_limit' and 'eval_every' must be at least 1")
-        for name in self.reward_funcs:
-            load_reward_function(name)
+        super().__post_init__()
+        if self.eval_every < 1:
+            raise UserError(f"key 'eval_every' must be at least 1, got {self.eval_every}")
 
 
 def config_types(method: str) -> tuple[type, type]:

@@ -44,10 +44,9 @@ RewardFunction = Callable[..., list]
 
 
 @dataclasses.dataclass
-class Config(EngineConfig):
-    """What is sampled and scored each round, and how held-out accuracy is measured."""
+class TaskRewardsConfig(EngineConfig):
+    """The prompts, rewards and held-out questions of a run in rounds: ``method: online`` and ``method: grpo``."""
 
-    method: str = method_field("online")
     task: str = dataclasses.field(
         default="products_3x1digit",
         metadata={"help": "Task whose train questions are the prompts and whose verifier scores the answers."},
@@ -57,9 +56,6 @@ class Config(EngineConfig):
         default=None,
         metadata={"help": "Folder with local GSM8K / MATH-500 copies; default $LLMQ_DATA_DIR, else the Hub."},
     )
-    temperature: float = mirror(GenerateConfig, "temperature")
-    top_p: float = mirror(GenerateConfig, "top_p")
-    max_new_tokens: int | None = mirror(GenerateConfig, "max_new_tokens")
     format_reward: float = mirror(GenerateConfig, "format_reward")
     reward_funcs: list[str] = dataclasses.field(
         default_factory=list,
@@ -72,19 +68,34 @@ class Config(EngineConfig):
     eval_limit: int = dataclasses.field(
         default=100, metadata={"help": "Held-out questions: the first N of eval_split (a fixed subset)."}
     )
+
+    def __post_init__(self) -> None:
+        self.check_engine()
+        load_task(self.task)
+        if self.eval_limit < 1:
+            raise UserError(f"key 'eval_limit' must be at least 1, got {self.eval_limit}")
+        for name in self.reward_funcs:
+            load_reward_function(name)
+
+
+@dataclasses.dataclass
+class Config(TaskRewardsConfig):
+    """What is sampled each round, and how held-out accuracy is measured."""
+
+    method: str = method_field("online")
+    temperature: float = mirror(GenerateConfig, "temperature")
+    top_p: float = mirror(GenerateConfig, "top_p")
+    max_new_tokens: int | None = mirror(GenerateConfig, "max_new_tokens")
     generation_batch_size: int = dataclasses.field(
         default=64, metadata={"help": "Prompts per generate call (engine hf)."}
     )
 
     def __post_init__(self) -> None:
-        self.check_engine()
-        load_task(self.task)
+        super().__post_init__()
         if self.temperature <= 0:
             raise UserError(f"key 'temperature' must be > 0 to sample different answers, got {self.temperature}")
-        if self.eval_limit < 1 or self.generation_batch_size < 1:
-            raise UserError("keys 'eval_limit' and 'generation_batch_size' must be at least 1")
-        for name in self.reward_funcs:
-            load_reward_function(name)
+        if self.generation_batch_size < 1:
+            raise UserError(f"key 'generation_batch_size' must be at least 1, got {self.generation_batch_size}")
 
 
 def config_types(method: str) -> tuple[type, type]:
