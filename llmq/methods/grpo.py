@@ -153,7 +153,7 @@ def run(
         ),
         task,
         held_out,
-        training_args.max_completion_length or task.max_new_tokens,
+        task.max_new_tokens,  # scored as llmq eval scores
     )
     trainer = GRPOTrainer(
         model=model,

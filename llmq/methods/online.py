@@ -318,7 +318,7 @@ def run(
         pad_token_id=tokenizer.pad_token_id,
         peft_config=get_peft_config(model_args),
         sync=engine.load_weights if engine is not None else None,
-        evaluate=held_out_evaluation(engine_for, task, held_out, budget),
+        evaluate=held_out_evaluation(engine_for, task, held_out, task.max_new_tokens),  # scored as llmq eval scores
     )
     try:
         log = trainer.train(resume=launch.resume)
