@@ -68,7 +68,7 @@ class OnlineConfig(ShiQConfig):
     The optimizer runs ``rounds × updates_per_round`` steps of ``per_device_train_batch_size ×
     gradient_accumulation_steps`` rows (per process); ``lr_scheduler_type`` and the warm-up keys
     schedule over all of them.  ``max_steps``, ``num_train_epochs`` and ``save_steps`` do not apply:
-    a run is ``rounds`` long and saves a checkpoint after every round (keeping ``save_total_limit``).
+    a run is ``rounds`` long and saves a checkpoint after every round (keeping the newest ``save_total_limit``, 2).
     Reference statistics are always computed once per sampled row (``precompute_ref_log_probs``).
     """
 
@@ -105,6 +105,10 @@ class OnlineConfig(ShiQConfig):
         default=1, metadata={"help": "Evaluate held-out accuracy before training and after every N rounds."}
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={"help": "Round checkpoints kept (the newest; each holds the optimizer and the buffer). None: all."},
+    )
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "Always on for online runs: each sampled row is scored once by the reference."}
     )
