@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llmq.checkpoints import TRAINER_STATE, complete_checkpoints
 from llmq.stats import paired_difference
 from llmq.visualize import plot_accuracy_vs_sampled_tokens
 
@@ -40,27 +41,43 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench/online_vs_grpo"))
+    parser.add_argument(
+        "--partial", action="store_true", help="train nothing; report unfinished runs from their newest checkpoint"
+    )
     return parser
 
 
-def run(method: str, task: str, seed: int, output_dir: Path) -> dict:
-    """The summary of one run, training it first (or finishing it) when it has none."""
+def run(method: str, task: str, seed: int, output_dir: Path, partial: bool) -> dict:
+    """The summary of one run, training it first (or finishing it) when it has none; with ``partial`` the log of
+    an unfinished run's newest checkpoint instead (nothing is trained)."""
     run_dir = output_dir / task / f"{method}_seed{seed}"
     summary = run_dir / "summary.json"
-    if not summary.is_file():
-        recipe = Path("recipes/online") / f"{method}_{task}_smollm2.yaml"
-        command = [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--output_dir", str(run_dir)]
-        command += ["--seed", str(seed), "--resume"]
-        print(" ".join(command), flush=True)
-        with open(output_dir / task / f"{method}_seed{seed}.log", "a") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    if partial:
+        checkpoints = complete_checkpoints(run_dir)
+        if not checkpoints:
+            return {}
+        state = json.loads((checkpoints[0] / TRAINER_STATE).read_text())
+        log = (
+            state["log_history"]
+            if "log_history" in state
+            else json.loads((checkpoints[0] / "rounds.json").read_text())["log"]
+        )
+        return {"rounds": log, "partial": True, "wall_s": log[-1].get("wall_s", 0.0)}
+    recipe = Path("recipes/online") / f"{method}_{task}_smollm2.yaml"
+    command = [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--output_dir", str(run_dir)]
+    command += ["--seed", str(seed), "--resume"]
+    print(" ".join(command), flush=True)
+    with open(output_dir / task / f"{method}_seed{seed}.log", "a") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     return json.loads(summary.read_text())
 
 
 def compare(summaries: dict[str, dict], seed: int) -> dict:
     """Every method at each round all of them evaluated: accuracy, paired change from the base, ShiQ − GRPO."""
     evaluated = {method: {e["round"]: e for e in s["rounds"] if "correct" in e} for method, s in summaries.items()}
-    rounds = sorted(set.intersection(*(set(entries) for entries in evaluated.values())))
+    rounds = sorted(set.union(*(set(entries) for entries in evaluated.values())))
     base = next(iter(evaluated.values()))[0]["correct"]
     if any(entries[0]["correct"] != base for entries in evaluated.values()):
         raise SystemExit("the runs' base-model evaluations differ: they did not evaluate the same questions")
@@ -68,6 +85,8 @@ def compare(summaries: dict[str, dict], seed: int) -> dict:
     for round_number in rounds[1:]:
         row = {"round": round_number, "methods": {}}
         for method, entries in evaluated.items():
+            if round_number not in entries:  # an unfinished run (--partial)
+                continue
             entry = entries[round_number]
             row["methods"][method] = {
                 "sampled_tokens": entry["sampled_tokens"],
@@ -75,7 +94,7 @@ def compare(summaries: dict[str, dict], seed: int) -> dict:
                 "accuracy_ci95": entry["accuracy_ci95"],
                 "change_from_base": paired_difference(base, entry["correct"], seed=seed),
             }
-        if {"shiq", "grpo"} <= set(evaluated):
+        if {"shiq", "grpo"} <= set(row["methods"]):
             row["shiq_minus_grpo"] = paired_difference(
                 evaluated["grpo"][round_number]["correct"], evaluated["shiq"][round_number]["correct"], seed=seed
             )
@@ -102,8 +121,9 @@ def print_table(comparison: dict, summaries: dict[str, dict]) -> None:
                 f"{100 * difference['ci95_paired'][1]:+.1f})"
             )
     for method, summary in summaries.items():
+        done = f" (unfinished: {summary['rounds'][-1]['round']} rounds)" if summary.get("partial") else ""
         print(
-            f"{LABELS[method]}: {summary['wall_s'] / 60:.1f} min of rounds, peak memory "
+            f"{LABELS[method]}: {summary['wall_s'] / 60:.1f} min of rounds{done}, peak memory "
             f"{summary.get('peak_memory_mb', float('nan')):.0f} MB"
         )
 
@@ -113,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.output_dir / args.task).mkdir(parents=True, exist_ok=True)
     results = {}
     for seed in args.seeds:
-        summaries = {method: run(method, args.task, seed, args.output_dir) for method in args.methods}
+        summaries = {method: run(method, args.task, seed, args.output_dir, args.partial) for method in args.methods}
+        summaries = {method: summary for method, summary in summaries.items() if summary}
         comparison = compare(summaries, seed)
         print(f"--- {args.task}, seed {seed}")
         print_table(comparison, summaries)
@@ -126,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         }
         curves = {LABELS[method]: [e for e in s["rounds"] if "accuracy" in e] for method, s in summaries.items()}
-        task_name = next(iter(summaries.values()))["task"]
+        task_name = next((s["task"] for s in summaries.values() if "task" in s), args.task)
         plot = args.output_dir / f"{args.task}_seed{seed}_accuracy_vs_sampled_tokens.png"
         plot_accuracy_vs_sampled_tokens(
             curves,

@@ -124,3 +124,16 @@ def test_token_strings_put_a_split_character_on_its_first_token(tokenizer):
     ids = tokenizer("é")["input_ids"]
     assert len(ids) == 2  # the tiny tokenizer is byte-level: é is two byte tokens
     assert token_strings(tokenizer, ids) == ["é", ""]
+
+
+def test_accuracy_against_sampled_tokens_is_a_png_with_one_line_per_run(tmp_path):
+    from llmq.visualize import plot_accuracy_vs_sampled_tokens
+
+    entry = lambda tokens, accuracy: {  # noqa: E731
+        "sampled_tokens": tokens,
+        "accuracy": accuracy,
+        "accuracy_ci95": [accuracy - 0.05, accuracy + 0.05],
+    }
+    curves = {"online ShiQ": [entry(0, 0.1), entry(500, 0.2)], "GRPO": [entry(0, 0.1), entry(520, 0.15)]}
+    plot_accuracy_vs_sampled_tokens(curves, tmp_path / "curve.png", title="products")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
