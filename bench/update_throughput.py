@@ -35,7 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="timed updates (after one untimed warm-up)")
     parser.add_argument("--output", type=Path, default=Path("outputs/bench/update_throughput.json"))
     parser.add_argument("--child", choices=["shiq", "grpo"], help=argparse.SUPPRESS)
-    parser.add_argument("--samples", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--samples", type=Path, help="the sampled answers (JSON): reused when the file exists")
     return parser
 
 
@@ -144,6 +144,7 @@ def grpo_child(rows: list[dict], steps: int) -> dict:
         "advantages": advantages,
         "num_items_in_batch": completion_mask.sum(),
     }
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's own loop, which this bypasses
     optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=args.learning_rate)
     trainer.model.train()
 
@@ -165,8 +166,9 @@ def main() -> None:
         result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
-    samples = Path(tempfile.mkdtemp()) / "samples.json"
-    sample(samples)
+    samples = args.samples or Path(tempfile.mkdtemp()) / "samples.json"
+    if not samples.is_file():
+        sample(samples)
     results = {}
     for method in ("shiq", "grpo"):
         command = [sys.executable, __file__, "--child", method, "--samples", str(samples), "--steps", str(args.steps)]
