@@ -1,6 +1,6 @@
 """Online training in rounds: sample from the current policy → score → replay buffer → updates → weight sync.
 
-    trainer = OnlineTrainer(model, OnlineConfig(output_dir="out", objective="shiq", rounds=8), rollout=rollout)
+    trainer = OnlineTrainer(model, OnlineConfig(output_dir="out", objective="shiq"), rollout, pad_token_id=0)
     trainer.train()
 
 Each round (docs/algorithms.md §2.13):
@@ -316,6 +316,7 @@ class OnlineTrainer:
         if self.sync is not None:
             self.sync(self.unwrapped_model)
         previous = self.log[-1] if self.log else {}
+        age = self.buffer.age(round_index + 1)
         entry = {
             "round": round_index + 1,
             "reward_mean": _mean(rewards),
@@ -323,8 +324,8 @@ class OnlineTrainer:
             "loss": _mean(losses) if losses else None,
             "training_rows": len(selected),
             "buffer_rows": len(self.buffer),
-            "buffer_age_mean": self.buffer.age(round_index + 1)["mean"],
-            "buffer_age_max": self.buffer.age(round_index + 1)["max"],
+            "buffer_age_mean": age["mean"],
+            "buffer_age_max": age["max"],
             "sampled_tokens": previous.get("sampled_tokens", 0) + self._summed(samples.sampled_tokens),
             "training_tokens": previous.get("training_tokens", 0) + self._summed(training_tokens),
             "learning_rate": self.scheduler.get_last_lr()[0],
