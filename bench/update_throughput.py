@@ -46,6 +46,7 @@ def sample(path: Path) -> None:
     from llmq.models import load_model, load_tokenizer
     from llmq.rollout.base import SamplingParams
     from llmq.rollout.hf import HFEngine
+    from llmq.rollout.vllm import encode
 
     model, tokenizer = load_model(MODEL, dtype="float32"), load_tokenizer(MODEL)
     task = load_task("products_3x1digit")
@@ -57,8 +58,7 @@ def sample(path: Path) -> None:
     score = task_scorer(task)
     rows = []
     for question, prompt, group in zip(questions, prompts, outputs):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode(tokenizer, prompt)
         for completion in group:
             reward = float(score(completion.text, question["answer"]).correct)
             rows.append({"prompt_ids": prompt_ids, "completion_ids": completion.token_ids, "reward": reward})

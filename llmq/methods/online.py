@@ -37,6 +37,7 @@ from llmq.methods.stages import paired_change, write_summary
 from llmq.models import load_from_config
 from llmq.rollout.base import SamplingParams
 from llmq.rollout.engines import EngineConfig, make_engine
+from llmq.rollout.vllm import encode
 from llmq.stats import proportion_summary
 from llmq.trainers.online import OnlineConfig, OnlineTrainer, RoundSamples
 
@@ -254,11 +255,6 @@ def run(
             batch_size=config.generation_batch_size,
         )
 
-    def prompt_ids(prompt: list[dict]) -> list[int]:
-        """The prompt's tokens as the engines feed them (the chat template holds its own special tokens)."""
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
     trainer: OnlineTrainer  # assigned below; the rollout reads the process index from it
 
     def rollout(round_index: int, policy) -> RoundSamples:
@@ -297,13 +293,15 @@ def run(
                 f"round {round_index + 1}: {error}; the replay buffer and the rounds before this one are kept in "
                 f"{output_dir} (fix the function, then `llmq train ... --resume`)"
             ) from None
+        # The prompts' tokens as the engines feed them, once per prompt (not once per answer).
+        prompt_tokens = {id(prompt): encode(tokenizer, prompt) for prompt in prompts}
         rows = []
         for index, ((question, prompt, completion), reward) in enumerate(zip(flat, rewards)):
             if not completion.token_ids:
                 continue  # nothing to learn from an empty answer
             truncated = completion.finish_reason == "length" and cut_before_the_end
             tokens = sampled_trajectory(
-                prompt_ids(prompt), completion.token_ids, reward, truncated, training_args.max_length, index
+                prompt_tokens[id(prompt)], completion.token_ids, reward, truncated, training_args.max_length, index
             )
             rows.append(
                 tokens

@@ -212,7 +212,7 @@ class OnlineTrainer:
                 model.enable_input_require_grads()
             model = get_peft_model(model, peft_config)
         elif ref_model is None:
-            ref_model = _frozen_copy(model)
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
@@ -455,10 +455,6 @@ class OnlineTrainer:
         if self.accelerator.is_main_process:
             print(f"resuming after round {state['rounds_done']} from {folder}", flush=True)
         return state["rounds_done"]
-
-
-def _frozen_copy(model):
-    return copy.deepcopy(model).requires_grad_(False).eval()
 
 
 def _buffer_name(process_index: int) -> str:
