@@ -1,6 +1,6 @@
 """Kill -9 in the middle of an online run (sampling, training or saving a round), then `llmq train --resume`: the
 run continues after the last finished round with the same buffer and RNG state, and its rounds after the resume
-equal an uninterrupted run's."""
+equal an uninterrupted run's. The same for TRL's GRPO run by `method: grpo`, the bench's peer."""
 
 import json
 import os
@@ -23,6 +23,19 @@ def train_command(recipe, output_dir, *extra):
     return [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--output_dir", str(output_dir), *extra]
 
 
+def kill_when_it_appears(path, process) -> None:
+    """SIGKILL ``process`` as soon as ``path`` exists."""
+    try:
+        deadline = time.monotonic() + 300
+        while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert process.poll() is None, "the run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        process.kill()
+
+
 @pytest.mark.slow
 def test_kill_9_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path):
     recipe = tmp_path / "recipe.yaml"
@@ -41,18 +54,8 @@ def test_kill_9_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = subprocess.Popen(
         train_command(recipe, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    try:
-        deadline = time.monotonic() + 300
-        # Kill as soon as round 2's checkpoint has begun: often half-written, and the resume falls back to round 1.
-        while (
-            not (run / f"checkpoint-{KILL_AFTER}").exists() and killed.poll() is None and time.monotonic() < deadline
-        ):
-            time.sleep(0.002)
-        assert killed.poll() is None, "the run ended before it could be killed"
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
-    finally:
-        killed.kill()
+    # Kill as soon as round 2's checkpoint has begun: often half-written, and the resume falls back to round 1.
+    kill_when_it_appears(run / f"checkpoint-{KILL_AFTER}", killed)
     finished = complete_checkpoints(run)
     resumed_after = int(finished[0].name.rsplit("-", 1)[1]) if finished else 0
     assert resumed_after in (KILL_AFTER - 1, KILL_AFTER)
@@ -78,3 +81,40 @@ def test_kill_9_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert final.keys() == expected.keys() and all(
         torch.allclose(final[name], expected[name], atol=1e-6) for name in expected
     )
+
+
+@pytest.mark.slow
+def test_grpo_killed_while_saving_round_2_resumes_and_logs_what_an_uninterrupted_run_logs(tmp_path):
+    steps_per_round, rounds = 2, 3
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model_name_or_path: tiny-llama\nmethod: grpo\ntask: products_3x1digit\n"
+        f"max_steps: {steps_per_round * rounds}\nsteps_per_generation: {steps_per_round}\n"
+        f"save_steps: {steps_per_round}\n"
+        "num_generations: 2\nper_device_train_batch_size: 4\nmax_completion_length: 8\neval_limit: 6\n"
+        "learning_rate: 1.0e-3\nseed: 0\nuse_cpu: true\nreport_to: none\ndisable_tqdm: true\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run, reference_dir = tmp_path / "run", tmp_path / "reference"
+    reference = subprocess.Popen(
+        train_command(recipe, reference_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killed = subprocess.Popen(
+        train_command(recipe, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    kill_when_it_appears(run / f"checkpoint-{KILL_AFTER * steps_per_round}", killed)
+    finished = complete_checkpoints(run)
+    resumed_after = int(finished[0].name.rsplit("-", 1)[1]) // steps_per_round if finished else 0
+    assert resumed_after in (KILL_AFTER - 1, KILL_AFTER)
+
+    resumed = subprocess.run(
+        train_command(recipe, run, "--resume"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert reference.wait(timeout=300) == 0
+    ours, theirs = (json.loads((d / "summary.json").read_text())["rounds"] for d in (run, reference_dir))
+    assert [entry["round"] for entry in ours] == [entry["round"] for entry in theirs] == list(range(rounds + 1))
+    for mine, expected in zip(ours[1:], theirs[1:]):  # the rounds before the kill come from the checkpoint's log
+        assert mine.keys() == expected.keys()
+        for key in mine.keys() - TIMING:
+            assert mine[key] == pytest.approx(expected[key], abs=1e-6), (mine["round"], key)

@@ -34,6 +34,7 @@ except Exception as error:  # noqa: BLE001 - any import failure means: no vLLM h
         allow_module_level=True,
     )
 
+from llmq.checkpoints import complete_checkpoints
 from llmq.cli import main
 from llmq.data.tasks import load_task
 from llmq.errors import UserError
@@ -357,6 +358,58 @@ def test_a_server_killed_during_llmq_eval_stops_it_in_one_line_and_the_rerun_gen
     assert calls == [2]  # only the missing batch
     records = [json.loads(line) for line in (tmp_path / "eval" / "completions.jsonl").read_text().splitlines()]
     assert sorted(record["index"] for record in records) == list(range(4))
+
+
+def test_a_server_killed_during_an_online_round_stops_the_run_in_one_line_and_resume_redoes_only_that_round(
+    vllm_tiny_dir, tmp_path, capsys, monkeypatch
+):
+    """`llmq train --method online --engine vllm_server`: the server dies while round 2 samples. The run stops in
+    one line naming the engine and the round, keeping round 1's checkpoint; with the server back, `--resume`
+    loads round 1's weights into it, samples round 2 once, and logs what an uninterrupted run logs."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {vllm_tiny_dir}\nmethod: online\nengine: vllm_server\nvllm_server_url: [{url}]\n"
+        "task: products_3x1digit\nrounds: 2\nprompts_per_round: 4\ncompletions_per_prompt: 2\nupdates_per_round: 2\n"
+        "per_device_train_batch_size: 4\nmax_new_tokens: 8\neval_limit: 4\nlearning_rate: 0.01\nbeta: 0.5\n"
+        "seed: 0\nuse_cpu: true\nreport_to: none\ndisable_tqdm: true\n"
+    )
+    rollouts, generate = [], VLLMServerEngine.generate
+
+    def counted(engine, prompts, n=1, **kwargs):
+        if n == 2:  # a round's sampling (the held-out evaluation samples one greedy answer)
+            rollouts.append(len(prompts))
+            if kill_in_round_2 and len(rollouts) == 2:
+                os.killpg(server_process.pid, signal.SIGKILL)  # the server and its engine processes
+                server_process.wait()
+        return generate(engine, prompts, n=n, **kwargs)
+
+    monkeypatch.setattr(VLLMServerEngine, "generate", counted)
+
+    def train(output_dir, *extra) -> int:
+        return main(["train", str(recipe), "--output_dir", str(output_dir), *extra])
+
+    kill_in_round_2 = True
+    with served(vllm_tiny_dir, tmp_path, port) as server_process:
+        assert train(tmp_path / "run") == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"llmq train: error: engine vllm_server failed in round 2 (vLLM server {url} cannot")
+        assert "--resume" in last
+    assert [path.name for path in complete_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+
+    kill_in_round_2, rollouts[:] = False, []
+    with served(vllm_tiny_dir, tmp_path, port) as server_process:  # back at the same address, initial weights
+        assert train(tmp_path / "run", "--resume") == 0, capsys.readouterr().err
+        assert rollouts == [4]  # round 2 only
+        assert train(tmp_path / "uninterrupted") == 0, capsys.readouterr().err
+    resumed, uninterrupted = (
+        json.loads((tmp_path / name / "summary.json").read_text())["rounds"] for name in ("run", "uninterrupted")
+    )
+    for mine, expected in zip(resumed, uninterrupted):
+        for key in ("reward_mean", "kl", "loss", "sampled_tokens", "accuracy"):
+            if key in expected:
+                assert mine[key] == pytest.approx(expected[key], abs=1e-5), (mine["round"], key)
 
 
 def test_llmq_train_with_engine_vllm_builds_and_benchmarks_on_vllm(engines, vllm_tiny_dir, data_dir, tmp_path):

@@ -74,8 +74,16 @@ class RoundLog(TrainerCallback):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.steps_per_round:
-            return
+        if state.global_step % self.steps_per_round == 0:
+            self._log_round(state, model)
+        if control.should_save and state.is_world_process_zero:
+            # Written before the Trainer writes the checkpoint, whose trainer_state.json (written last) marks it
+            # complete: a checkpoint --resume picks always has its log.
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / LOG_FILE).write_text(json.dumps({"log": self.log, "counters": self.counters}) + "\n")
+
+    def _log_round(self, state, model) -> None:
         round_number = state.global_step // self.steps_per_round
         rewards = self.counters.pop("rewards", [])
         previous = self.log[-1] if self.log else {}
@@ -95,12 +103,6 @@ class RoundLog(TrainerCallback):
         if state.is_world_process_zero:
             accuracy = f", held-out accuracy {entry['accuracy']:.3f}" if "accuracy" in entry else ""
             print(f"round {round_number}: sampled tokens {entry['sampled_tokens']}{accuracy}", flush=True)
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / LOG_FILE).write_text(json.dumps({"log": self.log, "counters": self.counters}) + "\n")
 
 
 def run(

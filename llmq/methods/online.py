@@ -271,12 +271,11 @@ def run(
         )
         try:
             outputs = engine_for(policy).generate(prompts, n=training_args.completions_per_prompt, sampling=sampling)
-        except UserError:
-            raise
         except Exception as error:  # the engine died (vLLM out of memory, a server gone)
+            reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
             raise UserError(
-                f"engine {config.engine} failed in round {round_index + 1} ({type(error).__name__}: {error}); "
-                f"`llmq train ... --resume` redoes this round from the checkpoint of the last finished one"
+                f"engine {config.engine} failed in round {round_index + 1} ({reason}); `llmq train ... --resume` "
+                f"redoes this round from the checkpoint of the last finished one in {output_dir}"
             ) from None
         flat = [(q, p, c) for q, p, group in zip(chosen, prompts, outputs) for c in group]
         completions = [[{"role": "assistant", "content": c.text}] for _, _, c in flat]
