@@ -176,7 +176,9 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("label", ["rollout", "fqi"])
-def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, data_dir, tiny_model_dir):
+def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(
+    label, tmp_path, data_dir, tiny_model_dir, tiny_model_and_tokenizer
+):
     import json
 
     from llmq.cli import main
@@ -223,7 +225,7 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(label, tmp_path, d
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] >= 2 and 0 <= summary["rollout_label_mean"] <= 1 and summary["label"] == label
-    heads, metadata = load_qvm(out)
+    heads, metadata = load_qvm(out, tiny_model_and_tokenizer[0])
     assert metadata["delimiter"] == " " and heads.q_heads[0][0].in_features == 2 * metadata["state_dim"]
     if label == "rollout":  # the saved QVM drives `llmq eval --decoding qstar`
         report_dir = tmp_path / "eval"
@@ -295,7 +297,7 @@ def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_t
     from safetensors.torch import save_file
 
     from llmq.decoding.best_of_n import qvm_scores
-    from llmq.models.qvm import FeatureQVM, ReasoningStep
+    from llmq.models.qvm import FeatureQVM, ReasoningStep, weights_checksum
     from llmq.models.value_heads import CriticHeads
     from llmq.rollout import Completion
 
@@ -303,9 +305,8 @@ def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_t
     torch.manual_seed(0)
     heads = CriticHeads(64, 64, hidden_size=8, num_layers=1).eval()
     save_file(heads.state_dict(), str(tmp_path / "model.safetensors"))
-    (tmp_path / "qvm.json").write_text(
-        json.dumps({"layer": -1, "delimiter": "\n", "hidden_size": 8, "num_layers": 1, "state_dim": 64})
-    )
+    metadata = {"layer": -1, "delimiter": "\n", "hidden_size": 8, "num_layers": 1, "state_dim": 64}
+    (tmp_path / "qvm.json").write_text(json.dumps(metadata | {"base_model_sha256": weights_checksum(model)}))
     prompt = [{"role": "user", "content": "What is 2+3?"}]
     answers = ["2 + 3 = 5\n#### 5", "5", "#### 5\n", ""]
     [scores] = qvm_scores(
@@ -400,3 +401,29 @@ def test_label_builders_converge_to_q_hard():
         next_q = [[q[(s + (a,), c)] for c in range(mdp.n_actions) if (s + (a,), c) in q] or [0.0] for s, a in pairs]
         q = dict(zip(pairs, fqi_labels(rewards, dones, next_q)))
     assert max(abs(q[(s, a)] - q_hard[s][a]) for s, a in pairs) < 1e-12
+
+
+def test_a_qvm_used_with_a_model_other_than_its_base_is_refused_naming_both(tiny_model_and_tokenizer, tmp_path):
+    import copy
+
+    import torch
+
+    from llmq.errors import UserError
+    from llmq.models.qvm import load_qvm, save_qvm, weights_checksum
+    from llmq.models.value_heads import CriticHeads
+
+    model, _ = tiny_model_and_tokenizer
+    metadata = {"base_model": "tiny-llama", "layer": -1, "delimiter": "\n", "hidden_size": 8, "num_layers": 1}
+    save_qvm(
+        CriticHeads(64, 64, 8, 1), tmp_path, metadata | {"state_dim": 64, "base_model_sha256": weights_checksum(model)}
+    )
+    load_qvm(tmp_path, model)
+    load_qvm(tmp_path, copy.deepcopy(model).to(torch.bfloat16))  # the same weights in another dtype
+    other = copy.deepcopy(model)
+    other.name_or_path = "another-model"
+    with torch.no_grad():
+        other.model.norm.weight[0] += 0.5  # the same architecture and width, other weights
+    with pytest.raises(
+        UserError, match="trained on the features of 'tiny-llama', whose weights differ .* 'another-model'"
+    ):
+        load_qvm(tmp_path, other)

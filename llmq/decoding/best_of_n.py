@@ -85,7 +85,7 @@ def qvm_scores(
     """``Q(steps before, last step)`` of each candidate by the QVM saved at ``qvm_path``: the answer cut
     into steps at the QVM's delimiter, scored where it ends — a final step's training label is
     whether the answer was correct, so this is the QVM's estimate of the answer's correctness."""
-    heads, metadata = load_qvm(qvm_path)
+    heads, metadata = load_qvm(qvm_path, model)
     scores = []
     for prompt, group in zip(prompts, candidates):
         text = (

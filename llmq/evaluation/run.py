@@ -203,7 +203,7 @@ def _generate_missing(
     sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
-    qvm = load_qvm(config.qvm_path) if config.decoding == "qstar" else None
+    qvm = load_qvm(config.qvm_path, model) if config.decoding == "qstar" else None
     engine = make_engine(
         config,
         model,

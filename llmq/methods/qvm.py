@@ -41,7 +41,7 @@ from llmq.methods import method_field
 from llmq.methods.stages import StageLedger, write_summary
 from llmq.models import load_from_config
 from llmq.models.features import score_continuations
-from llmq.models.qvm import FeatureQVM, ReasoningStep, save_qvm, split_steps
+from llmq.models.qvm import FeatureQVM, ReasoningStep, save_qvm, split_steps, weights_checksum
 from llmq.models.value_heads import CriticHeads
 from llmq.rollout import Engine, SamplingParams
 from llmq.rollout.engines import EngineConfig, make_engine
@@ -396,6 +396,7 @@ def run(
         output_dir,
         {
             "base_model": model_args.model_name_or_path,
+            "base_model_sha256": weights_checksum(model),
             "layer": config.feature_layer,
             "delimiter": config.delimiter,
             "hidden_size": config.qvm_hidden_size,

@@ -10,6 +10,7 @@ and the ``qvm`` best-of-N scorer load it (:func:`load_qvm`).  docs/algorithms.md
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -50,20 +51,42 @@ def split_steps(text: str, delimiter: str) -> list[str]:
     return [step for step in steps if step] if text else []
 
 
+def weights_checksum(model) -> str:
+    """sha256 of ``model``'s weights in name order, rounded to bfloat16 first: the same checkpoint loaded
+    in float32 or bfloat16 has the same checksum, another checkpoint (even of the same shape) another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_qvm(heads: CriticHeads, output_dir: str | Path, metadata: dict) -> None:
     """Write the heads (``model.safetensors``) and what is needed to use them (``qvm.json``: base
-    model, feature layer, step delimiter, head sizes) to ``output_dir``."""
+    model and its weights' checksum, feature layer, step delimiter, head sizes) to ``output_dir``."""
     directory = Path(output_dir)
     save_file({name: value.contiguous() for name, value in heads.state_dict().items()}, str(directory / QVM_WEIGHTS))
     (directory / QVM_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
-def load_qvm(path: str | Path) -> tuple[CriticHeads, dict]:
-    """The heads and metadata ``llmq train --method qvm`` saved in ``path``."""
+def load_qvm(path: str | Path, model) -> tuple[CriticHeads, dict]:
+    """The heads and metadata ``llmq train --method qvm`` saved in ``path``, to score steps with the features
+    of ``model``: a QVM trained on another model's features would give meaningless scores, so a model
+    whose weights are not those the QVM was trained on is a :class:`UserError` naming both."""
     directory = Path(path)
     if not (directory / QVM_METADATA).is_file():
         raise UserError(f"key 'qvm_path': '{path}' holds no {QVM_METADATA} (train one with `llmq train --method qvm`)")
     metadata = json.loads((directory / QVM_METADATA).read_text())
+    if "base_model_sha256" not in metadata:
+        raise UserError(
+            f"key 'qvm_path': {directory / QVM_METADATA} does not record its base model's weights checksum "
+            "(base_model_sha256): retrain it with `llmq train --method qvm`"
+        )
+    if metadata["base_model_sha256"] != weights_checksum(model):
+        raise UserError(
+            f"key 'qvm_path': the QVM at '{path}' was trained on the features of '{metadata.get('base_model')}', "
+            f"whose weights differ from those of the model being decoded, '{model.name_or_path}'"
+        )
     heads = CriticHeads(metadata["state_dim"], metadata["state_dim"], metadata["hidden_size"], metadata["num_layers"])
     heads.load_state_dict(load_file(str(directory / QVM_WEIGHTS)))
     return heads.eval(), metadata
