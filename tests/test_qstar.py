@@ -67,6 +67,34 @@ def test_child_heuristic_with_collected_rewards_finds_a_best_sequence_under_toke
         assert mdp.decode(result.best.state).startswith("A B") or mdp.decode(result.best.state).endswith("A B")
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_child_heuristic_proposes_each_state_once_and_expands_a_child_with_the_steps_proposed_for_its_h(seed):
+    """Token accounting: the K steps proposed to compute a child's h are its candidates when it is expanded,
+    so no state is proposed (and no token sampled) twice."""
+    mdp = toy_mdp() if seed == 0 else random_mdp(seed, vocab_size=3, horizon=4)
+    propose, q_values = oracle_callables(mdp)
+    asked = []
+
+    def counted(states, k):
+        asked.extend(states)
+        return propose(states, k)
+
+    result = astar_search(
+        propose=counted,
+        q_values=q_values,
+        is_terminal=mdp.is_terminal,
+        num_candidates=mdp.n_actions,
+        budget=100,
+        max_depth=mdp.horizon,
+        aggregate="sum",
+        utility=lambda state: float(mdp.rewards[state[:-1]][state[-1]]),
+        heuristic="child",
+    )
+    assert len(asked) == len(set(asked))
+    assert {node.state for node in result.nodes if node.expanded} <= set(asked)
+    assert mdp.trajectory_return(result.best.state) == pytest.approx(best_return(mdp), abs=1e-12)
+
+
 def test_budget_depth_and_dedup_are_respected():
     mdp = random_mdp(1, vocab_size=3, horizon=4, reward_placement="sequence")
     propose, q_values = oracle_callables(mdp)
@@ -106,6 +134,16 @@ def test_bad_settings_are_refused():
             budget=1,
             max_depth=1,
             aggregate="min",
+        )
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        astar_search(
+            propose=propose,
+            q_values=q_values,
+            is_terminal=lambda s: True,
+            num_candidates=2,
+            budget=1,
+            max_depth=1,
+            lam=0,
         )
     with pytest.raises(ValueError, match="aggregate"):
         astar_search(
@@ -427,3 +465,15 @@ def test_a_qvm_used_with_a_model_other_than_its_base_is_refused_naming_both(tiny
         UserError, match="trained on the features of 'tiny-llama', whose weights differ .* 'another-model'"
     ):
         load_qvm(tmp_path, other)
+
+
+def test_llmq_eval_refuses_a_search_lambda_that_is_not_positive(tmp_path, capsys):
+    from llmq.cli import main
+
+    argv = ["eval", "--model_name_or_path", "tiny-llama", "--decoding", "qstar", "--qvm_path", str(tmp_path)]
+    assert main([*argv, "--temperature", "1.0", "--search_lambda", "0"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("key 'search_lambda' must be > 0 (the weight of the QVM's h in f), got 0.0")
+    )

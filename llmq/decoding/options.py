@@ -152,6 +152,10 @@ class DecodingOptions(EngineConfig):
                     "keys 'search_budget', 'search_candidates', 'search_max_depth' and 'step_max_tokens' must be at "
                     "least 1"
                 )
+            if self.search_lambda <= 0:
+                raise UserError(
+                    f"key 'search_lambda' must be > 0 (the weight of the QVM's h in f), got {self.search_lambda}"
+                )
         if self.decoding == "guided" and self.guide_model is None:
             raise UserError("decoding guided needs key 'guide_model': the policy whose Q guides the model")
         if selecting and self.scorer == "implicit_reward" and self.guide_model is None:

@@ -114,11 +114,16 @@ def astar_search(
         raise ValueError(f"heuristic must be 'inherited' or 'child', got {heuristic!r}")
     if budget < 1 or num_candidates < 1 or max_depth < 1:
         raise ValueError("budget, num_candidates and max_depth must be at least 1")
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0 (λ weighs the heuristic; λ ≤ 0 ignores or inverts it), got {lam}")
 
     combine = AGGREGATIONS[aggregate]
     utilities: dict[State, list[float]] = {root: []}
     nodes = [Node(id=0, parent=None, state=root, depth=0, g=0.0, h=0.0, f=0.0, terminal=is_terminal(root))]
     seen = {root}
+    # The child heuristic proposes and scores a child's next steps to compute its h: kept here, they are the
+    # child's candidates when it is expanded (each state is proposed once, so every sampled token counts once).
+    proposed: dict[State, tuple[list[Step], list[float]]] = {}
     tie = itertools.count()  # equal f: the earlier node first (FIFO), so the search is deterministic
     frontier = [(-0.0, next(tie), 0)]
     expansions, answer = 0, None
@@ -134,31 +139,39 @@ def astar_search(
             break
         expansions += 1
         node.expanded = True
+        if node.state in proposed:
+            steps, step_scores = proposed.pop(node.state)
+        else:
+            steps, step_scores = propose([node.state], num_candidates)[0], None
         fresh = []
-        for step in propose([node.state], num_candidates)[0]:
+        for index, step in enumerate(steps):
             child = node.state + (step,)
             if not (dedup and child in seen):
                 seen.add(child)
-                fresh.append((step, child))
+                fresh.append((index, step, child))
         if not fresh:
             continue
-        scores = q_values([(node.state, step) for step, _ in fresh])
-        terminal = [is_terminal(child) for _, child in fresh]
+        if step_scores is None:
+            scores = q_values([(node.state, step) for _, step, _ in fresh])
+        else:
+            scores = [step_scores[index] for index, _, _ in fresh]
+        terminal = [is_terminal(child) for _, _, child in fresh]
         if heuristic == "child":
-            open_children = [child for (_, child), done in zip(fresh, terminal) if not done]
+            open_children = [child for (_, _, child), done in zip(fresh, terminal) if not done]
             proposals = propose(open_children, num_candidates) if open_children else []
             pairs = [
                 (child, step) for child, steps_of_child in zip(open_children, proposals) for step in steps_of_child
             ]
             values = iter(q_values(pairs)) if pairs else iter(())
-            best_next = {
-                child: max((next(values) for _ in steps_of_child), default=0.0)
-                for child, steps_of_child in zip(open_children, proposals)
-            }
-        for (_, child), score, done in zip(fresh, scores, terminal):
+            for child, steps_of_child in zip(open_children, proposals):
+                proposed[child] = (steps_of_child, [next(values) for _ in steps_of_child])
+        for (_, _, child), score, done in zip(fresh, scores, terminal):
             utilities[child] = utilities[node.state] + ([utility(child)] if utility is not None else [])
             g = combine(utilities[child])
-            h = score if heuristic == "inherited" else (0.0 if done else best_next.get(child, 0.0))
+            if heuristic == "inherited":
+                h = score
+            else:
+                h = 0.0 if done else max(proposed[child][1], default=0.0)
             nodes.append(
                 Node(
                     id=len(nodes),
