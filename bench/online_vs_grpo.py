@@ -9,7 +9,7 @@ the runs at every round where all of them measured held-out accuracy: each round
 number of answers to the same number of prompts, so those rounds are equal sampling budgets (the
 tokens each run sampled by then are reported too, as answers' lengths change with training).
 Prints and writes (``--output_dir/{task}.json``) each method's accuracy with its Wilson interval,
-the paired change against the base model and online ShiQ's paired difference from GRPO (Newcombe's
+the paired change against the base model and online ShiQ's paired difference from each other method (Newcombe's
 intervals), the wall time of the rounds, the update time per training token and each run's peak
 memory; plots held-out accuracy against sampled tokens (``{task}_accuracy_vs_sampled_tokens.png``).
 """
@@ -94,10 +94,14 @@ def compare(summaries: dict[str, dict], seed: int) -> dict:
                 "accuracy_ci95": entry["accuracy_ci95"],
                 "change_from_base": paired_difference(base, entry["correct"], seed=seed),
             }
-        if {"shiq", "grpo"} <= set(row["methods"]):
-            row["shiq_minus_grpo"] = paired_difference(
-                evaluated["grpo"][round_number]["correct"], evaluated["shiq"][round_number]["correct"], seed=seed
-            )
+        if "shiq" in row["methods"]:
+            row["shiq_minus"] = {
+                peer: paired_difference(
+                    evaluated[peer][round_number]["correct"], evaluated["shiq"][round_number]["correct"], seed=seed
+                )
+                for peer in row["methods"]
+                if peer != "shiq"
+            }
         table.append(row)
     return {"base_accuracy": sum(base) / len(base), "questions": len(base), "rounds": table}
 
@@ -114,11 +118,10 @@ def print_table(comparison: dict, summaries: dict[str, dict]) -> None:
                 f"{100 * change['mean']:+.1f} vs base ({100 * change['ci95_paired'][0]:+.1f} to "
                 f"{100 * change['ci95_paired'][1]:+.1f}), {result['sampled_tokens']} sampled tokens"
             )
-        if "shiq_minus_grpo" in row:
-            difference = row["shiq_minus_grpo"]
+        for peer, difference in row.get("shiq_minus", {}).items():
             print(
-                f"  online ShiQ - GRPO: {100 * difference['mean']:+.1f} ({100 * difference['ci95_paired'][0]:+.1f} to "
-                f"{100 * difference['ci95_paired'][1]:+.1f})"
+                f"  online ShiQ - {LABELS[peer]}: {100 * difference['mean']:+.1f} "
+                f"({100 * difference['ci95_paired'][0]:+.1f} to {100 * difference['ci95_paired'][1]:+.1f})"
             )
     for method, summary in summaries.items():
         done = f" (unfinished: {summary['rounds'][-1]['round']} rounds)" if summary.get("partial") else ""
