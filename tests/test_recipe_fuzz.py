@@ -34,6 +34,7 @@ EVAL_KEYS = [
     "env",
     "qvm_path",
     "search_budget",
+    "search_lambda",
     "batch_size",
 ]
 TRAIN_KEYS = [
