@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from llmq.checkpoints import TRAINER_STATE, complete_checkpoints
+from llmq.methods.grpo import LOG_FILE as GRPO_LOG
 from llmq.stats import paired_difference
 from llmq.visualize import plot_accuracy_vs_sampled_tokens
 
@@ -58,12 +59,11 @@ def run(method: str, task: str, seed: int, output_dir: Path, partial: bool) -> d
         checkpoints = complete_checkpoints(run_dir)
         if not checkpoints:
             return {}
-        state = json.loads((checkpoints[0] / TRAINER_STATE).read_text())
-        log = (
-            state["log_history"]
-            if "log_history" in state
-            else json.loads((checkpoints[0] / "rounds.json").read_text())["log"]
-        )
+        rounds_log = checkpoints[0] / GRPO_LOG  # GRPO's rounds; TRL's own trainer_state.json logs its steps
+        if rounds_log.is_file():
+            log = json.loads(rounds_log.read_text())["log"]
+        else:
+            log = json.loads((checkpoints[0] / TRAINER_STATE).read_text())["log_history"]
         return {"rounds": log, "partial": True, "wall_s": log[-1].get("wall_s", 0.0)}
     recipe = Path("recipes/online") / f"{method}_{task}_smollm2.yaml"
     command = [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--output_dir", str(run_dir)]
