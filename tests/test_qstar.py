@@ -301,7 +301,7 @@ def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_t
     from safetensors.torch import save_file
 
     from llmq.decoding.best_of_n import qvm_scores
-    from llmq.models.qvm import FeatureQVM, ReasoningStep, weights_checksum
+    from llmq.models.qvm import FeatureQVM, ReasoningStep, load_qvm, weights_checksum
     from llmq.models.value_heads import CriticHeads
     from llmq.rollout import Completion
 
@@ -314,7 +314,7 @@ def test_qvm_scores_an_answer_by_its_last_step_after_the_others(tiny_model_and_t
     prompt = [{"role": "user", "content": "What is 2+3?"}]
     answers = ["2 + 3 = 5\n#### 5", "5", "#### 5\n", ""]
     [scores] = qvm_scores(
-        str(tmp_path), model, tokenizer, [prompt], [[Completion(text, [], [], "stop") for text in answers]]
+        load_qvm(tmp_path, model), model, tokenizer, [prompt], [[Completion(text, [], [], "stop") for text in answers]]
     )
     qvm = FeatureQVM(
         model,

@@ -22,7 +22,8 @@ import torch
 
 from llmq.data.trajectories import TrajectoryCollator, length_ordered_batches, tokenize_trajectory
 from llmq.decoding.options import DecodingOptions
-from llmq.models.qvm import FeatureQVM, ReasoningStep, load_qvm, split_steps
+from llmq.models.qvm import FeatureQVM, ReasoningStep, split_steps
+from llmq.models.value_heads import CriticHeads
 from llmq.qfunctions import ImplicitQ
 from llmq.rollout import Completion, Prompt
 
@@ -80,12 +81,13 @@ class ImplicitRewardScorer:
 
 
 def qvm_scores(
-    qvm_path: str, model, tokenizer, prompts: list[Prompt], candidates: list[list[Completion]]
+    qvm: tuple[CriticHeads, dict], model, tokenizer, prompts: list[Prompt], candidates: list[list[Completion]]
 ) -> list[list[float]]:
-    """``Q(steps before, last step)`` of each candidate by the QVM saved at ``qvm_path``: the answer cut
-    into steps at the QVM's delimiter, scored where it ends — a final step's training label is
-    whether the answer was correct, so this is the QVM's estimate of the answer's correctness."""
-    heads, metadata = load_qvm(qvm_path, model)
+    """``Q(steps before, last step)`` of each candidate by ``qvm``, the ``(heads, metadata)`` of
+    :func:`~llmq.models.qvm.load_qvm`: the answer cut into steps at the QVM's delimiter, scored where it
+    ends — a final step's training label is whether the answer was correct, so this is the QVM's estimate of
+    the answer's correctness."""
+    heads, metadata = qvm
     scores = []
     for prompt, group in zip(prompts, candidates):
         text = (
@@ -133,14 +135,15 @@ def select_candidates(
     tokenizer,
     answers: int,
     guide: torch.nn.Module | None = None,
+    qvm: tuple[CriticHeads, dict] | None = None,
 ) -> tuple[list[list[int]], list[list[float]] | None]:
     """Which ``answers`` candidates of each question to keep (decoding best_of_n / maj_at_n; any
     other decoding keeps all).
 
     ``verdicts[i][j]`` is the task verifier's verdict on candidate ``j`` of question ``i`` (its
     ``correct`` is the verifier score, its ``answer`` the vote); ``guide`` is the loaded
-    ``guide_model`` that scorer implicit_reward needs.  Returns the kept indices, best first, and
-    every candidate's score (``None`` when nothing is selected).
+    ``guide_model`` that scorer implicit_reward needs, ``qvm`` the loaded QVM that scorer qvm needs.
+    Returns the kept indices, best first, and every candidate's score (``None`` when nothing is selected).
     """
     if options.decoding not in ("best_of_n", "maj_at_n"):
         return [list(range(len(group))) for group in candidates], None
@@ -149,7 +152,7 @@ def select_candidates(
     elif options.scorer == "likelihood":
         scores = likelihood_scores(prompts, candidates)
     elif options.scorer == "qvm":
-        scores = qvm_scores(options.qvm_path, model, tokenizer, prompts, candidates)
+        scores = qvm_scores(qvm, model, tokenizer, prompts, candidates)
     else:
         scores = ImplicitRewardScorer(guide, model, options.guide_beta, tokenizer)(prompts, candidates)
     if options.decoding == "best_of_n":

@@ -181,6 +181,11 @@ class DecodingOptions(EngineConfig):
         except UserError as error:
             raise UserError(f"key 'guide_model': {error}") from None
 
+    @property
+    def uses_qvm(self) -> bool:
+        """Whether decoding needs the QVM at ``qvm_path`` (Q* search, or best-of-N / majority scored by it)."""
+        return self.decoding == "qstar" or (self.decoding in ("best_of_n", "maj_at_n") and self.scorer == "qvm")
+
     def candidates_per_question(self, answers: int) -> int:
         """How many completions the engine generates per question."""
         return self.num_candidates if self.decoding in ("best_of_n", "maj_at_n") else answers

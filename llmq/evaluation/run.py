@@ -203,7 +203,7 @@ def _generate_missing(
     sampling = config.sampling(config.max_new_tokens or task.max_new_tokens)
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
-    qvm = load_qvm(config.qvm_path, model) if config.decoding == "qstar" else None
+    qvm = load_qvm(config.qvm_path, model) if config.uses_qvm else None  # once: its checks read every weight
     engine = make_engine(
         config,
         model,
@@ -243,7 +243,15 @@ def _generate_missing(
                 explored = [sum(len(c.token_ids) for c in group) for group in outputs]
             verdicts = [[score(c.text, rows[i]["answer"]) for c in group] for i, group in zip(batch, outputs)]
             kept, scores = select_candidates(
-                config, batch_prompts, outputs, verdicts, model, tokenizer, answers=config.num_samples, guide=guide
+                config,
+                batch_prompts,
+                outputs,
+                verdicts,
+                model,
+                tokenizer,
+                answers=config.num_samples,
+                guide=guide,
+                qvm=qvm,
             )
             seconds = (time.perf_counter() - started) / len(batch)
             for k, i in enumerate(batch):
