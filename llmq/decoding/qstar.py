@@ -1,18 +1,27 @@
 """Q* deliberative decoding: A* over reasoning steps guided by a Q-value model (docs/algorithms.md §4).
 
-A state is the question plus the steps so far; an action is the next step.  The search keeps a
-frontier ordered by
+A state is the question plus the steps so far; an action is the next step.  Q(s, a) is the value of the
+answer's outcome (the reward arrives with the final step): the best outcome reachable through step a.
+A process utility R_P (a PRM's step score, a rule-based penalty, or none) is a second, separate signal.
+The search returns the answer that maximises
 
-    f(s) = g(s) + λ·h(s)          g = Agg(R_P(s_1), …, R_P(s_t)),  h ≈ max_a Q(s, a)      (§4.3)
+    J(τ) = Agg(R_P(s_1), …, R_P(s_T)) + λ·R(τ)                                   (§4.3)
 
-and always expands the frontier state with the largest f: K candidate next steps are proposed
-(by an LLM, batched), scored by the Q-value model, and pushed.  The first terminal state popped is
-the answer.  Two heuristics (§4.3, §4.7):
+by always expanding the frontier state with the largest f = g + λ·h, where h is the best outcome
+reachable from the state and g bounds from above the aggregated utility of every answer below it:
 
-* ``inherited`` — a child's h is the Q-value of the step that produced it, ``Q(s, a)``: no extra
-  proposals; with outcome-only rewards, ``g ≡ 0`` and the exact ``Q_hard`` this is exact;
-* ``child`` — a non-terminal child's h is ``max_c Q(s', c)`` over its own K proposals (0 for a
-  terminal child): with g the rewards collected so far it estimates the total return.
+* ``min``: utilities already seen can only be lowered by later steps, so g = min so far;
+* ``sum``: later steps add their utilities, so the bound g = sum so far holds only for utilities ≤ 0
+  (penalties; ``utility_max`` ≤ 0 is required and checked);
+* ``last``: only the final step's utility counts, so a non-final state's g is ``utility_max``;
+* ``zero``: g ≡ 0.
+
+At a final state g is the exact aggregate and h its outcome, so f = J; elsewhere f ≥ J of every answer
+below.  The first final state popped therefore maximises J when Q is exact.  Two heuristics (§4.3, §4.7):
+
+* ``inherited`` — h of s ⊕ a is the Q-value of the step that produced it, ``Q(s, a)``: no extra proposals;
+* ``child`` — h of a non-final child is ``max_c Q(s', c)`` over its own K proposals, which are kept as its
+  candidates when it is expanded; a final child keeps ``Q(s, a)``, its outcome.
 
 Everything problem-specific is a callable, so the same search runs on an oracle MDP in the tests
 and on an LLM with a value head on GSM8K.
@@ -85,6 +94,7 @@ def astar_search(
     lam: float = 1.0,
     aggregate: Literal["zero", "sum", "min", "last"] = "zero",
     utility: Callable[[State], float] | None = None,
+    utility_max: float | None = None,
     heuristic: Literal["inherited", "child"] = "inherited",
     dedup: bool = True,
     root: State = (),
@@ -94,14 +104,17 @@ def astar_search(
     Args:
         propose: ``(states, K) -> K candidate next steps per state`` (batched over states; a
             proposer may return fewer, e.g. after removing duplicates).
-        q_values: ``[(state, step), ...] -> Q(state, step)`` (the QVM, batched).
+        q_values: ``[(state, step), ...] -> Q(state, step)``, the best outcome reachable through the step
+            (the QVM, batched).
         is_terminal: whether a state is finished (final answer given, or a length limit).
         num_candidates: K, candidates per expansion.
         budget: the most expansions (a state's K proposals and their scores count as one).
         max_depth: states this many steps deep are not expanded further.
-        lam: λ, the weight of h in f.
+        lam: λ, the weight of the outcome in J (and of h in f).
         aggregate: how g combines the process utilities of the prefixes (``zero``: g ≡ 0).
-        utility: R_P of a state (its last step's process score); needed unless ``aggregate`` is zero.
+        utility: R_P of a state (its last step's process score), never the outcome that Q estimates;
+            needed unless ``aggregate`` is zero.
+        utility_max: the largest value ``utility`` returns (checked); needed by ``sum`` (≤ 0) and ``last``.
         heuristic: ``inherited`` or ``child`` (see the module docstring).
         dedup: do not add a state that is already in the tree (identical step sequences).
         root: the initial state.
@@ -110,6 +123,16 @@ def astar_search(
         raise ValueError(f"aggregate must be one of {sorted(AGGREGATIONS)}, got {aggregate!r}")
     if aggregate != "zero" and utility is None:
         raise ValueError(f"aggregate {aggregate!r} needs a utility function")
+    if aggregate == "zero" and utility is not None:
+        raise ValueError("a utility needs an aggregate (min, last or sum): with 'zero' it would be ignored")
+    if aggregate == "sum" and (utility_max is None or utility_max > 0):
+        raise ValueError(
+            "aggregate 'sum' needs utilities <= 0 (utility_max <= 0, penalties): positive utilities of steps still "
+            f"to come are not in f, so the search could stop at a worse answer (got utility_max {utility_max}); "
+            "use 'min' or 'last'"
+        )
+    if aggregate == "last" and utility_max is None:
+        raise ValueError("aggregate 'last' needs utility_max: the bound of an unfinished answer's last utility")
     if heuristic not in ("inherited", "child"):
         raise ValueError(f"heuristic must be 'inherited' or 'child', got {heuristic!r}")
     if budget < 1 or num_candidates < 1 or max_depth < 1:
@@ -118,6 +141,19 @@ def astar_search(
         raise ValueError(f"lam must be > 0 (λ weighs the heuristic; λ ≤ 0 ignores or inverts it), got {lam}")
 
     combine = AGGREGATIONS[aggregate]
+
+    def process_utility(state: State) -> list[float]:
+        value = utility(state)
+        if utility_max is not None and value > utility_max:
+            raise ValueError(f"utility returned {value}, above utility_max {utility_max}")
+        return [value]
+
+    def g_bound(scores: list[float], terminal: bool) -> float:
+        """g of a state: the exact aggregate when it is final, else an upper bound over the answers below it."""
+        if aggregate == "last" and not terminal:
+            return utility_max
+        return combine(scores)
+
     utilities: dict[State, list[float]] = {root: []}
     nodes = [Node(id=0, parent=None, state=root, depth=0, g=0.0, h=0.0, f=0.0, terminal=is_terminal(root))]
     seen = {root}
@@ -166,12 +202,12 @@ def astar_search(
             for child, steps_of_child in zip(open_children, proposals):
                 proposed[child] = (steps_of_child, [next(values) for _ in steps_of_child])
         for (_, _, child), score, done in zip(fresh, scores, terminal):
-            utilities[child] = utilities[node.state] + ([utility(child)] if utility is not None else [])
-            g = combine(utilities[child])
-            if heuristic == "inherited":
-                h = score
+            utilities[child] = utilities[node.state] + (process_utility(child) if utility is not None else [])
+            g = g_bound(utilities[child], done)
+            if heuristic == "child" and not done:
+                h = max(proposed[child][1], default=score)
             else:
-                h = 0.0 if done else max(proposed[child][1], default=0.0)
+                h = score  # Q(s, a); for a final step, its outcome
             nodes.append(
                 Node(
                     id=len(nodes),
