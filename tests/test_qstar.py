@@ -56,6 +56,48 @@ def random_utilities(mdp, seed, low, high):
     return lambda state: float(table[state[:-1]][state[-1]])
 
 
+def search_one_random_mdp(seed, aggregate, heuristic):
+    mdp = random_mdp(seed, vocab_size=3, horizon=4, reward_placement="sequence")
+    propose, q_values = oracle_callables(mdp)
+    asked = []
+
+    def counted(states, k):
+        asked.extend(states)
+        return propose(states, k)
+
+    if aggregate == "zero":
+        utility, utility_max, combine = None, None, lambda scores: 0.0
+    else:
+        low, high = UTILITY_RANGES[aggregate]
+        utility, utility_max = random_utilities(mdp, 1000 + seed, low, high), high
+        combine = {"sum": sum, "min": min, "last": lambda scores: scores[-1]}[aggregate]
+    lam = (0.5, 1.0, 2.0)[seed % 3]
+
+    def objective(seq):
+        process = combine([utility(seq[: t + 1]) for t in range(len(seq))]) if utility else 0.0
+        return process + lam * mdp.trajectory_return(seq)
+
+    best = max(objective(seq) for seq, p in mdp.trajectories() if p > 0)
+    result = astar_search(
+        propose=counted,
+        q_values=q_values,
+        is_terminal=mdp.is_terminal,
+        num_candidates=mdp.n_actions,
+        budget=1000,
+        max_depth=mdp.horizon,
+        lam=lam,
+        aggregate=aggregate,
+        utility=utility,
+        utility_max=utility_max,
+        heuristic=heuristic,
+    )
+    assert result.best.terminal and not result.budget_exhausted, seed
+    assert objective(result.best.state) == pytest.approx(best, abs=1e-9), seed
+    assert result.best.f == pytest.approx(best, abs=1e-9), seed
+    assert len(asked) == len(set(asked)), seed
+    assert {node.state for node in result.nodes if node.expanded} <= set(asked), seed
+
+
 @pytest.mark.parametrize("heuristic", ["inherited", "child"])
 @pytest.mark.parametrize("aggregate", ["zero", "sum", "min", "last"])
 def test_every_composition_returns_an_answer_maximising_aggregated_utility_plus_lambda_outcome(aggregate, heuristic):
@@ -63,45 +105,7 @@ def test_every_composition_returns_an_answer_maximising_aggregated_utility_plus_
     MDPs and three λ: the first final state popped maximises J, and its f is its J. Token accounting: no state is
     proposed twice (the child heuristic's proposals are the child's candidates when it is expanded)."""
     for seed in range(200):
-        mdp = random_mdp(seed, vocab_size=3, horizon=4, reward_placement="sequence")
-        propose, q_values = oracle_callables(mdp)
-        asked = []
-
-        def counted(states, k):
-            asked.extend(states)
-            return propose(states, k)
-
-        if aggregate == "zero":
-            utility, utility_max, combine = None, None, lambda scores: 0.0
-        else:
-            low, high = UTILITY_RANGES[aggregate]
-            utility, utility_max = random_utilities(mdp, 1000 + seed, low, high), high
-            combine = {"sum": sum, "min": min, "last": lambda scores: scores[-1]}[aggregate]
-        lam = (0.5, 1.0, 2.0)[seed % 3]
-
-        def objective(seq):
-            process = combine([utility(seq[: t + 1]) for t in range(len(seq))]) if utility else 0.0
-            return process + lam * mdp.trajectory_return(seq)
-
-        best = max(objective(seq) for seq, p in mdp.trajectories() if p > 0)
-        result = astar_search(
-            propose=counted,
-            q_values=q_values,
-            is_terminal=mdp.is_terminal,
-            num_candidates=mdp.n_actions,
-            budget=1000,
-            max_depth=mdp.horizon,
-            lam=lam,
-            aggregate=aggregate,
-            utility=utility,
-            utility_max=utility_max,
-            heuristic=heuristic,
-        )
-        assert result.best.terminal and not result.budget_exhausted, seed
-        assert objective(result.best.state) == pytest.approx(best, abs=1e-9), seed
-        assert result.best.f == pytest.approx(best, abs=1e-9), seed
-        assert len(asked) == len(set(asked)), seed
-        assert {node.state for node in result.nodes if node.expanded} <= set(asked), seed
+        search_one_random_mdp(seed, aggregate, heuristic)
 
 
 def test_child_heuristic_finds_a_best_sequence_of_the_toy_mdp():

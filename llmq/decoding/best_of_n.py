@@ -10,6 +10,7 @@ Scorers give one number per candidate:
 * ``likelihood`` — the generating model's own ``Σ_t log π(a_t|s_t)``;
 * ``qvm`` — a Q-value model from ``llmq train --method qvm`` (value heads on the model's frozen
   features), scoring each answer's last step given the steps before it;
+* ``prm`` — a process reward model's step scores of the answer, aggregated (min, last or sum);
 * any callable ``(prompts, candidates) -> scores`` for value heads or external reward models.
 """
 
@@ -22,6 +23,7 @@ import torch
 
 from llmq.data.trajectories import TrajectoryCollator, length_ordered_batches, tokenize_trajectory
 from llmq.decoding.options import DecodingOptions
+from llmq.models.prm import ProcessRewardModel
 from llmq.models.qvm import FeatureQVM, ReasoningStep, split_steps
 from llmq.models.value_heads import CriticHeads
 from llmq.qfunctions import ImplicitQ
@@ -104,6 +106,20 @@ def qvm_scores(
     return scores
 
 
+def prm_scores(
+    prm: ProcessRewardModel, aggregate: str, prompts: list[Prompt], candidates: list[list[Completion]]
+) -> list[list[float]]:
+    """``aggregate`` (min, last or sum) of ``prm``'s step scores of each candidate, cut into steps at the PRM's
+    step separator, after the question (the last user message of a chat prompt)."""
+    combine = {"min": min, "last": lambda scores: scores[-1], "sum": sum}[aggregate]
+    scores = []
+    for prompt, group in zip(prompts, candidates):
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        steps_of = [[s for s in c.text.split(prm.step_separator) if s.strip()] or [c.text] for c in group]
+        scores.append([combine(prm.step_scores(question, steps)) for steps in steps_of])
+    return scores
+
+
 def best_of_n(scores: Sequence[float], keep: int = 1) -> list[int]:
     """Indices of the ``keep`` highest-scored candidates, best first (ties: the earlier sample)."""
     return sorted(range(len(scores)), key=lambda i: -scores[i])[:keep]
@@ -136,13 +152,15 @@ def select_candidates(
     answers: int,
     guide: torch.nn.Module | None = None,
     qvm: tuple[CriticHeads, dict] | None = None,
+    prm: ProcessRewardModel | None = None,
 ) -> tuple[list[list[int]], list[list[float]] | None]:
     """Which ``answers`` candidates of each question to keep (decoding best_of_n / maj_at_n; any
     other decoding keeps all).
 
     ``verdicts[i][j]`` is the task verifier's verdict on candidate ``j`` of question ``i`` (its
     ``correct`` is the verifier score, its ``answer`` the vote); ``guide`` is the loaded
-    ``guide_model`` that scorer implicit_reward needs, ``qvm`` the loaded QVM that scorer qvm needs.
+    ``guide_model`` that scorer implicit_reward needs, ``qvm`` and ``prm`` the loaded models that scorers qvm and
+    prm need.
     Returns the kept indices, best first, and every candidate's score (``None`` when nothing is selected).
     """
     if options.decoding not in ("best_of_n", "maj_at_n"):
@@ -153,6 +171,8 @@ def select_candidates(
         scores = likelihood_scores(prompts, candidates)
     elif options.scorer == "qvm":
         scores = qvm_scores(qvm, model, tokenizer, prompts, candidates)
+    elif options.scorer == "prm":
+        scores = prm_scores(prm, options.search_aggregate, prompts, candidates)
     else:
         scores = ImplicitRewardScorer(guide, model, options.guide_beta, tokenizer)(prompts, candidates)
     if options.decoding == "best_of_n":

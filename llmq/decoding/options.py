@@ -45,7 +45,38 @@ class DecodingOptions(EngineConfig):
         default=4, metadata={"help": "decoding qstar: candidate next steps K per expansion."}
     )
     search_lambda: float = dataclasses.field(
-        default=1.0, metadata={"help": "decoding qstar: λ in f = g + λh (g ≡ 0: no process reward)."}
+        default=1.0,
+        metadata={
+            "help": "decoding qstar: λ, the weight of the outcome against the process utility: the search maximises "
+            "Agg(R_P) + λ·outcome, expanding by f = g + λh (docs/algorithms.md §4.3)."
+        },
+    )
+    search_utility: str = dataclasses.field(
+        default="none",
+        metadata={
+            "help": "decoding qstar: the process utility R_P of each step (g: their search_aggregate): none (g ≡ 0), "
+            "qvm (the QVM's Q of the step, clipped to [0, 1]), prm (the step score of the process reward model at "
+            "prm_path), or rules (-1 for a step with a false equation, checked exactly with sympy, else 0).",
+            "choices": ["none", "qvm", "prm", "rules"],
+        },
+    )
+    search_aggregate: str = dataclasses.field(
+        default="min",
+        metadata={
+            "help": "How step utilities combine into g (decoding qstar) and PRM step scores into an answer's score "
+            "(scorer prm): min, last, or sum (qstar: only for rules, whose utilities are penalties <= 0).",
+            "choices": ["min", "last", "sum"],
+        },
+    )
+    prm_path: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "search_utility prm and scorer prm: a process reward model, a token-classification checkpoint "
+            "(as TRL's PRMTrainer trains) or a sequence-classification one."
+        },
+    )
+    prm_step_separator: str = dataclasses.field(
+        default="\n", metadata={"help": "What the PRM saw after each step in training (TRL's step_separator)."}
     )
     search_heuristic: str = dataclasses.field(
         default="inherited",
@@ -68,10 +99,10 @@ class DecodingOptions(EngineConfig):
             "help": "Candidate scores for best_of_n (and maj_at_n ties): verifier (the task's verifier against the "
             "gold answer: an oracle at evaluation time), "
             "implicit_reward (Σ β·log π_guide/π_model of guide_model), likelihood (the model's summed log-probs), "
-            "or qvm (the value head at qvm_path "
+            "qvm (the value head at qvm_path "
             "scoring each answer by the Q of its last step given the steps before it: its estimate of the answer "
-            "being correct).",
-            "choices": ["verifier", "implicit_reward", "likelihood", "qvm"],
+            "being correct), or prm (the search_aggregate of the step scores of the PRM at prm_path).",
+            "choices": ["verifier", "implicit_reward", "likelihood", "qvm", "prm"],
         },
     )
     num_beams: int = dataclasses.field(
@@ -156,6 +187,25 @@ class DecodingOptions(EngineConfig):
                 raise UserError(
                     f"key 'search_lambda' must be > 0 (the weight of the QVM's h in f), got {self.search_lambda}"
                 )
+            if self.search_aggregate == "sum" and self.search_utility in ("qvm", "prm"):
+                raise UserError(
+                    f"search_aggregate sum with search_utility {self.search_utility}: its utilities are probabilities "
+                    "that every further step would add to (the QVM's: its outcome estimate counted once per step), "
+                    "so g would bound nothing and favour long answers; use min or last (sum is for rules' penalties)"
+                )
+        uses_prm = (self.decoding == "qstar" and self.search_utility == "prm") or (selecting and self.scorer == "prm")
+        if uses_prm and self.prm_path is None:
+            raise UserError("search_utility prm and scorer prm need key 'prm_path': a process reward model")
+        if self.prm_path is not None and not uses_prm:
+            raise UserError(
+                "key 'prm_path' is used by decoding qstar with search_utility prm or by scorer prm; not by decoding "
+                f"{self.decoding} with scorer {self.scorer} and search_utility {self.search_utility}"
+            )
+        if self.prm_path is not None:
+            try:
+                check_model_reference(self.prm_path)
+            except UserError as error:
+                raise UserError(f"key 'prm_path': {error}") from None
         if self.decoding == "guided" and self.guide_model is None:
             raise UserError("decoding guided needs key 'guide_model': the policy whose Q guides the model")
         if selecting and self.scorer == "implicit_reward" and self.guide_model is None:
@@ -180,6 +230,11 @@ class DecodingOptions(EngineConfig):
             check_model_reference(self.guide_model)
         except UserError as error:
             raise UserError(f"key 'guide_model': {error}") from None
+
+    @property
+    def uses_prm(self) -> bool:
+        """Whether decoding needs the process reward model at ``prm_path``."""
+        return self.prm_path is not None
 
     @property
     def uses_qvm(self) -> bool:

@@ -32,9 +32,15 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import re
 from collections.abc import Callable, Hashable
+from tokenize import TokenError
 from typing import Literal
 
+import sympy
+from sympy.parsing.sympy_parser import parse_expr, rationalize, standard_transformations
+
+from llmq.models.prm import ProcessRewardModel
 from llmq.models.qvm import FeatureQVM, ReasoningStep
 from llmq.rollout import SamplingParams
 
@@ -47,6 +53,66 @@ AGGREGATIONS: dict[str, Callable[[list[float]], float]] = {
     "min": lambda scores: float(min(scores)) if scores else 0.0,
     "last": lambda scores: float(scores[-1]) if scores else 0.0,
 }
+
+# The largest R_P each ``search_utility`` gives: the bound of an unfinished answer's utility under ``last``.
+UTILITY_MAX = {"qvm": 1.0, "prm": 1.0, "rules": 0.0}
+
+_ARITHMETIC = r"[\d\s+\-*/×÷().,$]"
+_EQUATION = re.compile(rf"{_ARITHMETIC}+(?:={_ARITHMETIC}+)+")
+
+
+def _exact_value(side: str) -> tuple[sympy.Rational, int] | None:
+    """The exact value of one side of an equation and the decimals it is written with; None if it is not
+    plain arithmetic (the text is reduced to digits, operators and parentheses before sympy parses it)."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", side.replace("$", "").replace("×", "*").replace("÷", "/"))
+    text = text.strip().strip(".,").strip()
+    if not re.fullmatch(r"[\d\s+\-*/().]*\d[\d\s+\-*/().]*", text) or "**" in text:
+        return None
+    if re.match(r"[+*/]|-\s", text):  # cut off by a word ("5 apples - 2 = 3"): not the whole expression
+        return None
+    try:
+        value = parse_expr(text, transformations=(*standard_transformations, rationalize))
+    except (SyntaxError, TypeError, ValueError, ZeroDivisionError, TokenError):
+        return None
+    if not (isinstance(value, sympy.Rational)):
+        return None  # e.g. a division by zero
+    decimals = re.fullmatch(r"-?\d+\.(\d+)", text)
+    return value, len(decimals.group(1)) if decimals else 0
+
+
+def arithmetic_penalty(text: str) -> float:
+    """Rule-based R_P of a step: -1 if an equation in it is false, else 0.  Each side of ``a = b = c`` is
+    evaluated exactly; a right side written with d > 0 decimals may be rounded (|left − right| ≤ ½·10⁻ᵈ).  Text that is
+    not plain arithmetic is not judged."""
+    for chain in _EQUATION.findall(text):
+        sides = [_exact_value(side) for side in chain.split("=")]
+        for left, right in zip(sides, sides[1:]):
+            if left is None or right is None:
+                continue
+            tolerance = sympy.Rational(1, 2 * 10 ** right[1]) if right[1] else 0
+            if abs(left[0] - right[0]) > tolerance:
+                return -1.0
+    return 0.0
+
+
+def process_utility(
+    kind: Literal["none", "qvm", "prm", "rules"],
+    *,
+    scored: dict[tuple[State, ReasoningStep], float],
+    prm: ProcessRewardModel | None,
+    question: str,
+    delimiter: str,
+) -> Callable[[State], float] | None:
+    """R_P of a state's last step for ``search_utility`` ``kind``: the QVM's value of it (looked up in ``scored``,
+    the Q-values the search has computed, clipped to [0, 1]), ``prm``'s score of it after ``question`` and the
+    steps before it, or the rules' penalty of its text; None for ``none``."""
+    if kind == "none":
+        return None
+    if kind == "qvm":
+        return lambda state: min(max(scored[(state[:-1], state[-1])], 0.0), 1.0)
+    if kind == "prm":
+        return lambda state: prm.step_scores(question, [step.text.removesuffix(delimiter) for step in state])[-1]
+    return lambda state: arithmetic_penalty(state[-1].text)
 
 
 @dataclasses.dataclass
@@ -294,9 +360,14 @@ def qstar_answer(
     step_max_tokens: int,
     temperature: float,
     seed: int,
+    utility: Literal["none", "qvm", "prm", "rules"] = "none",
+    aggregate: Literal["min", "last", "sum"] = "min",
+    prm: ProcessRewardModel | None = None,
+    question: str = "",
 ) -> tuple[str, int, SearchResult]:
     """Answer one question by Q* search: steps proposed by ``engine`` (the policy), scored by the
-    QVM ``heads`` on ``model``'s features, ``g ≡ 0``.  Returns the answer text, the tokens generated
+    QVM ``heads`` on ``model``'s features; g aggregates the process utility ``utility`` of each step
+    (``prm`` scores steps after ``question``).  Returns the answer text, the tokens generated
     while searching (every proposal, explored or not) and the search tree."""
     proposer = LLMStepProposer(
         engine,
@@ -308,14 +379,25 @@ def qstar_answer(
         seed=seed,
     )
     qvm = FeatureQVM(model, tokenizer, heads, prompt, layer=layer)
+    scored: dict[tuple[State, ReasoningStep], float] = {}
+
+    def q_values(pairs: list[tuple[State, ReasoningStep]]) -> list[float]:
+        values = qvm(pairs)
+        scored.update(zip(pairs, values))
+        return values
+
+    process = process_utility(utility, scored=scored, prm=prm, question=question, delimiter=delimiter)
     result = astar_search(
         propose=proposer,
-        q_values=qvm,
+        q_values=q_values,
         is_terminal=lambda state: bool(state) and (state[-1].final or len(state) >= max_depth),
         num_candidates=num_candidates,
         budget=budget,
         max_depth=max_depth,
         lam=lam,
+        aggregate="zero" if utility == "none" else aggregate,
+        utility=process,
+        utility_max=UTILITY_MAX.get(utility),
         heuristic=heuristic,
     )
     return "".join(step.text for step in result.best.state), proposer.generated_tokens, result

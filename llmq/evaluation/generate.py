@@ -17,6 +17,7 @@ from llmq.decoding.best_of_n import select_candidates
 from llmq.decoding.guided import guidance_processors, load_guide
 from llmq.decoding.options import DecodingOptions
 from llmq.errors import UserError
+from llmq.models.prm import ProcessRewardModel
 from llmq.models.qvm import load_qvm
 from llmq.rollout.engines import make_engine
 
@@ -120,6 +121,7 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     prompts = [[{"role": "user", "content": template.replace("{question}", q["question"])}] for q in questions]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
     qvm = load_qvm(config.qvm_path, model) if config.uses_qvm else None
+    prm = ProcessRewardModel(config.prm_path, config.prm_step_separator) if config.uses_prm else None
     engine = make_engine(
         config,
         model,
@@ -134,7 +136,16 @@ def build_offline_dataset(model, tokenizer, config: GenerateConfig, model_name: 
     score = task_scorer(task)
     verdicts = [[score(c.text, q["answer"]) for c in group] for q, group in zip(questions, outputs)]
     kept, scores = select_candidates(
-        config, prompts, outputs, verdicts, model, tokenizer, answers=config.num_completions, guide=guide, qvm=qvm
+        config,
+        prompts,
+        outputs,
+        verdicts,
+        model,
+        tokenizer,
+        answers=config.num_completions,
+        guide=guide,
+        qvm=qvm,
+        prm=prm,
     )
     rows = []
     for index, (question, prompt, completions) in enumerate(zip(questions, prompts, outputs)):

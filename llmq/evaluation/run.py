@@ -19,6 +19,7 @@ from llmq.decoding.qstar import qstar_answer
 from llmq.errors import UserError
 from llmq.evaluation.report import score_records, write_reports
 from llmq.models.features import weights_checksum
+from llmq.models.prm import ProcessRewardModel
 from llmq.models.qvm import load_qvm
 from llmq.rollout import Completion
 from llmq.rollout.engines import make_engine
@@ -204,6 +205,7 @@ def _generate_missing(
     prompts = [[{"role": "user", "content": template.replace("{question}", row["question"])}] for row in rows]
     guide = load_guide(config, model, tokenizer) if config.guide_model else None
     qvm = load_qvm(config.qvm_path, model) if config.uses_qvm else None  # once: its checks read every weight
+    prm = ProcessRewardModel(config.prm_path, config.prm_step_separator) if config.uses_prm else None
     engine = make_engine(
         config,
         model,
@@ -233,6 +235,7 @@ def _generate_missing(
                     [rows[i]["index"] for i in batch],
                     config,
                     qvm,
+                    prm,
                     batch_sampling,
                     output_dir,
                 )
@@ -252,6 +255,7 @@ def _generate_missing(
                 answers=config.num_samples,
                 guide=guide,
                 qvm=qvm,
+                prm=prm,
             )
             seconds = (time.perf_counter() - started) / len(batch)
             for k, i in enumerate(batch):
@@ -274,7 +278,16 @@ def _generate_missing(
 
 
 def _search_batch(
-    model, tokenizer, engine, prompts: list, indices: list[int], config: EvalConfig, qvm, sampling, output_dir: Path
+    model,
+    tokenizer,
+    engine,
+    prompts: list,
+    indices: list[int],
+    config: EvalConfig,
+    qvm,
+    prm: ProcessRewardModel | None,
+    sampling,
+    output_dir: Path,
 ) -> tuple[list, list[int]]:
     """Q* answers for a batch of questions (one search each); the first question's tree is also
     written to ``output_dir/search_tree.html``."""
@@ -298,6 +311,10 @@ def _search_batch(
             step_max_tokens=config.step_max_tokens,
             temperature=config.temperature,
             seed=sampling.seed * 1000 + offset,
+            utility=config.search_utility,
+            aggregate=config.search_aggregate,
+            prm=prm,
+            question=prompt[-1]["content"] if isinstance(prompt, list) else prompt,
         )
         outputs.append(
             [
