@@ -171,6 +171,32 @@ def paired_difference(
     return {"mean": float(difference.mean()), "ci95_paired": [low, high], "interval": "bootstrap"}
 
 
+def within_question_ranking(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]]) -> dict:
+    """How often a scorer ranks a right answer above a wrong one to the same question.
+
+    For each question with both, the fraction of its (right, wrong) pairs scored right > wrong (ties count ½),
+    i.e. that question's AUC; ``pairwise_accuracy`` is their mean over those ``questions``, with the
+    bootstrap interval over questions (``ci95``; pairs of one question are not independent). ``pairs`` counts all.
+    """
+    per_question, pairs = [], 0
+    for question_scores, question_correct in zip(scores, correct, strict=True):
+        right = [s for s, ok in zip(question_scores, question_correct, strict=True) if ok]
+        wrong = [s for s, ok in zip(question_scores, question_correct, strict=True) if not ok]
+        if right and wrong:
+            wins = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong)
+            per_question.append(wins / (len(right) * len(wrong)))
+            pairs += len(right) * len(wrong)
+    if not per_question:
+        return {"pairwise_accuracy": None, "ci95": None, "questions": 0, "pairs": 0}
+    low, high = bootstrap_interval(per_question)
+    return {
+        "pairwise_accuracy": float(np.mean(per_question)),
+        "ci95": [low, high],
+        "questions": len(per_question),
+        "pairs": pairs,
+    }
+
+
 def pass_at_k(samples: int, correct: int, k: int) -> float:
     """Unbiased pass@k from ``correct`` of ``samples`` answers (Chen et al. 2021): the chance that ``k`` answers
     drawn without replacement include a correct one, 1 - C(n-c, k) / C(n, k)."""

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from llmq.decoding.qstar import astar_search
+from llmq.errors import UserError
 from llmq.testing import hard_optimal, random_mdp, toy_mdp
 
 
@@ -281,11 +282,29 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(
         "--use_cpu",
         "true",
     ]
-    assert main(argv) == 0
+    assert main([*argv, "--heldout_questions", "2", "--heldout_answers", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] >= 2 and 0 <= summary["rollout_label_mean"] <= 1 and summary["label"] == label
     heads, metadata = load_qvm(out, tiny_model_and_tokenizer[0])
     assert metadata["delimiter"] == " " and heads.q_heads[0][0].in_features == 2 * metadata["state_dim"]
+    assert (
+        metadata["label_source"] == "tiny-llama" and metadata["positive_label_rate"] == summary["positive_label_rate"]
+    )
+    assert summary["heldout_ranking"]["heldout_questions"] == 2 and "pairwise_accuracy" in summary["heldout_ranking"]
+    # the labels, exported in TRL's stepwise-supervision format: one row per sampled solution
+    labelled = json.loads((out / "labels.json").read_text())
+    rows = [json.loads(line) for line in (out / "stepwise.jsonl").read_text().splitlines()]
+    assert sum(len(row["completions"]) for row in rows) == len(labelled) and len(rows) == 2
+    assert [mark for row in rows for mark in row["labels"]] == [r["label"] > 0.5 for r in labelled]
+    assert summary["positive_label_rate"] == pytest.approx(sum(r["label"] > 0.5 for r in labelled) / len(labelled))
+    if label == "rollout":  # the exported labels train a QVM again, read back in the same format
+        imported = tmp_path / "imported"
+        replaced = [str(imported) if a == str(out) else a for a in argv]
+        assert main([*replaced, "--stepwise_dataset", str(out / "stepwise.jsonl")]) == 0
+        again = json.loads((imported / "labels.json").read_text())
+        assert [r["label"] for r in again] == [float(r["label"] > 0.5) for r in labelled]
+        assert [r["step"]["text"] for r in again] == [r["step"]["text"] for r in labelled]
+        assert json.loads((imported / "qvm.json").read_text())["label_source"] == str(out / "stepwise.jsonl")
     if label == "rollout":  # the saved QVM drives `llmq eval --decoding qstar`
         report_dir = tmp_path / "eval"
         argv = [
@@ -515,3 +534,71 @@ def test_a_utility_above_its_stated_maximum_is_refused():
             utility=lambda state: 2.0,
             utility_max=1.0,
         )
+
+
+def test_a_label_model_samples_the_labels_and_one_with_another_tokenizer_is_refused(
+    tmp_path, data_dir, tiny_model_dir, capsys
+):
+    import json
+    import shutil
+
+    from llmq.cli import main
+    from llmq.models.tiny import build_tiny_llama
+
+    stronger = tmp_path / "stronger"
+    build_tiny_llama(stronger, seed=1)  # same tokenizer, other weights
+    argv = ["train", "--method", "qvm", "--model_name_or_path", "tiny-llama", "--data_dir", str(data_dir)]
+    argv += ["--limit", "1", "--trajectories", "1", "--rollouts", "1", "--max_new_tokens", "6", "--delimiter", " "]
+    argv += ["--qvm_steps", "2", "--qvm_batch_size", "4", "--qvm_hidden_size", "8", "--report_to", "none"]
+    argv += ["--use_cpu", "true"]
+    assert main([*argv, "--output_dir", str(tmp_path / "qvm"), "--label_model", str(stronger)]) == 0
+    assert json.loads((tmp_path / "qvm" / "qvm.json").read_text())["label_source"] == str(stronger)
+    assert json.loads((tmp_path / "qvm" / "summary.json").read_text())["label_source"] == str(stronger)
+
+    other = tmp_path / "other"
+    shutil.copytree(stronger, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0]['content'] }}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    assert main([*argv, "--output_dir", str(tmp_path / "refused"), "--label_model", str(other)]) == 2
+    assert "key 'label_model': '" in capsys.readouterr().err
+
+
+def test_stepwise_rows_and_read_stepwise_round_trip(tmp_path):
+    import json
+
+    from llmq.methods.qvm import LabelledStep, read_stepwise, stepwise_rows
+    from llmq.models.qvm import ReasoningStep
+
+    a, b, c = ReasoningStep("2 + 3 = 5\n", False), ReasoningStep("#### 5", True), ReasoningStep("#### 6", True)
+    items = [
+        LabelledStep(0, (), a, 1.0, False),
+        LabelledStep(0, (a,), b, 1.0, True),
+        LabelledStep(1, (), c, 0.0, True),
+    ]
+    rows = stepwise_rows(["What is 2+3?", "What is 3+3?"], items, [1.0, 1.0, 0.0], "\n")
+    assert rows == [
+        {"prompt": "What is 2+3?", "completions": ["2 + 3 = 5", "#### 5"], "labels": [True, True]},
+        {"prompt": "What is 3+3?", "completions": ["#### 6"], "labels": [False]},
+    ]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    questions, read_items, labels = read_stepwise(str(tmp_path / "steps.jsonl"), "\n")
+    assert questions == ["What is 2+3?", "What is 3+3?"] and labels == [1.0, 1.0, 0.0]
+    assert [(i.before, i.step, i.last) for i in read_items] == [(i.before, i.step, i.last) for i in items]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "q", "completions": ["x"]}) + "\n")
+    with pytest.raises(UserError, match="lacks the column"):
+        read_stepwise(str(tmp_path / "bad.jsonl"), "\n")
+
+
+def test_within_question_ranking_counts_pairs_of_one_question_only():
+    from llmq.stats import within_question_ranking
+
+    ranking = within_question_ranking(
+        [[0.9, 0.1, 0.5], [0.2, 0.3], [1.0, 1.0], [0.4, 0.4]],
+        [[True, False, False], [True, False], [True, True], [True, False]],
+    )
+    # question 1: 2 of 2 pairs; question 2: 0 of 1; question 3: no wrong answer; question 4: a tie, ½
+    assert ranking["pairwise_accuracy"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    assert (ranking["questions"], ranking["pairs"]) == (3, 4)
+    assert ranking["ci95"][0] <= ranking["pairwise_accuracy"] <= ranking["ci95"][1]

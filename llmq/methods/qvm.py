@@ -13,6 +13,12 @@
    read through the state's KV cache, fitted by regression (:class:`~llmq.trainers.critic.CriticTrainer` with
    every transition terminal: its Q target is then exactly the label).
 
+``label_model`` samples the solutions and rollouts from a stronger policy than the base model (the QVM still
+reads the base model's features); ``stepwise_dataset`` takes step labels in TRL's stepwise-supervision format
+instead, and every run writes its own labels in that format (``stepwise.jsonl``), for TRL's PRMTrainer.  With
+``heldout_questions`` the fitted QVM ranks the base model's answers to further questions: its within-question
+pairwise accuracy of right over wrong answers goes to ``summary.json``.
+
 The heads are saved in ``output_dir`` (``model.safetensors`` + ``qvm.json``, :func:`llmq.models.qvm.save_qvm`)
 for ``llmq eval --decoding qstar``.  The labelled steps are recorded as a stage (``labels.json``): a
 killed run resumed with ``--resume`` does not sample them again.
@@ -33,21 +39,24 @@ from transformers import TrainingArguments
 
 from llmq.config import ModelConfig, mirror
 from llmq.data.tasks import load_task, load_task_rows, task_scorer
+from llmq.decoding.best_of_n import qvm_scores
 from llmq.decoding.qstar import LLMStepProposer
 from llmq.errors import UserError
 from llmq.launch import LaunchConfig
 from llmq.losses import fqi_labels, rollout_max_labels
 from llmq.methods import method_field
 from llmq.methods.stages import StageLedger, write_summary
-from llmq.models import load_from_config
+from llmq.models import load_from_config, load_model, load_tokenizer
 from llmq.models.features import score_continuations
 from llmq.models.qvm import FeatureQVM, ReasoningStep, save_qvm, split_steps, weights_checksum
 from llmq.models.value_heads import CriticHeads
 from llmq.rollout import Engine, SamplingParams
 from llmq.rollout.engines import EngineConfig, make_engine
+from llmq.stats import within_question_ranking
 from llmq.trainers.critic import CriticConfig, CriticTrainer, critic_config
 
 LABELS_FILE = "labels.json"
+STEPWISE_FILE = "stepwise.jsonl"  # the labels in TRL's stepwise-supervision format
 
 
 @dataclasses.dataclass
@@ -81,6 +90,32 @@ class Config(EngineConfig):
     fqi_candidates: int = dataclasses.field(
         default=4, metadata={"help": "Proposed next steps per state in the FQI max (label fqi)."}
     )
+    label_model: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "The model that samples the solutions and rollouts the labels come from: a stronger sampler "
+            "than the base model (e.g. the ShiQ-trained policy) gives more right answers to learn from. It must "
+            "share the base model's tokenizer; the QVM still reads the base model's features. Default: the base "
+            "model. Recorded in qvm.json."
+        },
+    )
+    stepwise_dataset: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Fit on step labels in TRL's stepwise-supervision format (columns prompt, completions, labels; "
+            "a .jsonl/.json file or a Hub dataset's train split) instead of sampling them: a step marked true is "
+            "labelled 1, else 0. Every run writes its own labels in that format to output_dir/stepwise.jsonl."
+        },
+    )
+    heldout_questions: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "Questions after the first `limit` of `split` on which the fitted QVM ranks heldout_answers "
+            "answers of the base model each: the within-question pairwise accuracy (AUC) of right over wrong, "
+            "with its interval, in summary.json. 0: none."
+        },
+    )
+    heldout_answers: int = dataclasses.field(default=8, metadata={"help": "Answers per held-out question."})
     delimiter: str = dataclasses.field(default="\n", metadata={"help": "Text that ends a reasoning step."})
     max_new_tokens: int = dataclasses.field(
         default=256, metadata={"help": "Tokens per sampled solution or completion."}
@@ -119,6 +154,14 @@ class Config(EngineConfig):
             )
         if not self.delimiter:
             raise UserError("key 'delimiter' must not be empty")
+        if self.heldout_questions < 0 or self.heldout_answers < 2:
+            raise UserError(
+                "key 'heldout_questions' must be >= 0 and 'heldout_answers' >= 2 (a ranking needs two answers)"
+            )
+        if self.stepwise_dataset is not None and (self.label == "fqi" or self.label_model is not None):
+            raise UserError(
+                "key 'stepwise_dataset' gives the labels: label fqi and label_model need sampled solutions instead"
+            )
 
 
 def config_types(method: str) -> tuple[type, type]:
@@ -317,6 +360,92 @@ def fqi_refit(
     return heads, labels
 
 
+def stepwise_rows(questions: list[str], items: list[LabelledStep], labels: list[float], delimiter: str) -> list[dict]:
+    """The labelled solutions in TRL's stepwise-supervision format: ``prompt`` (the question), ``completions``
+    (the steps, without their delimiter) and ``labels`` (a step is good when its label is above ½: with rollout
+    labels, when a continuation from it reached the right answer)."""
+    rows: list[dict] = []
+    for item, label in zip(items, labels):
+        if not item.before:  # each solution's first step starts a row
+            rows.append({"prompt": questions[item.question], "completions": [], "labels": []})
+        rows[-1]["completions"].append(item.step.text.removesuffix(delimiter))
+        rows[-1]["labels"].append(bool(label > 0.5))
+    return rows
+
+
+def read_stepwise(source: str, delimiter: str) -> tuple[list[str], list[LabelledStep], list[float]]:
+    """Questions, steps and 0/1 labels of a stepwise-supervision dataset (``prompt``, ``completions``, ``labels``):
+    a local .jsonl/.json file or a Hub dataset's train split. Each row is one solution of its own question."""
+    try:
+        if Path(source).suffix in (".jsonl", ".json"):
+            dataset = datasets.load_dataset("json", data_files=source, split="train")
+        else:
+            dataset = datasets.load_dataset(source, split="train")
+    except Exception as error:  # noqa: BLE001  missing file, unreachable Hub, bad JSON: one line naming the source
+        raise UserError(f"key 'stepwise_dataset': cannot load '{source}' ({type(error).__name__}: {error})") from None
+    missing = {"prompt", "completions", "labels"} - set(dataset.column_names)
+    if missing:
+        raise UserError(
+            f"key 'stepwise_dataset': '{source}' lacks the column(s) {', '.join(sorted(missing))} of TRL's "
+            "stepwise-supervision format (prompt, completions, labels)"
+        )
+    questions, items, labels = [], [], []
+    for number, row in enumerate(dataset):
+        steps, marks = row["completions"], row["labels"]
+        if not isinstance(row["prompt"], str) or not steps or len(steps) != len(marks):
+            raise UserError(
+                f"key 'stepwise_dataset': '{source}', row {number}: needs a text prompt and as many labels as "
+                f"completions (at least one), got {len(steps)} completions and {len(marks)} labels"
+            )
+        texts = [step + delimiter for step in steps[:-1]] + [steps[-1]]
+        questions.append(row["prompt"])
+        for t, (text, mark) in enumerate(zip(texts, marks)):
+            last = t == len(texts) - 1
+            before = tuple(ReasoningStep(s, False) for s in texts[:t])
+            items.append(LabelledStep(number, before, ReasoningStep(text, last), float(marks[-1]), last))
+            labels.append(float(mark))
+    return questions, items, labels
+
+
+def load_label_model(name: str, model_args: ModelConfig, tokenizer, device):
+    """The ``label_model`` sampler, refused in one line unless it shares the base model's tokenizer (its steps are
+    read by the base model, and its end of sequence and chat template must be the base model's)."""
+    label_tokenizer = load_tokenizer(name)
+    if (
+        label_tokenizer.get_vocab() != tokenizer.get_vocab()
+        or label_tokenizer.chat_template != tokenizer.chat_template
+    ):
+        raise UserError(
+            f"key 'label_model': '{name}' has another tokenizer or chat template than the base model "
+            f"'{model_args.model_name_or_path}'; the sampler's steps are scored on the base model's features"
+        )
+    return load_model(name, dtype=model_args.dtype, device=device).eval()
+
+
+def heldout_ranking(
+    engine: Engine,
+    model,
+    tokenizer,
+    heads: CriticHeads,
+    prompts: list[str],
+    questions: list[dict],
+    score,
+    run: Config,
+    seed: int,
+) -> dict:
+    """The fitted QVM's within-question ranking of right over wrong answers that ``engine`` (the base model)
+    samples to held-out questions, scored as the ``qvm`` best-of-N scorer scores them (§4.5)."""
+    sampling = SamplingParams(max_new_tokens=run.max_new_tokens, temperature=run.sampling_temperature, seed=seed)
+    outputs = engine.generate(prompts, n=run.heldout_answers, sampling=sampling)
+    correct = [[bool(score(c.text, q["answer"]).correct) for c in group] for q, group in zip(questions, outputs)]
+    qvm = (heads, {"layer": run.feature_layer, "delimiter": run.delimiter})
+    scores = qvm_scores(qvm, model, tokenizer, prompts, outputs)
+    return within_question_ranking(scores, correct) | {
+        "heldout_questions": len(questions),
+        "heldout_answer_accuracy": float(np.mean([ok for group in correct for ok in group])),
+    }
+
+
 def run(
     model_args: ModelConfig, training_args: TrainingArguments, config: Config, launch: LaunchConfig, argv=()
 ) -> dict:
@@ -327,42 +456,52 @@ def run(
         {"model": model_args.model_name_or_path, "seed": training_args.seed, **config.settings_record()},
         resume=launch.resume,
     )
-    model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
+    device = "cpu" if training_args.use_cpu else training_args.device
+    model, tokenizer = load_from_config(model_args, device=device)
     model.eval()
     task = load_task(config.task)
-    questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
     score = task_scorer(task)
-    engine = make_engine(
-        config,
-        model,
-        tokenizer,
-        model_args.model_name_or_path,
-        batch_size=config.generation_batch_size,
+    if config.stepwise_dataset is None:
+        rows = load_task_rows(task, config.split, config.data_dir)
+        questions = rows[: config.limit]
+        contents = [task.prompt.replace("{question}", q["question"]) for q in questions]
+    else:
+        contents, imported_items, imported_labels = read_stepwise(config.stepwise_dataset, config.delimiter)
+    sampler_name = config.label_model or model_args.model_name_or_path
+    sampler = (
+        model if config.label_model is None else load_label_model(config.label_model, model_args, tokenizer, device)
     )
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": task.prompt.replace("{question}", q["question"])}],
-            tokenize=False,
-            add_generation_prompt=True,
+    engine = make_engine(config, sampler, tokenizer, sampler_name, batch_size=config.generation_batch_size)
+
+    def render(content: str) -> str:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-        for q in questions
-    ]
+
+    prompts = [render(content) for content in contents]
     sampling = SamplingParams(
         max_new_tokens=config.max_new_tokens, temperature=config.sampling_temperature, seed=training_args.seed
     )
 
     def label() -> dict:
-        items = sample_steps(engine, tokenizer, prompts, questions, score, config, sampling)
-        labels = rollout_labels(
-            engine, tokenizer, prompts, questions, score, items, config, sampling, training_args.seed
-        )
+        if config.stepwise_dataset is None:
+            items = sample_steps(engine, tokenizer, prompts, questions, score, config, sampling)
+            labels = rollout_labels(
+                engine, tokenizer, prompts, questions, score, items, config, sampling, training_args.seed
+            )
+        else:
+            items, labels = imported_items, imported_labels
         (output_dir / LABELS_FILE).write_text(
             json.dumps([dataclasses.asdict(item) | {"label": y} for item, y in zip(items, labels)]) + "\n"
         )
+        exported = stepwise_rows(contents, items, labels, config.delimiter)
+        (output_dir / STEPWISE_FILE).write_text("".join(json.dumps(row) + "\n" for row in exported))
         return {
             "steps": len(items),
             "rollout_label_mean": float(np.mean(labels)),
+            "positive_label_rate": float(np.mean([y > 0.5 for y in labels])),
             "trajectory_accuracy": float(np.mean([item.outcome for item in items if item.last])),
+            "label_source": config.stepwise_dataset or sampler_name,
         }
 
     labelled = ledger.run("labels", label)
@@ -382,7 +521,7 @@ def run(
     heads = fit_heads(features, labels, config, training_args, output_dir / "fit")
     summary: dict = {
         "model": model_args.model_name_or_path,
-        "questions": len(questions),
+        "questions": len(prompts),
         "label": config.label,
         **labelled,
     }
@@ -403,15 +542,38 @@ def run(
             "num_layers": config.qvm_layers,
             "state_dim": int(features[0][0].shape[0]),
             "task": task.name,
+            "label_source": labelled["label_source"],
+            "positive_label_rate": labelled["positive_label_rate"],
         },
     )
     ledger.record("fit", {"fqi_label_mean": summary.get("fqi_label_mean")})
+    if config.heldout_questions:
+        heldout = load_task_rows(task, config.split, config.data_dir)[
+            config.limit : config.limit + config.heldout_questions
+        ]
+        if config.label_model is not None:  # best-of-N ranks the base model's answers, not the sampler's
+            engine = make_engine(
+                config, model, tokenizer, model_args.model_name_or_path, batch_size=config.generation_batch_size
+            )
+        summary["heldout_ranking"] = heldout_ranking(
+            engine,
+            model,
+            tokenizer,
+            heads,
+            [render(task.prompt.replace("{question}", q["question"])) for q in heldout],
+            heldout,
+            score,
+            config,
+            training_args.seed + 7,
+        )
     return write_summary(output_dir, summary)
 
 
 def describe(summary: dict, output_dir: str) -> str:
     """The closing line of a run."""
+    ranking = summary.get("heldout_ranking", {}).get("pairwise_accuracy")
+    held_out = "" if ranking is None else f", ranks right over wrong held-out answers {ranking:.1%} of the time"
     return (
-        f"QVM on {summary['steps']} labelled steps (mean label {summary['rollout_label_mean']:.3f}) saved to "
-        f"{output_dir}"
+        f"QVM on {summary['steps']} labelled steps (mean label {summary['rollout_label_mean']:.3f}, "
+        f"{summary['positive_label_rate']:.1%} positive{held_out}) saved to {output_dir}"
     )
