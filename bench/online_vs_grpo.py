@@ -8,7 +8,7 @@ Runs ``llmq train recipes/online/{method}_{task}_smollm2.yaml --seed S`` for eac
 the runs at every round where all of them measured held-out accuracy: each round samples the same
 number of answers to the same number of prompts, so those rounds are equal sampling budgets (the
 tokens each run sampled by then are reported too, as answers' lengths change with training).
-Prints and writes (``--output_dir/{task}.json``) each method's accuracy with its Wilson interval,
+Prints and writes (``--output_dir/{task}.json``, one entry per seed) each method's accuracy with its Wilson interval,
 the paired change against the base model and online ShiQ's paired difference from each other method (Newcombe's
 intervals), the wall time of the rounds, the update time per training token and each run's peak
 memory; plots held-out accuracy against sampled tokens (``{task}_accuracy_vs_sampled_tokens.png``).
@@ -134,7 +134,8 @@ def print_table(comparison: dict, summaries: dict[str, dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     (args.output_dir / args.task).mkdir(parents=True, exist_ok=True)
-    results = {}
+    path = args.output_dir / f"{args.task}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}  # other seeds' comparisons stay
     for seed in args.seeds:
         summaries = {method: run(method, args.task, seed, args.output_dir, args.partial) for method in args.methods}
         summaries = {method: summary for method, summary in summaries.items() if summary}
@@ -158,8 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{task_name}: held-out accuracy (first {comparison['questions']} test questions, seed {seed})",
         )
         print(f"plot: {plot}")
-    path = args.output_dir / f"{args.task}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     print(f"results: {path}")
 
 

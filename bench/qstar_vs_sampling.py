@@ -1,0 +1,192 @@
+"""Benchmark: Q* search against greedy, sampling pass@k and best-of-N, at the tokens each one samples.
+
+    python bench/qstar_vs_sampling.py                      # products_3x1digit, the first 100 test questions
+    python bench/qstar_vs_sampling.py --limit 50 --budgets 4
+
+1. trains the QVMs of ``recipes/qstar/products_smollm2.yaml`` (labels sampled by the base model) and
+   ``recipes/qstar/products_shiq_labels_smollm2.yaml`` (labels sampled by the online ShiQ policy) unless they exist,
+   and reads each one's positive-label rate and held-out within-question pairwise accuracy;
+2. runs ``llmq eval`` on the first ``--limit`` test questions (the base model, T 0.8, 64 tokens): greedy; N sampled
+   answers (pass@k for every k ≤ N); best-of-N of those same answers by the QVM and by the verifier (an upper
+   bound: it reads the gold answer); Q* with the stronger QVM at each budget, with g ≡ 0 and with the rules'
+   utility (−1 for a step with a false equation, min over the steps);
+3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
+   change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
+   the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap interval over
+   questions.  Every run resumes from its cached completions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from llmq.stats import paired_difference, pass_at_k, proportion_summary
+
+QVMS = {
+    "base_labels": "recipes/qstar/products_smollm2.yaml",
+    "shiq_labels": "recipes/qstar/products_shiq_labels_smollm2.yaml",
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=100, help="First N test questions.")
+    parser.add_argument("--samples", type=int, default=8, help="N: sampled answers per question (pass@k, best-of-N).")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="Q* expansions per question.")
+    parser.add_argument("--candidates", type=int, default=4, help="Q* candidate steps per expansion.")
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench/qstar_vs_sampling"))
+    return parser
+
+
+def llmq(*args: str, log: Path) -> None:
+    command = [sys.executable, "-m", "llmq.cli", *args]
+    print(" ".join(command), flush=True)
+    with open(log, "a") as handle:
+        subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def qvm_dir(recipe: str) -> Path:
+    return Path(
+        next(
+            line.split(":", 1)[1].strip()
+            for line in Path(recipe).read_text().splitlines()
+            if line.startswith("output_dir:")
+        )
+    )
+
+
+def records(run_dir: Path) -> list[dict]:
+    by_index = {}
+    for line in (run_dir / "completions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_index[record["index"]] = record
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.log"
+    qvms = {}
+    for name, recipe in QVMS.items():
+        directory = qvm_dir(recipe)
+        if not (directory / "summary.json").is_file():
+            llmq("train", recipe, "--resume", log=log)
+        summary = json.loads((directory / "summary.json").read_text())
+        qvms[name] = {
+            "path": str(directory),
+            "label_source": summary["label_source"],
+            "positive_label_rate": summary["positive_label_rate"],
+            "heldout_ranking": summary["heldout_ranking"],
+        }
+
+    common = ["eval", "--task", "products_3x1digit", "--limit", str(args.limit), "--max_new_tokens", "64"]
+    sampled = ["--temperature", "0.8", "--batch_size", "4"]  # batches of 4: best-of-N scores the pass@N answers
+    runs = {
+        "greedy": [*common, "--decoding", "greedy", "--batch_size", "32"],
+        f"sample{args.samples}": [*common, *sampled, "--num_samples", str(args.samples)],
+        f"best_of_{args.samples}_qvm": [*common, *sampled, "--decoding", "best_of_n", "--scorer", "qvm"],
+        f"best_of_{args.samples}_verifier": [*common, *sampled, "--decoding", "best_of_n", "--scorer", "verifier"],
+    }
+    runs[f"best_of_{args.samples}_qvm"] += [
+        "--qvm_path",
+        qvms["shiq_labels"]["path"],
+        "--num_candidates",
+        str(args.samples),
+    ]
+    runs[f"best_of_{args.samples}_verifier"] += ["--num_candidates", str(args.samples)]
+    for budget in args.budgets:
+        for utility in ("none", "rules"):
+            runs[f"qstar_b{budget}_{utility}"] = [
+                *common,
+                *sampled,
+                "--decoding",
+                "qstar",
+                "--qvm_path",
+                qvms["shiq_labels"]["path"],
+                "--search_budget",
+                str(budget),
+                "--search_candidates",
+                str(args.candidates),
+                "--search_utility",
+                utility,
+                "--search_aggregate",
+                "min",
+                "--step_max_tokens",
+                "64",
+                "--search_max_depth",
+                "4",
+            ]
+    for name, command in runs.items():
+        if not (out / name / "report.json").is_file():
+            llmq(*command, "--output_dir", str(out / name), log=log)
+
+    answers = {name: records(out / name) for name in runs}
+    greedy = np.array([r["verdicts"][0]["correct"] for r in answers["greedy"]], dtype=float)
+    samples = answers[f"sample{args.samples}"]
+    correct_counts = [sum(v["correct"] for v in r["verdicts"]) for r in samples]
+    tokens_per_answer = sum(r["generated_tokens"] for r in samples) / (len(samples) * args.samples)
+    table = {}
+    for name in runs:
+        if name.startswith("sample"):
+            continue
+        outcomes = np.array([r["verdicts"][0]["correct"] for r in answers[name]], dtype=float)
+        tokens = sum(r["generated_tokens"] for r in answers[name])
+        row = proportion_summary(outcomes.astype(bool).tolist()) | {"sampled_tokens": tokens}
+        row["vs_greedy"] = paired_difference(greedy, outcomes)
+        if name.startswith("qstar"):
+            k = int(min(args.samples, max(1, round(tokens / len(outcomes) / tokens_per_answer))))
+            at_k = np.array([pass_at_k(args.samples, c, k) for c in correct_counts])
+            rng = np.random.default_rng(0)
+            ratios = []
+            for _ in range(2000):
+                pick = rng.integers(0, len(outcomes), len(outcomes))
+                gap = at_k[pick].mean() - greedy[pick].mean()
+                if gap > 0:
+                    ratios.append((outcomes[pick].mean() - greedy[pick].mean()) / gap)
+            gap = at_k.mean() - greedy.mean()
+            row["equal_token_pass_at_k"] = {"k": k, "mean": float(at_k.mean())}
+            row["gap_closed"] = {
+                "mean": float((outcomes.mean() - greedy.mean()) / gap) if gap > 0 else None,
+                "ci95_bootstrap": [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))],
+            }
+        table[name] = row
+    curve = {
+        str(k): float(np.mean([pass_at_k(args.samples, c, k) for c in correct_counts]))
+        for k in range(1, args.samples + 1)
+    }
+    report = {
+        "questions": args.limit,
+        "qvms": qvms,
+        "runs": table,
+        "pass_at_k": curve,
+        "sampled_tokens_per_answer": tokens_per_answer,
+        "commands": {name: " ".join(["llmq", *command]) for name, command in runs.items()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, qvm in qvms.items():
+        ranking = qvm["heldout_ranking"]
+        print(f"QVM {name}: {qvm['positive_label_rate']:.1%} positive labels; held-out ranking {ranking}")
+    print("pass@k of the sampler:", {k: round(v, 3) for k, v in curve.items()})
+    for name, row in table.items():
+        change = row["vs_greedy"]
+        line = (
+            f"{name}: {row['mean']:.3f} {row['ci95']}, {row['sampled_tokens']} tokens, vs greedy {change['mean']:+.3f}"
+        )
+        line += f" {change['ci95_paired']}"
+        if "gap_closed" in row:
+            equal = row["equal_token_pass_at_k"]
+            line += f"; pass@{equal['k']} at equal tokens {equal['mean']:.3f}"
+            line += f", gap closed {row['gap_closed']}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
