@@ -462,8 +462,7 @@ def run(
     task = load_task(config.task)
     score = task_scorer(task)
     if config.stepwise_dataset is None:
-        rows = load_task_rows(task, config.split, config.data_dir)
-        questions = rows[: config.limit]
+        questions = load_task_rows(task, config.split, config.data_dir)[: config.limit]
         contents = [task.prompt.replace("{question}", q["question"]) for q in questions]
     else:
         contents, imported_items, imported_labels = read_stepwise(config.stepwise_dataset, config.delimiter)
@@ -552,6 +551,7 @@ def run(
             config.limit : config.limit + config.heldout_questions
         ]
         if config.label_model is not None:  # best-of-N ranks the base model's answers, not the sampler's
+            engine.close()  # an in-process vLLM engine frees its memory for the next one
             engine = make_engine(
                 config, model, tokenizer, model_args.model_name_or_path, batch_size=config.generation_batch_size
             )
