@@ -13,7 +13,8 @@
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
    change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
    the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap interval over
-   questions.  Every run resumes from its cached completions.
+   questions; copies the search tree of a question Q* solved to ``--tree_to``.  Every run resumes from its cached
+   completions.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="Q* expansions per question.")
     parser.add_argument("--candidates", type=int, default=4, help="Q* candidate steps per expansion.")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench/qstar_vs_sampling"))
+    parser.add_argument(
+        "--tree_to",
+        type=Path,
+        default=Path("docs/qstar_search_tree.html"),
+        help="Where a solved question's tree goes.",
+    )
     return parser
 
 
@@ -170,6 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         "sampled_tokens_per_answer": tokens_per_answer,
         "commands": {name: " ".join(["llmq", *command]) for name, command in runs.items()},
     }
+    # The search tree of the first question that Q* (largest budget, rules' utility) solved, for docs/.
+    searched = f"qstar_b{max(args.budgets)}_rules"
+    solved = next((r["index"] for r in answers[searched] if r["verdicts"][0]["correct"]), None)
+    if solved is not None:
+        args.tree_to.write_text((out / searched / "search_trees" / f"{solved}.html").read_text())
+        report["search_tree"] = {"run": searched, "question": solved, "page": str(args.tree_to)}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, qvm in qvms.items():
         ranking = qvm["heldout_ranking"]

@@ -335,7 +335,8 @@ def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(
         assert main(argv) == 0
         report = json.loads((report_dir / "report.json").read_text())
         assert report["protocol"]["decoding"]["decoding"] == "qstar" and report["generated_tokens"] > 0
-        assert "Q* search" in (report_dir / "search_tree.html").read_text()
+        assert sorted(p.name for p in (report_dir / "search_trees").iterdir()) == ["0.html", "1.html"]
+        assert "Q* search, question 1" in (report_dir / "search_trees" / "1.html").read_text()
         assert (
             main(["eval", "--model_name_or_path", "tiny-llama", "--decoding", "qstar", "--temperature", "1.0"]) == 2
         )  # no qvm_path

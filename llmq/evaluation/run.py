@@ -289,12 +289,14 @@ def _search_batch(
     sampling,
     output_dir: Path,
 ) -> tuple[list, list[int]]:
-    """Q* answers for a batch of questions (one search each); the first question's tree is also
-    written to ``output_dir/search_tree.html``."""
+    """Q* answers for a batch of questions (one search each); each question's search tree is also
+    written to ``output_dir/search_trees/{index}.html``."""
     heads, metadata = qvm
     outputs, explored = [], []
+    (output_dir / "search_trees").mkdir(exist_ok=True)
     for offset, (prompt, index) in enumerate(zip(prompts, indices)):
         text = engine.render(prompt)
+        question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
         answer, tokens, result = qstar_answer(
             model,
             tokenizer,
@@ -314,7 +316,7 @@ def _search_batch(
             utility=config.search_utility,
             aggregate=config.search_aggregate,
             prm=prm,
-            question=prompt[-1]["content"] if isinstance(prompt, list) else prompt,
+            question=question,
         )
         outputs.append(
             [
@@ -324,13 +326,12 @@ def _search_batch(
             ]
         )
         explored.append(tokens)
-        if index == 0:
-            tree = render_search_tree_html(
-                result.nodes,
-                [node.id for node in result.path()],
-                title=f"Q* search, question 0 ({result.expansions} expansions)",
-                prompt=prompt[-1]["content"] if isinstance(prompt, list) else prompt,
-                step_text=lambda step: step.text,
-            )
-            (output_dir / "search_tree.html").write_text(tree)
+        tree = render_search_tree_html(
+            result.nodes,
+            [node.id for node in result.path()],
+            title=f"Q* search, question {index} ({result.expansions} expansions)",
+            prompt=question,
+            step_text=lambda step: step.text,
+        )
+        (output_dir / "search_trees" / f"{index}.html").write_text(tree)
     return outputs, explored
