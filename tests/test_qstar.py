@@ -1,6 +1,8 @@
 """Q* A* search on the oracle MDP: with the exact Q_hard it returns a maximal-return sequence;
 budget, depth and dedup are respected (docs/algorithms.md §4.9)."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -57,9 +59,16 @@ def random_utilities(mdp, seed, low, high):
     return lambda state: float(table[state[:-1]][state[-1]])
 
 
-def search_one_random_mdp(seed, aggregate, heuristic):
+@functools.cache
+def random_mdp_with_oracle(seed):
+    """A seeded random MDP with outcome rewards, its exact-Q callables and its possible answers (shared by the
+    eight compositions)."""
     mdp = random_mdp(seed, vocab_size=3, horizon=4, reward_placement="sequence")
-    propose, q_values = oracle_callables(mdp)
+    return mdp, *oracle_callables(mdp), [seq for seq, p in mdp.trajectories() if p > 0]
+
+
+def search_one_random_mdp(seed, aggregate, heuristic):
+    mdp, propose, q_values, answers = random_mdp_with_oracle(seed)
     asked = []
 
     def counted(states, k):
@@ -78,7 +87,7 @@ def search_one_random_mdp(seed, aggregate, heuristic):
         process = combine([utility(seq[: t + 1]) for t in range(len(seq))]) if utility else 0.0
         return process + lam * mdp.trajectory_return(seq)
 
-    best = max(objective(seq) for seq, p in mdp.trajectories() if p > 0)
+    best = max(objective(seq) for seq in answers)
     result = astar_search(
         propose=counted,
         q_values=q_values,
