@@ -74,7 +74,7 @@ def _exact_value(side: str) -> tuple[sympy.Rational, int] | None:
         value = parse_expr(text, transformations=(*standard_transformations, rationalize))
     except (SyntaxError, TypeError, ValueError, ZeroDivisionError, TokenError):
         return None
-    if not (isinstance(value, sympy.Rational)):
+    if not isinstance(value, sympy.Rational):
         return None  # e.g. a division by zero
     decimals = re.fullmatch(r"-?\d+\.(\d+)", text)
     return value, len(decimals.group(1)) if decimals else 0
@@ -208,7 +208,7 @@ def astar_search(
 
     combine = AGGREGATIONS[aggregate]
 
-    def process_utility(state: State) -> list[float]:
+    def checked_utility(state: State) -> list[float]:
         value = utility(state)
         if utility_max is not None and value > utility_max:
             raise ValueError(f"utility returned {value}, above utility_max {utility_max}")
@@ -268,7 +268,7 @@ def astar_search(
             for child, steps_of_child in zip(open_children, proposals):
                 proposed[child] = (steps_of_child, [next(values) for _ in steps_of_child])
         for (_, _, child), score, done in zip(fresh, scores, terminal):
-            utilities[child] = utilities[node.state] + (process_utility(child) if utility is not None else [])
+            utilities[child] = utilities[node.state] + (checked_utility(child) if utility is not None else [])
             g = g_bound(utilities[child], done)
             if heuristic == "child" and not done:
                 h = max(proposed[child][1], default=score)
