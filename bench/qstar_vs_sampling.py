@@ -9,7 +9,7 @@
 2. runs ``llmq eval`` on the first ``--limit`` test questions (the base model, T 0.8, 64 tokens): greedy; N sampled
    answers (pass@k for every k ≤ N); best-of-N of those same answers by the QVM and by the verifier (an upper
    bound: it reads the gold answer); Q* with the stronger QVM at each budget, with g ≡ 0 and with the rules'
-   utility (−1 for a step with a false equation, min over the steps);
+   utility (−1 for a step with a false equation, min over the steps), or only those of ``--utilities``;
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
    change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
    the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap interval over
@@ -41,6 +41,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=8, help="N: sampled answers per question (pass@k, best-of-N).")
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="Q* expansions per question.")
     parser.add_argument("--candidates", type=int, default=4, help="Q* candidate steps per expansion.")
+    parser.add_argument(
+        "--utilities", nargs="+", default=["none", "rules"], choices=["none", "rules"], help="Q*'s search_utility."
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench/qstar_vs_sampling"))
     parser.add_argument(
         "--tree_to",
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     runs[f"best_of_{args.samples}_verifier"] += ["--num_candidates", str(args.samples)]
     for budget in args.budgets:
-        for utility in ("none", "rules"):
+        for utility in args.utilities:
             runs[f"qstar_b{budget}_{utility}"] = [
                 *common,
                 *sampled,
@@ -177,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         "sampled_tokens_per_answer": tokens_per_answer,
         "commands": {name: " ".join(["llmq", *command]) for name, command in runs.items()},
     }
-    # The search tree of the first question that Q* (largest budget, rules' utility) solved, for docs/.
-    searched = f"qstar_b{max(args.budgets)}_rules"
+    # The search tree of the first question that Q* (largest budget, last utility) solved, for docs/.
+    searched = f"qstar_b{max(args.budgets)}_{args.utilities[-1]}"
     solved = next((r["index"] for r in answers[searched] if r["verdicts"][0]["correct"]), None)
     if solved is not None:
         args.tree_to.write_text((out / searched / "search_trees" / f"{solved}.html").read_text())
