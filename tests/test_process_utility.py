@@ -42,33 +42,13 @@ def test_rules_agree_with_python_arithmetic_on_random_equations():
         assert arithmetic_penalty(f"We get {a} + {b} * {c} = {value}.") == (0.0 if value == a + b * c else -1.0)
 
 
-def save_tiny_prm(directory, head: str) -> None:
-    from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
-
-    from llmq.models.tiny import byte_tokenizer
-
-    tokenizer = byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    classes = {"token": LlamaForTokenClassification, "sequence": LlamaForSequenceClassification}
-    classes[head](config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def tiny_prms(tmp_path_factory):
+    from llmq.models.tiny import build_tiny_llama
+
     root = tmp_path_factory.mktemp("prm")
     for head in ("token", "sequence"):
-        save_tiny_prm(root / head, head)
+        build_tiny_llama(root / head, head=f"{head}_classification")
     return root
 
 

@@ -32,8 +32,9 @@ MDPS = [("toy-seq", toy_mdp().with_sequence_reward())] + [
 ]
 
 
+@pytest.mark.parametrize("heuristic", ["inherited", "child"])
 @pytest.mark.parametrize(("name", "mdp"), MDPS, ids=[m[0] for m in MDPS])
-def test_inherited_heuristic_with_exact_q_hard_and_outcome_rewards_finds_a_best_sequence(name, mdp):
+def test_either_heuristic_with_exact_q_hard_and_outcome_rewards_finds_a_best_sequence(name, mdp, heuristic):
     propose, q_values = oracle_callables(mdp)
     result = astar_search(
         propose=propose,
@@ -42,6 +43,7 @@ def test_inherited_heuristic_with_exact_q_hard_and_outcome_rewards_finds_a_best_
         num_candidates=mdp.n_actions,
         budget=100,
         max_depth=mdp.horizon,
+        heuristic=heuristic,
     )
     assert result.best.terminal and not result.budget_exhausted
     assert mdp.trajectory_return(result.best.state) == pytest.approx(best_return(mdp), abs=1e-12)
@@ -116,22 +118,6 @@ def test_every_composition_returns_an_answer_maximising_aggregated_utility_plus_
     proposed twice (the child heuristic's proposals are the child's candidates when it is expanded)."""
     for seed in range(200):
         search_one_random_mdp(seed, aggregate, heuristic)
-
-
-def test_child_heuristic_finds_a_best_sequence_of_the_toy_mdp():
-    mdp = toy_mdp().with_sequence_reward()
-    propose, q_values = oracle_callables(mdp)
-    result = astar_search(
-        propose=propose,
-        q_values=q_values,
-        is_terminal=mdp.is_terminal,
-        num_candidates=mdp.n_actions,
-        budget=100,
-        max_depth=mdp.horizon,
-        heuristic="child",
-    )
-    assert mdp.trajectory_return(result.best.state) == pytest.approx(best_return(mdp), abs=1e-12)
-    assert "A B" in mdp.decode(result.best.state)
 
 
 def test_budget_depth_and_dedup_are_respected():

@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    PreTrainedTokenizerFast,
+)
 
 # The same ChatML layout as SmolLM2's template, without its default system prompt.
 CHATML_TEMPLATE = (
@@ -38,8 +44,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llama(directory: Path, seed: int = 0) -> None:
-    """Write a 2-layer, 64-wide random Llama (≈90k parameters) with the byte tokenizer to ``directory``."""
+def build_tiny_llama(directory: Path, seed: int = 0, head: str = "causal_lm") -> None:
+    """Write a 2-layer, 64-wide random Llama (≈90k parameters) with the byte tokenizer to ``directory``:
+    a causal LM, or with ``head`` ``token_classification`` / ``sequence_classification`` a two-label
+    classifier (a process reward model's shape)."""
     tokenizer = byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -54,9 +62,17 @@ def build_tiny_llama(directory: Path, seed: int = 0) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if head != "causal_lm":
+        config.num_labels = 2  # correct or not, as TRL's PRMTrainer labels a step
+    classes = {
+        "causal_lm": LlamaForCausalLM,
+        "token_classification": LlamaForTokenClassification,
+        "sequence_classification": LlamaForSequenceClassification,
+    }
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model = classes[head](config)
+    if head == "causal_lm":
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
