@@ -5,10 +5,11 @@
 
 1. trains the QVMs of ``recipes/qstar/products_smollm2.yaml`` (labels sampled by the base model) and
    ``recipes/qstar/products_shiq_labels_smollm2.yaml`` (labels sampled by the online ShiQ policy) unless they exist,
-   and reads each one's positive-label rate and held-out within-question pairwise accuracy;
+   and reads each one's positive-label rate and held-out within-question pairwise accuracy; the QVM that ranks
+   held-out train answers better is the one best-of-N and Q* use;
 2. runs ``llmq eval`` on the first ``--limit`` test questions (the base model, T 0.8, 64 tokens): greedy; N sampled
-   answers (pass@k for every k ≤ N); best-of-N of those same answers by the QVM and by the verifier (an upper
-   bound: it reads the gold answer); Q* with the stronger QVM at each budget, with g ≡ 0 and with the rules'
+   answers (pass@k for every k ≤ N; pass@N is best-of-N by the verifier, the upper bound that reads the gold
+   answer); best-of-N of those same answers by the QVM; Q* at each budget, with g ≡ 0 and with the rules'
    utility (−1 for a step with a false equation, min over the steps), or only those of ``--utilities``;
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
    change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
@@ -103,15 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         "greedy": [*common, "--decoding", "greedy", "--batch_size", "32"],
         f"sample{args.samples}": [*common, *sampled, "--num_samples", str(args.samples)],
         f"best_of_{args.samples}_qvm": [*common, *sampled, "--decoding", "best_of_n", "--scorer", "qvm"],
-        f"best_of_{args.samples}_verifier": [*common, *sampled, "--decoding", "best_of_n", "--scorer", "verifier"],
     }
-    runs[f"best_of_{args.samples}_qvm"] += [
-        "--qvm_path",
-        qvms["shiq_labels"]["path"],
-        "--num_candidates",
-        str(args.samples),
-    ]
-    runs[f"best_of_{args.samples}_verifier"] += ["--num_candidates", str(args.samples)]
+    # The QVM that ranks held-out train answers better guides the search (chosen without the test split).
+    chosen = max(qvms, key=lambda name: qvms[name]["heldout_ranking"]["pairwise_accuracy"] or 0.0)
+    runs[f"best_of_{args.samples}_qvm"] += ["--qvm_path", qvms[chosen]["path"], "--num_candidates", str(args.samples)]
     for budget in args.budgets:
         for utility in args.utilities:
             runs[f"qstar_b{budget}_{utility}"] = [
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--decoding",
                 "qstar",
                 "--qvm_path",
-                qvms["shiq_labels"]["path"],
+                qvms[chosen]["path"],
                 "--search_budget",
                 str(budget),
                 "--search_candidates",
@@ -175,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "questions": args.limit,
         "qvms": qvms,
+        "qvm_used": chosen,
         "runs": table,
         "pass_at_k": curve,
         "sampled_tokens_per_answer": tokens_per_answer,
