@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmq.config import load_recipe_file
 from llmq.stats import paired_difference, pass_at_k, proportion_summary
 
 QVMS = {
@@ -62,16 +63,6 @@ def llmq(*args: str, log: Path) -> None:
         subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT)
 
 
-def qvm_dir(recipe: str) -> Path:
-    return Path(
-        next(
-            line.split(":", 1)[1].strip()
-            for line in Path(recipe).read_text().splitlines()
-            if line.startswith("output_dir:")
-        )
-    )
-
-
 def records(run_dir: Path) -> list[dict]:
     by_index = {}
     for line in (run_dir / "completions.jsonl").read_text().splitlines():
@@ -87,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "runs.log"
     qvms = {}
     for name, recipe in QVMS.items():
-        directory = qvm_dir(recipe)
+        directory = Path(load_recipe_file(recipe)["output_dir"])
         if not (directory / "summary.json").is_file():
             llmq("train", recipe, "--resume", log=log)
         summary = json.loads((directory / "summary.json").read_text())

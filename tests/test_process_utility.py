@@ -243,3 +243,14 @@ def test_each_utility_scores_the_last_step_of_a_state(tiny_prms):
     by_prm = process_utility("prm", scored={}, prm=prm, question="What is 4*3?", delimiter="\n")
     assert by_prm((first, wrong)) == pytest.approx(prm.step_scores("What is 4*3?", ["2 + 2 = 4", "4 * 3 = 13"])[1])
     assert process_utility("none", scored={}, prm=None, question="q", delimiter="\n") is None
+
+
+def test_the_last_step_score_is_the_last_of_the_step_scores(tiny_prms):
+    from llmq.models.prm import ProcessRewardModel
+
+    for head in ("token", "sequence"):
+        prm = ProcessRewardModel(str(tiny_prms / head))
+        steps = ["2 + 3 = 5", "#### 5"]
+        assert prm.last_step_score("What is 2+3?", steps) == pytest.approx(
+            prm.step_scores("What is 2+3?", steps)[-1], abs=1e-5
+        )

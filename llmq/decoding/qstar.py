@@ -111,7 +111,7 @@ def process_utility(
     if kind == "qvm":
         return lambda state: min(max(scored[(state[:-1], state[-1])], 0.0), 1.0)
     if kind == "prm":
-        return lambda state: prm.step_scores(question, [step.text.removesuffix(delimiter) for step in state])[-1]
+        return lambda state: prm.last_step_score(question, [step.text.removesuffix(delimiter) for step in state])
     return lambda state: arithmetic_penalty(state[-1].text)
 
 

@@ -62,18 +62,28 @@ class ProcessRewardModel:
         """The score of each step of ``steps`` (texts without their separator) after ``prompt``."""
         if not steps:
             return []
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if self.tokenizer.bos_token_id is not None:
-            prompt_ids = [self.tokenizer.bos_token_id, *prompt_ids]
         if not self.per_token:
-            texts = [
-                prompt + "".join(step + self.step_separator for step in steps[: t + 1]) for t in range(len(steps))
-            ]
+            texts = [self._text(prompt, steps[: t + 1]) for t in range(len(steps))]
             batch = self.tokenizer(texts, return_tensors="pt", padding=True)
             return self._probability(self.model(**batch).logits).tolist()
-        input_ids, ends = list(prompt_ids), []
+        input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.bos_token_id is not None:
+            input_ids = [self.tokenizer.bos_token_id, *input_ids]
+        ends = []
         for step in steps:
             input_ids += self.tokenizer(step, add_special_tokens=False)["input_ids"] + self.separator_ids
             ends.append(len(input_ids) - 1)
         logits = self.model(input_ids=torch.tensor([input_ids])).logits[0]
         return self._probability(logits[ends]).tolist()
+
+    @torch.no_grad()
+    def last_step_score(self, prompt: str, steps: list[str]) -> float:
+        """The score of the last of ``steps``: one forward pass, not one per earlier step (Q*'s utility of a state)."""
+        if self.per_token:
+            return self.step_scores(prompt, steps)[-1]
+        batch = self.tokenizer([self._text(prompt, steps)], return_tensors="pt")
+        return self._probability(self.model(**batch).logits)[0].item()
+
+    def _text(self, prompt: str, steps: list[str]) -> str:
+        """A sequence classifier's input: the prompt and the steps, each followed by the separator."""
+        return prompt + "".join(step + self.step_separator for step in steps)
