@@ -48,11 +48,19 @@ def transitions(mdp):
 
 
 def fit_critic(mdp, expectile=None, num_heads=2):
-    """Fitted evaluation: fit the online heads to the targets exactly (L-BFGS), copy them to the target, repeat."""
     states, pairs, data = transitions(mdp)
+    critic = fitted_evaluation(data, mdp.gamma, 3 * mdp.horizon + 6, expectile, num_heads)
+    return critic, states, pairs, data
+
+
+def fitted_evaluation(data, gamma, iterations, expectile=None, num_heads=2):
+    """Fit the online heads to the TD targets exactly (L-BFGS), copy them to the target, repeat ``iterations``
+    times; ``data`` holds one-hot ``state``/``action``/``next_state`` features, ``reward``, ``done`` and ``weight``."""
     torch.manual_seed(0)
-    critic = DigiQCritic(CriticHeads(len(states), len(pairs), num_layers=0, num_heads=num_heads).double())
-    for _ in range(3 * mdp.horizon + 6):
+    critic = DigiQCritic(
+        CriticHeads(data["state"].shape[1], data["action"].shape[1], num_layers=0, num_heads=num_heads).double()
+    )
+    for _ in range(iterations):
         with torch.no_grad():
             target_q = critic.target.q(data["state"], data["action"])
             target_v_next = critic.target.v(data["next_state"])
@@ -74,7 +82,7 @@ def fit_critic(mdp, expectile=None, num_heads=2):
                 target_v_next=target_v_next,
                 rewards=data["reward"],
                 dones=data["done"],
-                gamma=mdp.gamma,
+                gamma=gamma,
                 expectile=expectile,
                 weights=data["weight"],
             )
@@ -83,7 +91,7 @@ def fit_critic(mdp, expectile=None, num_heads=2):
 
         optimizer.step(closure)
         critic.update_target(1.0)
-    return critic, states, pairs, data
+    return critic
 
 
 MDPS = [
@@ -215,3 +223,179 @@ def test_the_trainer_fits_the_behaviour_values_with_polyak_targets(tmp_path):
     np.testing.assert_allclose(v.numpy(), np.tile([oracle.v[s] for s in states], (2, 1)), atol=2e-3)
     logged = [entry for entry in trainer.state.log_history if "td_error/abs_mean" in entry]
     assert logged and logged[-1]["td_error/abs_mean"] < logged[0]["td_error/abs_mean"]
+
+
+class OneHotFeatures:
+    """Tabular features for :func:`llmq.methods.digiq.critic_transitions`: one column per state text, including states
+    only ever reached (never logged), and one per (state, command)."""
+
+    def __init__(self, rows):
+        self.states = sorted({r["state"] for r in rows} | {r["next_state"] for r in rows})
+        self.pairs = sorted({(r["state"], r["action"]) for r in rows})
+
+    def state(self, text):
+        return torch.eye(len(self.states), dtype=torch.float64)[self.states.index(text)].tolist()
+
+    def action(self, text, command):
+        return torch.eye(len(self.pairs), dtype=torch.float64)[self.pairs.index((text, command))].tolist()
+
+
+def step_limited_chain(seed, length=5, step_limit=6, gamma=0.95, step_cost=0.05):
+    """A chain game: start at cell 0, "right" moves up one cell, "left" down one (not below 0); reaching cell ``length``
+    wins (+1) and ends the game, every other step costs ``step_cost``, and the game ends after ``step_limit`` steps.
+    The state text holds the step count (as TextWorld's holds every previous command), so the state after the last
+    step is never a logged state.  The behaviour policy's probability of "right" is drawn per state.
+
+    Returns every reachable (state, command) as a Digi-Q data row (``done``/``truncated`` set as
+    :class:`~llmq.envs.textworld.TextWorldEnv` sets them), its behaviour probability, and the exact Q^{π_b} of the
+    limited game by backward induction."""
+    rng = np.random.default_rng(seed)
+    text = lambda cell, step: f"cell {cell} after {step} steps"  # noqa: E731
+    reachable = {0: {0}}
+    for step in range(1, step_limit):
+        reachable[step] = {min(max(c + d, 0), length) for c in reachable[step - 1] if c < length for d in (-1, 1)}
+    right = {(c, t): rng.uniform(0.2, 0.8) for t in reachable for c in reachable[t] if c < length}
+    q, v = {}, {}
+    for t in reversed(range(step_limit)):
+        for c in sorted(reachable[t]):
+            if c == length:
+                continue
+            for command, move in (("left", -1), ("right", 1)):
+                nxt = min(max(c + move, 0), length)
+                won = nxt == length
+                reward = 1.0 if won else -step_cost
+                out_of_steps = t + 1 == step_limit
+                q[(c, t, command)] = reward + (0.0 if won or out_of_steps else gamma * v[(nxt, t + 1)])
+            v[(c, t)] = right[(c, t)] * q[(c, t, "right")] + (1 - right[(c, t)]) * q[(c, t, "left")]
+    rows, weights, exact = [], [], []
+    for (c, t, command), value in q.items():
+        nxt = min(max(c + (1 if command == "right" else -1), 0), length)
+        won, out_of_steps = nxt == length, t + 1 == step_limit
+        rows.append(
+            {
+                "state": text(c, t),
+                "action": command,
+                "reward": 1.0 if won else -step_cost,
+                "next_state": text(nxt, t + 1),
+                "done": won or out_of_steps,
+                "truncated": out_of_steps and not won,
+                "admissible": ["left", "right"],
+            }
+        )
+        weights.append(right[(c, t)] if command == "right" else 1 - right[(c, t)])
+        exact.append(value)
+    return rows, weights, exact
+
+
+def critic_q_on_rows(rows, weights, gamma, iterations):
+    """Fitted evaluation of the critic on the rows as :func:`critic_transitions` presents them; its Q on every row."""
+    import datasets
+
+    from llmq.methods.digiq import critic_transitions
+
+    transitions = critic_transitions(OneHotFeatures(rows), datasets.Dataset.from_list(rows))
+    as_tensor = lambda key: torch.tensor([t[key] for t in transitions], dtype=torch.float64)  # noqa: E731
+    data = {
+        "state": as_tensor("state_features"),
+        "action": as_tensor("action_features"),
+        "next_state": as_tensor("next_state_features"),
+        "reward": as_tensor("reward"),
+        "done": as_tensor("done"),
+        "weight": torch.tensor(weights, dtype=torch.float64),
+    }
+    critic = fitted_evaluation(data, gamma, iterations)
+    with torch.no_grad():
+        return critic.online.q(data["state"], data["action"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_spent_step_budget_is_terminal_for_the_critic(seed):
+    """Running out of steps ends the game: the critic reaches Q^{π_b} of the step-limited game, which bootstrapping from
+    the never-trained state after the last step would not."""
+    rows, weights, exact = step_limited_chain(seed)
+    q = critic_q_on_rows(rows, weights, gamma=0.95, iterations=12)
+    for head in range(2):
+        np.testing.assert_allclose(q[head].numpy(), exact, atol=1e-3)
+
+
+def test_data_cut_short_of_the_games_end_bootstraps_from_the_next_logged_state():
+    """A transition whose episode the data cuts (done and truncated, the game not over) while its next state is logged
+    elsewhere bootstraps: Q still reaches the game's Q^{π_b}."""
+    rows, weights, exact = step_limited_chain(0)
+    logged = {r["state"] for r in rows}
+    cut = [i for i, r in enumerate(rows) if not r["done"] and r["next_state"] in logged][::3]
+    assert len(cut) >= 3
+    for i in cut:
+        rows[i] |= {"done": True, "truncated": True}
+    q = critic_q_on_rows(rows, weights, gamma=0.95, iterations=12)
+    np.testing.assert_allclose(q[0].numpy(), exact, atol=1e-3)
+
+
+def test_polyak_moves_each_target_parameter_by_the_rate_towards_the_online_one():
+    critic = DigiQCritic(CriticHeads(3, 2, hidden_size=4, num_layers=1))
+    with torch.no_grad():
+        for parameter in critic.target.parameters():
+            parameter.fill_(1.0)
+        for parameter in critic.online.parameters():
+            parameter.fill_(11.0)
+    critic.update_target(0.2)
+    for target, online in zip(critic.target.parameters(), critic.online.parameters()):
+        assert torch.all(target == 3.0) and torch.all(online == 11.0)  # 0.8·1 + 0.2·11
+
+
+def test_the_critic_trainers_loss_uses_each_heads_own_target_chain(tmp_path):
+    """Online and target heads all differ; the loss must be the one of hand-computed targets: y_Q,i = r + γ(1 − done)
+    V̄_i(s'), y_V,i = Q̄_i(s, a) — not the online heads, not the other head's chain."""
+    from llmq.trainers.critic import CriticConfig, CriticTrainer
+
+    args = CriticConfig(
+        output_dir=str(tmp_path), gamma=0.5, num_layers=0, report_to="none", use_cpu=True, save_strategy="no"
+    )
+    trainer = CriticTrainer(
+        args=args,
+        train_dataset=[
+            {"state_features": [1.0], "action_features": [1.0], "next_state_features": [1.0], "reward": 0.0}
+        ],
+    )
+    critic = trainer.model
+    # linear heads on one state and one action feature: Q = w_s·s + w_a·a + b, V = w·s + b
+    weights = {
+        ("online", "q", 0): ([1.0, 2.0], 0.0),
+        ("online", "q", 1): ([3.0, -1.0], 0.5),
+        ("online", "v", 0): ([2.0], 0.0),
+        ("online", "v", 1): ([-1.0], 1.0),
+        ("target", "q", 0): ([0.5, 0.5], 1.0),
+        ("target", "q", 1): ([-2.0, 1.0], 0.0),
+        ("target", "v", 0): ([4.0], -1.0),
+        ("target", "v", 1): ([1.0], 2.0),
+    }
+    with torch.no_grad():
+        for (side, kind, i), (w, b) in weights.items():
+            layer = getattr(getattr(critic, side), f"{kind}_heads")[i][0]
+            layer.weight.copy_(torch.tensor([w]))
+            layer.bias.fill_(b)
+    s, a, s_next, r = 1.0, 2.0, 3.0, 0.25
+    inputs = {
+        "state_features": torch.tensor([[s]]),
+        "action_features": torch.tensor([[a]]),
+        "next_state_features": torch.tensor([[s_next]]),
+        "reward": torch.tensor([r]),
+        "done": torch.tensor([0.0]),
+    }
+    q = [1 * s + 2 * a, 3 * s - a + 0.5]  # online: 5.0, 1.5
+    v = [2 * s, -s + 1]  # online: 2.0, 0.0
+    target_q = [0.5 * s + 0.5 * a + 1, -2 * s + a]  # 2.5, 0.0
+    target_v_next = [4 * s_next - 1, s_next + 2]  # 11.0, 5.0
+    expected = sum((r + 0.5 * target_v_next[i] - q[i]) ** 2 + (target_q[i] - v[i]) ** 2 for i in range(2))
+    assert trainer.compute_loss(critic, inputs).item() == pytest.approx(expected)  # 0.5625 + 0.25 + 1.5625 + 0
+
+
+def test_best_of_n_takes_the_optimistic_head_for_q_and_for_v():
+    """Heads that disagree: A_j = max_i Q_i(s, a_j) − max_i V_i(s) = (2, 3) − 1.5; min over heads would pick the other
+    candidate."""
+    q = torch.tensor([[[1.0, 3.0]], [[2.0, 0.0]]])  # [H=2, B=1, N=2]
+    v = torch.tensor([[0.5], [1.5]])
+    best, advantage, weight = best_of_n_advantages(q, v, threshold=1.0)
+    assert best.item() == 1 and advantage.item() == pytest.approx(1.5) and weight.item() == 1.0
+    best, advantage, _ = best_of_n_advantages(q, v, threshold=1.0, valid=torch.tensor([[True, False]]))
+    assert best.item() == 0 and advantage.item() == pytest.approx(0.5)

@@ -273,6 +273,27 @@ class TransitionFeatures:
         return self.actions[i][j].tolist()
 
 
+def critic_transitions(features: TransitionFeatures, data) -> list[dict]:
+    """The critic's rows of the logged steps (§5.2): features, reward and the TD target's terminal flag.
+
+    An episode's last step is terminal — a win, a loss, or the game's step budget spent — unless it was
+    cut short (``truncated``) *and* its next state is itself a logged state, whose V̄ the critic trains:
+    only then does bootstrapping from V̄(s') estimate what follows. A state the data never starts from
+    (on TextWorld, every state after an episode's last step, since the state text holds all previous
+    commands) has a V̄ that is pure extrapolation."""
+    logged_states = set(data["state"])
+    return [
+        {
+            "state_features": features.state(r["state"]),
+            "action_features": features.action(r["state"], r["action"]),
+            "next_state_features": features.state(r["next_state"]),
+            "reward": r["reward"],
+            "done": r["done"] and not (r["truncated"] and r["next_state"] in logged_states),
+        }
+        for r in data
+    ]
+
+
 def fit_critic(
     features: TransitionFeatures,
     data: datasets.Dataset,
@@ -282,18 +303,7 @@ def fit_critic(
     ledger: StageLedger,
 ):
     """Double Q/V heads fitted by TD on the logged commands (§5.5); returns the online heads."""
-    transitions = datasets.Dataset.from_list(
-        [
-            {
-                "state_features": features.state(r["state"]),
-                "action_features": features.action(r["state"], r["action"]),
-                "next_state_features": features.state(r["next_state"]),
-                "reward": r["reward"],
-                "done": r["done"] and not r["truncated"],
-            }
-            for r in data
-        ]
-    )
+    transitions = datasets.Dataset.from_list(critic_transitions(features, data))
     args = critic_config(
         training_args,
         str(output_dir),
