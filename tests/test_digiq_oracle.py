@@ -241,7 +241,7 @@ class OneHotFeatures:
 
 
 def step_limited_chain(seed, length=5, step_limit=6, gamma=0.95, step_cost=0.05):
-    """A chain game: start at cell 0, "right" moves up one cell, "left" down one (not below 0); reaching cell ``length``
+    """A chain game: from cell 0, "right" moves up one cell, "left" down one (not below 0); reaching cell ``length``
     wins (+1) and ends the game, every other step costs ``step_cost``, and the game ends after ``step_limit`` steps.
     The state text holds the step count (as TextWorld's holds every previous command), so the state after the last
     step is never a logged state.  The behaviour policy's probability of "right" is drawn per state.
@@ -310,7 +310,7 @@ def critic_q_on_rows(rows, weights, gamma, iterations):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_a_spent_step_budget_is_terminal_for_the_critic(seed):
-    """Running out of steps ends the game: the critic reaches Q^{π_b} of the step-limited game, which bootstrapping from
+    """Running out of steps ends the game: the critic gets Q^{π_b} of the step-limited game, which bootstrapping from
     the never-trained state after the last step would not."""
     rows, weights, exact = step_limited_chain(seed)
     q = critic_q_on_rows(rows, weights, gamma=0.95, iterations=12)
