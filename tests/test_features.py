@@ -170,3 +170,61 @@ def tiny_llava(seed: int = 0):
         num_additional_image_tokens=1,
     )
     return model, processor
+
+
+def digiq_data():
+    import datasets
+
+    rows = [
+        ("Goal: eat the apple\nYou see an apple.", "take apple", 1.0, "Goal: eat the apple\n> take apple\nTaken."),
+        ("Goal: open the door\nYou see a door.", "look", 0.0, "Goal: open the door\n> look\nA door."),
+    ]
+    return datasets.Dataset.from_list(
+        [
+            {
+                "state": state,
+                "action": action,
+                "reward": reward,
+                "next_state": following,
+                "done": True,
+                "truncated": False,
+                "admissible": [action, "inventory"],
+            }
+            for state, action, reward, following in rows
+        ]
+    )
+
+
+def test_digiq_features_are_read_at_the_representation_tasks_answer_position(tiny_model_and_tokenizer):
+    """The critic's (state, command) feature is the hidden state where the representation fine-tuning predicts its
+    yes/no answer, in the chat-templated prompt it trains on; the state's is the token before the command."""
+    from llmq.methods.digiq import TransitionFeatures, actionability_rows
+
+    model, tokenizer = tiny_model_and_tokenizer
+    data = digiq_data()
+    features = TransitionFeatures(model, tokenizer, data, layer=None, cache_dir=None)
+    [row] = actionability_rows(data)  # the scoring step; the other ends its episode without a change
+    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    hidden = single_forward(model, tokenizer, prompt, feature_layer(model, None))
+    torch.testing.assert_close(
+        torch.tensor(features.action(data[0]["state"], "take apple")), hidden[-1], atol=1e-5, rtol=0
+    )
+    before_command = len(tokenizer(prompt.split(" take apple")[0])["input_ids"]) - 1
+    torch.testing.assert_close(
+        torch.tensor(features.state(data[0]["state"])), hidden[before_command], atol=1e-5, rtol=0
+    )
+
+
+def test_digiq_prompts_split_on_a_token_boundary_of_the_embedded_tokenizer(embedded_model_dir):
+    """Prefix and continuation are tokenized apart: with SmolLM2's BPE their tokens must be the whole prompt's."""
+    from transformers import AutoTokenizer
+
+    from llmq.methods.digiq import actionability_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    commands = ["take apple", "go north", "open wooden door", "inventory"]
+    prefix, continuations = actionability_prompts(tokenizer, "Goal: eat the apple\nYou see an apple.", commands)
+    for continuation in continuations:
+        apart = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        apart += tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        assert apart == tokenizer(prefix + continuation, add_special_tokens=False)["input_ids"]

@@ -155,6 +155,27 @@ ACTIONABILITY_QUESTION = (
 )
 
 
+def actionability_question(state: str, command: str) -> str:
+    """The user turn of the representation task (§5.4): the state, the command, and the yes/no question."""
+    return f"{state}{ACTION_SEPARATOR}{command}\n\n{ACTIONABILITY_QUESTION}"
+
+
+def actionability_prompts(tokenizer, state: str, commands: list[str]) -> tuple[str, list[str]]:
+    """The chat-templated representation prompts of ``state`` and each command, split into their shared prefix and
+    one continuation per command: ``prefix + continuation`` is the prompt the representation fine-tuning trains on,
+    up to the assistant's yes/no answer.  The prefix ends at "Action:", so each continuation starts with the space
+    before its command (" take key"), the token boundary of the whole prompt."""
+    marker = "\x00COMMAND\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": actionability_question(state, marker)}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    before, suffix = rendered.split(marker)
+    prefix = before.removesuffix(" ")
+    return prefix, [before[len(prefix) :] + command + suffix for command in commands]
+
+
 def actionability_rows(data) -> list[dict]:
     """Digi-Q's representation task (§5.4) for text games: a (state, command) pair is labelled "Yes"
     when the world changed after it — the command scored, or the next state's admissible commands
@@ -166,10 +187,9 @@ def actionability_rows(data) -> list[dict]:
         if following is None and r["reward"] <= 0:
             continue
         changed = r["reward"] > 0 or sorted(following["admissible"]) != sorted(r["admissible"])
-        prompt = f"{r['state']}{ACTION_SEPARATOR}{r['action']}\n\n{ACTIONABILITY_QUESTION}"
         rows.append(
             {
-                "prompt": [{"role": "user", "content": prompt}],
+                "prompt": [{"role": "user", "content": actionability_question(r["state"], r["action"])}],
                 "completion": [{"role": "assistant", "content": "Yes" if changed else "No"}],
             }
         )
@@ -245,8 +265,11 @@ def fit_critic_and_extract(
 
 
 class TransitionFeatures:
-    """Frozen features of every logged state and of every (state, admissible command): each
-    state's text is read once, its commands continue it through the KV cache (cached on disk)."""
+    """Frozen features of every logged state and of every (state, admissible command), read the way the
+    representation fine-tuning trains (§5.4): in the chat-templated actionability prompt
+    (:func:`actionability_prompts`), a (state, command) at the prompt's last token, where the yes/no answer
+    is predicted, and a state at the last token before its command.  Each state's prefix is read once, its
+    commands continue it through the KV cache (cached on disk)."""
 
     def __init__(self, backbone, tokenizer, data: datasets.Dataset, layer: int | None, cache_dir: Path) -> None:
         actions_of: dict[str, set[str]] = {text: set() for text in {*data["state"], *data["next_state"]}}
@@ -254,9 +277,9 @@ class TransitionFeatures:
             actions_of[r["state"]].update([*r["admissible"], r["action"]])
         texts = sorted(actions_of)
         options = [sorted(actions_of[text]) for text in texts]
-        continuations = [[ACTION_SEPARATOR + command for command in commands] for commands in options]
+        prefixes, continuations = zip(*(actionability_prompts(tokenizer, t, c) for t, c in zip(texts, options)))
         self.states, self.actions, _ = score_continuations(
-            backbone, tokenizer, texts, continuations, layer=layer, cache_dir=cache_dir
+            backbone, tokenizer, list(prefixes), list(continuations), layer=layer, cache_dir=cache_dir
         )
         self.state_row = {text: i for i, text in enumerate(texts)}
         self.action_row = {
