@@ -35,7 +35,8 @@ def main() -> None:
 
     from llmq.cli import train_config_types
     from llmq.config import parse_recipe
-    from llmq.envs.textworld import evaluate_agent, likelihood_policy, make_games, policy_prompt
+    from llmq.envs.textworld import evaluate_agent, likelihood_policy, policy_prompt
+    from llmq.methods.digiq import benchmark_games
     from llmq.models import load_from_config
     from llmq.stats import paired_difference
 
@@ -53,14 +54,7 @@ def main() -> None:
         for r in data
         if r["won"]
     ]
-    test_games = make_games(
-        run.games_dir,
-        run.test_games,
-        run.test_seed,
-        rooms=run.rooms,
-        nb_objects=run.nb_objects,
-        quest_length=run.quest_length,
-    )
+    _, test_games = benchmark_games(run)
 
     training_args.output_dir = str(run_dir / "filtered_bc")
     training_args.save_strategy = "no"

@@ -33,6 +33,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import datasets
 import numpy as np
@@ -47,6 +48,18 @@ except ImportError as error:  # an optional extra: say how to get it
 from llmq.models.features import score_continuations
 from llmq.rollout import Engine, SamplingParams
 from llmq.stats import bootstrap_interval, wilson_interval
+
+
+class SelfOpeningGame(Protocol):
+    """A game that opens its own environment (:class:`~llmq.envs.textworld_express.TextWorldExpressGame`)."""
+
+    name: str
+
+    def open(self, max_steps: int, seed: int = 0) -> TextGameEnv: ...
+
+
+Game = str | Path | SelfOpeningGame
+"""A TextWorld story file (:func:`make_games`) or a :class:`SelfOpeningGame`."""
 
 Policy = Callable[[list[str], list[list[str]]], list[str]]
 """``policy(states, admissible) -> actions``: one free-text action per state (a batch of games)."""
@@ -160,8 +173,8 @@ class Observation:
     history: tuple[str, ...]
     text: str
     admissible: tuple[str, ...]
-    score: int
-    max_score: int
+    score: float
+    max_score: float
     won: bool
     lost: bool
     steps: int
@@ -200,44 +213,58 @@ def match_command(text: str, admissible: Sequence[str]) -> str | None:
     return maximal[0] if len(maximal) == 1 else None
 
 
-class TextWorldEnv:
-    """One TextWorld game with free-text actions, a step limit and score-increase rewards.
+class GameView(NamedTuple):
+    """What a game reports after starting or after a command: ``feedback`` (the answer to the command, empty at the
+    start), ``place`` (room description and inventory: they make the state Markovian), the admissible commands, the
+    score and whether the game is won or lost."""
+
+    goal: str
+    feedback: str
+    place: str
+    admissible: tuple[str, ...]
+    score: float
+    max_score: float
+    won: bool
+    lost: bool
+
+
+class TextGameEnv:
+    """A text game with free-text actions, a step limit and score-increase rewards: the agent interface of every
+    game (TextWorld here, TextWorldExpress in :mod:`llmq.envs.textworld_express`).  A subclass starts its game
+    (``_start``, which also sets ``walkthrough``) and plays an admissible command (``_act``); this class matches free
+    text to a command, keeps the history and ends the episode.
 
     Args:
-        game_file: a story file from :func:`make_games` (its ``.json`` beside it).
         max_steps: steps per episode, invalid ones included; the episode ends after them.
-        seed: seed of the game interpreter's random number generator.
     """
 
-    def __init__(self, game_file: str | Path, max_steps: int, seed: int = 0) -> None:
+    def __init__(self, max_steps: int) -> None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-        self.game_file = Path(game_file)
-        if not self.game_file.is_file():
-            raise FileNotFoundError(f"no TextWorld game at '{self.game_file}'")
         self.max_steps = max_steps
         self.walkthrough: list[str] = []
-        with _interpreter_warnings_off():
-            self._env = textworld.start(str(self.game_file), request_infos=_INFOS)
-        self._env.seed(seed)
         self._last: Observation | None = None
         self._place = ""
 
+    def _start(self) -> GameView:
+        raise NotImplementedError
+
+    def _act(self, command: str) -> GameView:
+        raise NotImplementedError
+
     def reset(self) -> Observation:
         """Start a new episode and return the first observation."""
-        with _interpreter_warnings_off():
-            state = self._env.reset()
-        self.walkthrough = list(state["extra.walkthrough"] or [])
-        self._place = _join(state["description"], state["inventory"])
+        view = self._start()
+        self._place = view.place
         self._last = Observation(
-            goal=state["objective"].strip(),
+            goal=view.goal,
             history=(),
-            text=self._place,
-            admissible=tuple(state["admissible_commands"]),
-            score=state["score"],
-            max_score=state["max_score"],
-            won=state["won"],
-            lost=state["lost"],
+            text=view.place,
+            admissible=view.admissible,
+            score=view.score,
+            max_score=view.max_score,
+            won=view.won,
+            lost=view.lost,
             steps=0,
         )
         return self._last
@@ -260,20 +287,22 @@ class TextWorldEnv:
             shown = entry[:_HISTORY_ENTRY_CHARS] + "…" if len(entry) > _HISTORY_ENTRY_CHARS else entry
             entry = f"{shown} (invalid)".lstrip()
             observation = dataclasses.replace(
-                last, history=last.history + (entry,), text=_join(INVALID_FEEDBACK, self._place), steps=last.steps + 1
+                last,
+                history=last.history + (entry,),
+                text=join_paragraphs(INVALID_FEEDBACK, self._place),
+                steps=last.steps + 1,
             )
         else:
-            with _interpreter_warnings_off():
-                state, _, _ = self._env.step(matched)
-            self._place = _join(state["description"], state["inventory"])
+            view = self._act(matched)
+            self._place = view.place
             observation = dataclasses.replace(
                 last,
                 history=last.history + (matched,),
-                text=_join(state["feedback"], self._place),
-                admissible=tuple(state["admissible_commands"]),
-                score=state["score"],
-                won=state["won"],
-                lost=state["lost"],
+                text=join_paragraphs(view.feedback, view.place),
+                admissible=view.admissible,
+                score=view.score,
+                won=view.won,
+                lost=view.lost,
                 steps=last.steps + 1,
             )
         self._last = observation
@@ -287,17 +316,62 @@ class TextWorldEnv:
         )
 
     def close(self) -> None:
-        """Stop the game interpreter."""
-        self._env.close()
+        """Stop the game."""
 
-    def __enter__(self) -> TextWorldEnv:
+    def __enter__(self) -> TextGameEnv:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
 
 
-def _join(*parts: str) -> str:
+class TextWorldEnv(TextGameEnv):
+    """One TextWorld game (:class:`TextGameEnv`).
+
+    Args:
+        game_file: a story file from :func:`make_games` (its ``.json`` beside it).
+        max_steps: steps per episode, invalid ones included; the episode ends after them.
+        seed: seed of the game interpreter's random number generator.
+    """
+
+    def __init__(self, game_file: str | Path, max_steps: int, seed: int = 0) -> None:
+        super().__init__(max_steps)
+        self.game_file = Path(game_file)
+        if not self.game_file.is_file():
+            raise FileNotFoundError(f"no TextWorld game at '{self.game_file}'")
+        with _interpreter_warnings_off():
+            self._env = textworld.start(str(self.game_file), request_infos=_INFOS)
+        self._env.seed(seed)
+
+    def _view(self, state, feedback: str) -> GameView:
+        return GameView(
+            goal=state["objective"].strip(),
+            feedback=feedback,
+            place=join_paragraphs(state["description"], state["inventory"]),
+            admissible=tuple(state["admissible_commands"]),
+            score=state["score"],
+            max_score=state["max_score"],
+            won=state["won"],
+            lost=state["lost"],
+        )
+
+    def _start(self) -> GameView:
+        with _interpreter_warnings_off():
+            state = self._env.reset()
+        self.walkthrough = list(state["extra.walkthrough"] or [])
+        return self._view(state, "")  # the first feedback is a title banner
+
+    def _act(self, command: str) -> GameView:
+        with _interpreter_warnings_off():
+            state, _, _ = self._env.step(command)
+        return self._view(state, state["feedback"])
+
+    def close(self) -> None:
+        """Stop the game interpreter."""
+        self._env.close()
+
+
+def join_paragraphs(*parts: str) -> str:
     """Paragraphs of game text, without the interpreter's centring indentation and blank-line runs."""
     text = "\n\n".join(part for part in parts if part and part.strip())
     return re.sub(r"\n{3,}", "\n\n", "\n".join(line.strip() for line in text.splitlines())).strip()
@@ -313,7 +387,20 @@ def random_policy(seed: int = 0) -> Policy:
     return policy
 
 
-def walkthrough_policy(games: Sequence[str | Path]) -> Policy:
+def open_game(game: Game, max_steps: int, seed: int = 0) -> TextGameEnv:
+    """The environment of a game: a TextWorld story file, or a game that opens its own (a
+    :class:`~llmq.envs.textworld_express.TextWorldExpressGame`)."""
+    if isinstance(game, (str, Path)):
+        return TextWorldEnv(game, max_steps, seed=seed)
+    return game.open(max_steps, seed)
+
+
+def game_name(game: Game) -> str:
+    """A game's name in data rows and reports: a story file's stem, else the game's ``name``."""
+    return Path(game).stem if isinstance(game, (str, Path)) else game.name
+
+
+def walkthrough_policy(games: Sequence[Game]) -> Policy:
     """The oracle: each game's walkthrough, which wins it with the full score.
 
     The states along every walkthrough are rendered once by playing it; the policy looks states
@@ -322,7 +409,7 @@ def walkthrough_policy(games: Sequence[str | Path]) -> Policy:
     """
     plan: dict[str, str] = {}
     for game in games:
-        with TextWorldEnv(game, max_steps=10_000) as env:
+        with open_game(game, max_steps=10_000) as env:
             observation = env.reset()
             for command in env.walkthrough:
                 plan[observation.state] = command
@@ -429,7 +516,7 @@ class _Episode:
 
 
 def _play(
-    policy: Policy, games: Sequence[str | Path], episodes_per_game: int, max_steps: int, seed: int, batch_size: int
+    policy: Policy, games: Sequence[Game], episodes_per_game: int, max_steps: int, seed: int, batch_size: int
 ) -> Iterator[_Episode]:
     """Play ``episodes_per_game`` episodes of every game, ``batch_size`` episodes at a time, the
     policy called once per step on all unfinished episodes of a batch."""
@@ -437,12 +524,12 @@ def _play(
         raise ValueError(
             f"episodes_per_game and batch_size must be at least 1, got {episodes_per_game} and {batch_size}"
         )
-    jobs = [(Path(game), episode) for episode in range(episodes_per_game) for game in games]
+    jobs = [(game, episode) for episode in range(episodes_per_game) for game in games]
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
-        envs = [TextWorldEnv(game, max_steps, seed=seed + episode) for game, episode in batch]
+        envs = [open_game(game, max_steps, seed=seed + episode) for game, episode in batch]
         try:
-            records = [_Episode(game.stem, episode, env.reset()) for (game, episode), env in zip(batch, envs)]
+            records = [_Episode(game_name(game), episode, env.reset()) for (game, episode), env in zip(batch, envs)]
             running = list(range(len(batch)))
             while running:
                 observations = [records[i].last for i in running]
@@ -470,7 +557,7 @@ def _play(
 
 def collect_trajectories(
     policy: Policy,
-    games: Sequence[str | Path],
+    games: Sequence[Game],
     episodes_per_game: int,
     max_steps: int,
     seed: int = 0,
@@ -480,7 +567,7 @@ def collect_trajectories(
 ) -> datasets.Dataset:
     """Play ``policy`` on ``games`` and return one row per step, ordered by episode, game and step.
 
-    Columns: ``game`` (story-file stem), ``episode``, ``step`` (from 0), ``state`` (the
+    Columns: ``game`` (:func:`game_name`), ``episode``, ``step`` (from 0), ``state`` (the
     :func:`render_state` text the policy saw), ``action`` (the matched admissible command, or the
     raw text when it matched none), ``valid``, ``reward`` (score increase), ``next_state``, ``done``
     (true on the last step of every episode: win, loss or ``max_steps``), ``truncated`` (the
@@ -490,7 +577,7 @@ def collect_trajectories(
 
     Args:
         policy: ``(states, admissible) -> actions`` on a batch of games.
-        games: story files from :func:`make_games`.
+        games: story files from :func:`make_games`, or other games (:data:`Game`).
         episodes_per_game: episodes of each game.
         max_steps: steps per episode.
         seed: episode ``e`` of every game seeds its game interpreter with ``seed + e``; policies
@@ -560,7 +647,7 @@ def collect_trajectories(
 
 
 def evaluate_agent(
-    policy: Policy, games: Sequence[str | Path], max_steps: int, seed: int = 0, *, batch_size: int = 32
+    policy: Policy, games: Sequence[Game], max_steps: int, seed: int = 0, *, batch_size: int = 32
 ) -> dict:
     """Play one episode of every game and report success and normalised score.
 

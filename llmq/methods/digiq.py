@@ -1,6 +1,7 @@
-"""``llmq train`` with ``method: digiq``: Digi-Q on TextWorld games (§5).
+"""``llmq train`` with ``method: digiq``: Digi-Q on text games (§5): TextWorld or TextWorldExpress.
 
-1. games: seeded train and test sets (:func:`llmq.envs.textworld.make_games`);
+1. games: seeded TextWorld train and test sets (:func:`llmq.envs.textworld.make_games`), or a TextWorldExpress
+   benchmark's train and test folds (:func:`llmq.envs.textworld_express.fold_games`) — ``benchmark``;
 2. benchmark before: the base LM plays every test game greedily;
 3. offline data: the base LM plays the train games, sampling its commands (the behaviour policy);
 4. (optional, ``representation_steps``) representation fine-tuning of a copy of the backbone on
@@ -57,6 +58,21 @@ class Config(EngineConfig):
     the critic's features, which no vLLM API returns."""
 
     method: str = method_field("digiq")
+    benchmark: str = dataclasses.field(
+        default="textworld",
+        metadata={
+            "help": "textworld: TextWorld games generated from seeds (games_dir, train_seed, test_seed, rooms, "
+            "nb_objects, quest_length); cookingworld, twc or coin: a TextWorldExpress benchmark, the first "
+            "train_games of its train fold and the first test_games of its test fold, generated with game_params."
+        },
+    )
+    game_params: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "TextWorldExpress generation parameters, e.g. 'numLocations=1,includeDoors=0' (empty: the "
+            "benchmark's defaults)."
+        },
+    )
     games_dir: str = dataclasses.field(
         default="outputs/textworld_games", metadata={"help": "Where generated games are kept (reused when present)."}
     )
@@ -135,10 +151,38 @@ class Config(EngineConfig):
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"key '{name}' must be at least 1, got {getattr(self, name)}")
+        if self.benchmark not in BENCHMARKS:
+            raise UserError(f"key 'benchmark': {self.benchmark!r} is not one of {', '.join(BENCHMARKS)}")
+        if self.benchmark == "textworld" and self.game_params:
+            raise UserError("key 'game_params' sets TextWorldExpress games; benchmark textworld generates its own")
         if self.behaviour_temperature <= 0:
             raise UserError("key 'behaviour_temperature' must be > 0: the behaviour policy must explore")
         if not 0 < self.gamma <= 1:
             raise UserError(f"key 'gamma' must be in (0, 1], got {self.gamma}")
+
+
+BENCHMARKS = ("textworld", "cookingworld", "twc", "coin")
+
+
+def benchmark_games(config: Config) -> tuple[list, list]:
+    """The train and test games of a run's benchmark (:data:`llmq.envs.textworld.Game`)."""
+    if config.benchmark == "textworld":
+        from llmq.envs.textworld import make_games  # an optional extra (llmq[agents])
+
+        games = dict(rooms=config.rooms, nb_objects=config.nb_objects, quest_length=config.quest_length)
+        return (
+            make_games(config.games_dir, config.train_games, config.train_seed, **games),
+            make_games(config.games_dir, config.test_games, config.test_seed, **games),
+        )
+    from llmq.envs.textworld_express import fold_games
+
+    try:
+        return (
+            fold_games(config.benchmark, "train", config.train_games, config.game_params),
+            fold_games(config.benchmark, "test", config.test_games, config.game_params),
+        )
+    except RuntimeError as error:  # no Java
+        raise UserError(str(error)) from None
 
 
 def config_types(method: str) -> tuple[type, type]:
@@ -399,7 +443,7 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
     actor's fine-tuning continues from ``training_args.resume_from_checkpoint``.
     """
     # TextWorld is an optional extra (llmq[agents]): only this method needs it.
-    from llmq.envs.textworld import collect_trajectories, evaluate_agent, likelihood_policy, make_games
+    from llmq.envs.textworld import collect_trajectories, evaluate_agent, likelihood_policy
 
     started = time.perf_counter()
     output_dir = Path(training_args.output_dir)
@@ -408,14 +452,13 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
         {"model": model_args.model_name_or_path, "seed": training_args.seed, **config.settings_record()},
         resume=launch.resume,
     )
-    games = dict(rooms=config.rooms, nb_objects=config.nb_objects, quest_length=config.quest_length)
-    train_games = make_games(config.games_dir, config.train_games, config.train_seed, **games)
-    test_games = make_games(config.games_dir, config.test_games, config.test_seed, **games)
+    train_games, test_games = benchmark_games(config)
     model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
     model.eval()
     summary: dict = {
         "model": model_args.model_name_or_path,
         "method": "digiq",
+        "benchmark": config.benchmark,
         "train_games": len(train_games),
         "test_games": len(test_games),
     }
