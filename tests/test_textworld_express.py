@@ -124,3 +124,11 @@ def test_a_misspelt_benchmark_is_one_line_and_exit_2(tmp_path, capsys):
     assert "key 'benchmark': 'coins' is not one of textworld, cookingworld, twc, coin" in capsys.readouterr().err
     assert main([*argv, "--game_params", "numLocations=1"]) == 2
     assert "key 'game_params'" in capsys.readouterr().err
+
+
+def test_the_walkthrough_policy_refuses_games_it_cannot_tell_apart():
+    """Coin Collector's start room does not show where the coin is: two games can share a state and need different
+    commands there."""
+    games = fold_games("coin", "dev", count=10, params="numLocations=4,numDistractorItems=0,includeDoors=0")
+    with pytest.raises(ValueError, match="cannot tell them apart"):
+        walkthrough_policy(games)

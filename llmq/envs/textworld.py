@@ -412,7 +412,11 @@ def walkthrough_policy(games: Sequence[Game]) -> Policy:
         with open_game(game, max_steps=10_000) as env:
             observation = env.reset()
             for command in env.walkthrough:
-                plan[observation.state] = command
+                if plan.setdefault(observation.state, command) != command:
+                    raise ValueError(
+                        f"two games' walkthroughs take different commands in the same state "
+                        f"({plan[observation.state]!r} and {command!r}): the walkthrough policy cannot tell them apart"
+                    )
                 observation, _, done, _ = env.step(command)
                 if done:
                     break

@@ -22,11 +22,8 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import shutil
-import signal
 
 try:
     from textworld_express import TextWorldExpressEnv as _JavaServer
@@ -52,13 +49,10 @@ def _server() -> _JavaServer:
     return _JavaServer(envStepLimit=1_000_000)  # TextGameEnv counts the steps
 
 
-def _stop(server: _JavaServer) -> None:
-    """End the Java process (the package itself leaves it running until Python exits): the gateway first, so
-    that no later call reaches for the process, then the process."""
-    pid = server._gateway.jvm.java.lang.ProcessHandle.current().pid()
-    server._gateway.shutdown()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+def _close(server: _JavaServer) -> None:
+    """Stop the Java process and wait for it to exit (the package's own finaliser writes to it again)."""
+    server.close()
+    server._gateway.java_process.wait(timeout=30)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +89,7 @@ def fold_games(game: str, fold: str, count: int, params: str = "", offset: int =
         seeds = {"train": server.getValidSeedsTrain, "dev": server.getValidSeedsDev, "test": server.getValidSeedsTest}
         available = list(seeds[fold]())
     finally:
-        _stop(server)
+        _close(server)
     if offset < 0 or count < 0 or offset + count > len(available):
         raise ValueError(f"the {fold} fold has {len(available)} games; asked for {count} from game {offset}")
     return [TextWorldExpressGame(game, fold, seed, params) for seed in available[offset : offset + count]]
@@ -114,7 +108,7 @@ class TextWorldExpressEnv(TextGameEnv):
         self._server = _server()
         try:
             self._server.load(game.game, game.params)
-        except Exception as error:  # py4j reports the Scala side's complaint
+        except ValueError as error:  # the Scala side's complaint
             self.close()
             raise ValueError(
                 f"TextWorldExpress rejected game {game.game!r} with params {game.params!r}: {error}"
@@ -144,4 +138,4 @@ class TextWorldExpressEnv(TextGameEnv):
 
     def close(self) -> None:
         """Stop the Java process."""
-        _stop(self._server)
+        _close(self._server)
