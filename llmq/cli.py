@@ -20,7 +20,7 @@ from llmq.config import ModelConfig, load_recipe_file, parse_recipe
 from llmq.errors import UserError
 from llmq.evaluation import EvalConfig, GenerateConfig, build_offline_dataset, evaluate, format_report
 from llmq.explain import ExplainConfig, explain, format_summary
-from llmq.launch import LaunchConfig, is_launched_process
+from llmq.launch import LaunchConfig, is_launched_process, launch_training
 from llmq.methods import DEFAULT_METHOD, METHODS, method_module
 from llmq.models import REGISTRY, load_from_config, prepare_model, resolve_dtype, resolve_model
 from llmq.models.registry import is_prepared, model_directory
@@ -92,6 +92,12 @@ def _train(argv: Sequence[str]) -> int:
             training_args.resume_from_checkpoint
         ):  # a damaged checkpoint fails now, not after data building, benchmarks and half a load
             validate_checkpoint(training_args.resume_from_checkpoint)
+    if launch.distributed and launch.machine_rank > 0:
+        # Machine 0 builds data, benchmarks and writes the summary; the others only run their training processes.
+        resume = ["--resume_from_checkpoint", str(training_args.resume_from_checkpoint)]
+        launch_training([*argv, *resume] if training_args.resume_from_checkpoint else list(argv), launch)
+        print(f"machine {launch.machine_rank}: its training processes finished; machine 0 reports the run")
+        return 0
     summary = module.run(model_args, training_args, config, launch, argv)
     if is_launched_process():  # the launching process reports
         # Skip the interpreter's teardown: gloo threads still finishing ZeRO-3's prefetch all-gathers

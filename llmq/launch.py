@@ -1,4 +1,5 @@
-"""Multi-process training: ``llmq train RECIPE --accelerate_config zero2 --num_processes N``.
+"""Multi-process training: ``llmq train RECIPE --accelerate_config zero2 --num_processes N``, on one machine or several
+(``--num_machines M --machine_rank R --main_process_ip HOST --main_process_port PORT`` on each).
 
 As TRL's CLI does, ``llmq train`` starts ``accelerate launch`` programmatically with a preset
 shipped in ``llmq/accelerate_configs/`` (``ddp``, ``zero2``, ``zero3``, ``zero2_offload``,
@@ -41,8 +42,32 @@ class LaunchConfig:
             "Default: ddp when num_processes > 1."
         },
     )
-    num_processes: int = dataclasses.field(
-        default=1, metadata={"help": "Training processes (GPUs, or CPU processes on a machine without CUDA)."}
+    num_processes: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Training processes on all machines together (GPUs, or CPU processes on a machine without CUDA). "
+            "Default: the accelerate config's num_processes, else 1."
+        },
+    )
+    num_machines: int | None = dataclasses.field(
+        default=None, metadata={"help": "Machines taking part. Default: the accelerate config's, else 1."}
+    )
+    machine_rank: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "This machine's rank, 0 to num_machines − 1; machine 0 builds data, benchmarks and writes the "
+            "summary. Default: the accelerate config's, else 0."
+        },
+    )
+    main_process_ip: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Address of machine 0, where the processes meet (several machines). Default: the config's."},
+    )
+    main_process_port: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Port on machine 0 where the processes meet. Default: the config's; on one machine a free port."
+        },
     )
     resume: bool = dataclasses.field(
         default=False,
@@ -53,15 +78,42 @@ class LaunchConfig:
     )
 
     def __post_init__(self) -> None:
+        # An accelerate config file's settings apply unless a key overrides them.
+        file = {}
+        if self.accelerate_config is not None:
+            file = yaml.safe_load(self.config_file().read_text()) or {}
+        for key, default in (
+            ("num_processes", 1),
+            ("num_machines", 1),
+            ("machine_rank", 0),
+            ("main_process_ip", None),
+            ("main_process_port", None),
+        ):
+            if getattr(self, key) is None:
+                setattr(self, key, file.get(key, default))
         if self.num_processes < 1:
             raise UserError(f"key 'num_processes' must be at least 1, got {self.num_processes}")
-        if self.accelerate_config is not None:
-            self.config_file()
+        if self.num_machines < 1 or not 0 <= self.machine_rank < self.num_machines:
+            raise UserError(
+                f"keys 'num_machines' and 'machine_rank': rank {self.machine_rank} of {self.num_machines} machines; "
+                "the rank must be 0 to num_machines − 1"
+            )
+        if self.num_processes % self.num_machines:
+            raise UserError(
+                f"key 'num_processes' counts the processes of all machines: {self.num_processes} does not split "
+                f"evenly over {self.num_machines} machines"
+            )
+        if self.num_machines > 1 and (self.main_process_ip is None or self.main_process_port is None):
+            raise UserError(
+                "keys 'main_process_ip' and 'main_process_port': with several machines every machine needs machine "
+                "0's address and port"
+            )
 
     @property
     def distributed(self) -> bool:
         """Whether this invocation starts training processes (and is not itself one of them)."""
-        return (self.accelerate_config is not None or self.num_processes > 1) and not is_launched_process()
+        several = self.accelerate_config is not None or self.num_processes > 1 or self.num_machines > 1
+        return several and not is_launched_process()
 
     def config_file(self) -> Path:
         name = self.accelerate_config or "ddp"
@@ -92,10 +144,12 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
     previous = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     launch_args = ["--config_file", str(config_file), "--num_processes", str(launch.num_processes)]
-    if "main_process_port" not in config:
-        # accelerate's default port (29500) is shared by every run on the machine: a second run would join the first
-        # one's rendezvous.
-        launch_args += ["--main_process_port", str(_free_port())]
+    launch_args += ["--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank)]
+    if launch.main_process_ip is not None:
+        launch_args += ["--main_process_ip", launch.main_process_ip]
+    # accelerate's default port (29500) is shared by every run on the machine: a second run would join the first one's
+    # rendezvous.
+    launch_args += ["--main_process_port", str(launch.main_process_port or _free_port())]
     launch_args += ["-m", "llmq.cli", "train", *script_args]
     try:
         launch_command(launch_command_parser().parse_args(launch_args))

@@ -76,11 +76,29 @@ def test_presets_are_shipped_and_resolved_by_name(tmp_path):
     assert LaunchConfig(accelerate_config=str(own)).config_file() == own
 
 
+def test_a_config_files_launch_settings_apply_unless_a_key_overrides_them(tmp_path):
+    own = tmp_path / "two_machines.yaml"
+    own.write_text(
+        "distributed_type: MULTI_GPU\nnum_processes: 4\nnum_machines: 2\nmachine_rank: 1\n"
+        "main_process_ip: 10.0.0.1\nmain_process_port: 29400\n"
+    )
+    from_file = LaunchConfig(accelerate_config=str(own))
+    assert (from_file.num_processes, from_file.num_machines, from_file.machine_rank) == (4, 2, 1)
+    assert (from_file.main_process_ip, from_file.main_process_port) == ("10.0.0.1", 29400) and from_file.distributed
+    overridden = LaunchConfig(accelerate_config=str(own), num_processes=8, machine_rank=0)
+    assert (overridden.num_processes, overridden.machine_rank) == (8, 0)
+    assert LaunchConfig(accelerate_config="ddp").num_processes == 2  # the preset's, no longer 1
+    assert LaunchConfig().num_processes == 1 and not LaunchConfig().distributed
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--accelerate_config", "zero5"], "'zero5' is neither a preset"),
         (["--num_processes", "0"], "'num_processes' must be at least 1"),
+        (["--num_machines", "2", "--num_processes", "2"], "every machine needs machine 0's address and port"),
+        (["--num_machines", "2", "--machine_rank", "2", "--num_processes", "2"], "rank 2 of 2 machines"),
+        (["--num_machines", "2", "--num_processes", "3"], "does not split evenly over 2 machines"),
     ],
 )
 def test_bad_launch_keys_are_one_line_errors(recipe, capsys, argv, message):
@@ -137,3 +155,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(preset, reci
     resumed = logged_losses(output_dir / f"checkpoint-{RESUMED_STEPS}")
     assert len(resumed) == RESUMED_STEPS
     assert resumed == pytest.approx(logged_losses(single_process / f"checkpoint-{RESUMED_STEPS}"), rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_two_machines_on_one_host_match_one_process(recipe, single_process, tmp_path):
+    """Two launches, as on two machines without a shared disk (ranks 0 and 1, machine 0's loopback address, gloo), one
+    process each: the same losses as one process with the same global batch; machine 0 writes the checkpoints and
+    the summary, machine 1 neither."""
+    from llmq.launch import _free_port
+
+    command = [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--accelerate_config", "ddp"]
+    command += ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1"]
+    command += ["--main_process_port", str(_free_port()), "--per_device_train_batch_size", "2"]
+    machines, logs = [], []
+    for rank in (0, 1):
+        logs.append(tmp_path / f"machine{rank}.log")
+        with open(logs[-1], "w") as log:
+            argv = [*command, "--machine_rank", str(rank), "--output_dir", str(tmp_path / f"out{rank}")]
+            machines.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+    for machine, log in zip(machines, logs):
+        assert machine.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert "machine 1: its training processes finished" in logs[1].read_text()
+    checkpoint = tmp_path / "out0" / f"checkpoint-{STEPS}"
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    assert history[0]["epoch"] == pytest.approx(4 / 16)  # each step took 2 rows on each machine
+    assert logged_losses(checkpoint) == pytest.approx(
+        logged_losses(single_process / f"checkpoint-{STEPS}"), rel=LOSS_RTOL
+    )
+    assert json.loads((tmp_path / "out0" / "summary.json").read_text())["train"]["train_loss"] > 0
+    assert (
+        not list((tmp_path / "out1").rglob("trainer_state.json")) and not (tmp_path / "out1" / "summary.json").exists()
+    )
