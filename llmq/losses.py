@@ -74,7 +74,7 @@ def shiq_loss(
     Returns:
         ``(loss, metrics)`` with metrics ``loss``, ``delta/abs_mean``, ``rho/mean``, ``u/mean``,
         ``kl`` (mean per-sequence Σρ on the data: a KL estimate when the data are on-policy),
-        ``rewards/mean`` and ``rewards/std`` (per-sequence returns).
+        ``rewards`` (the per-sequence returns, ``[B]``; trainers log their ``rewards/mean`` and ``rewards/std``).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -127,10 +127,7 @@ def shiq_loss(
             "rho/mean": rho.sum() / count,
             "u/mean": u.sum() / count,
             "kl": rho.sum(1).mean(),
-            "rewards/mean": returns_per_row.mean(),
-            "rewards/std": returns_per_row.std()
-            if returns_per_row.numel() > 1
-            else torch.zeros_like(returns_per_row[0]),
+            "rewards": returns_per_row,
         }
     return loss, metrics
 

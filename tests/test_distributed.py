@@ -50,6 +50,13 @@ def logged_losses(checkpoint) -> list[float]:
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
+def logged_trainer_metrics(checkpoint) -> list[dict[str, float]]:
+    """The ShiQ trainer's own metrics of every logged step (not the Trainer's loss, learning rate or timing)."""
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    own = lambda key: "/" in key  # noqa: E731  (ShiQ's metrics are grouped: "rewards/mean", "shiq/...")
+    return [{key: value for key, value in entry.items() if own(key)} for entry in history if "loss" in entry]
+
+
 @pytest.fixture(scope="module")
 def single_process(recipe, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("single") / "out"
@@ -134,6 +141,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(preset, reci
     assert logged_losses(checkpoint) == pytest.approx(
         logged_losses(single_process / f"checkpoint-{STEPS}"), rel=LOSS_RTOL
     )
+    # The trainer's metrics are gathered over both processes: each step's equal the one process's over the same rows.
+    metrics, single_metrics = (
+        logged_trainer_metrics(checkpoint),
+        logged_trainer_metrics(single_process / f"checkpoint-{STEPS}"),
+    )
+    assert (
+        metrics
+        and all(entry for entry in metrics)
+        and [sorted(m) for m in metrics] == [sorted(m) for m in single_metrics]
+    )
+    for entry, single_entry in zip(metrics, single_metrics):
+        assert entry == pytest.approx(single_entry, rel=LOSS_RTOL, abs=1e-6)
     assert (output_dir / "checkpoint-2" / "trainer_state.json").is_file()
     assert validate_checkpoint(checkpoint) == checkpoint  # DeepSpeed's own layout (global_step folders) included
     assert json.loads((output_dir / "summary.json").read_text())["train"]["train_loss"] > 0

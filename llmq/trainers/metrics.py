@@ -40,11 +40,19 @@ class LossMetricsTrainer(Trainer):
 
     def record_metrics(self, metrics: dict[str, torch.Tensor], training: bool) -> None:
         """Keep every metric but ``loss`` (the Trainer logs that itself), as detached tensors: no
-        host sync per step."""
+        host sync per step.  A per-row metric (a vector, e.g. ``rewards``) is gathered from every process and kept
+        as its ``/mean`` and ``/std`` over the whole batch, as TRL's trainers summarise rewards."""
         mode = "train" if training else "eval"
         for name, value in metrics.items():
-            if name != "loss":
-                self._metrics[mode][name].append(torch.as_tensor(value, dtype=torch.float32).detach())
+            value = torch.as_tensor(value, dtype=torch.float32).detach()
+            if name == "loss":
+                continue
+            if value.dim() == 0:
+                self._metrics[mode][name].append(value)
+                continue
+            rows = self.accelerator.gather(value.to(self.accelerator.device))
+            self._metrics[mode][f"{name}/mean"].append(rows.mean())
+            self._metrics[mode][f"{name}/std"].append(rows.std() if rows.numel() > 1 else torch.zeros_like(rows[0]))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
