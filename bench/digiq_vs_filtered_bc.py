@@ -35,7 +35,7 @@ def main() -> None:
 
     from llmq.cli import train_config_types
     from llmq.config import parse_recipe
-    from llmq.envs.textworld import evaluate_agent, likelihood_policy, policy_prompt
+    from llmq.envs.textworld import evaluate_agent, likelihood_policy, policy_example
     from llmq.methods.digiq import benchmark_games
     from llmq.models import load_from_config
     from llmq.stats import paired_difference
@@ -46,14 +46,8 @@ def main() -> None:
     run_dir = Path(training_args.output_dir)
     digiq = json.loads((run_dir / "summary.json").read_text())
     data = datasets.load_from_disk(str(run_dir / "trajectories"))
-    rows = [
-        {
-            "prompt": policy_prompt(r["state"], list(r["admissible"])),
-            "completion": [{"role": "assistant", "content": r["action"]}],
-        }
-        for r in data
-        if r["won"]
-    ]
+    screens = run.observations == "screen"
+    rows = [policy_example(r["state"], list(r["admissible"]), r["action"], screens=screens) for r in data if r["won"]]
     _, test_games = benchmark_games(run)
 
     training_args.output_dir = str(run_dir / "filtered_bc")
@@ -65,7 +59,7 @@ def main() -> None:
     )
     train_metrics = trainer.train().metrics
     after = evaluate_agent(
-        likelihood_policy(trainer.model.eval(), tokenizer, batch_size=run.policy_batch_size),
+        likelihood_policy(trainer.model.eval(), tokenizer, batch_size=run.policy_batch_size, screens=screens),
         test_games,
         run.episode_steps,
         seed=run.test_seed,

@@ -5,17 +5,8 @@ import copy
 
 import pytest
 import torch
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
 
 from llmq.models.features import extract_features, feature_layer
-from llmq.models.tiny import SPECIAL_TOKENS, byte_tokenizer
 
 TEXTS = ["You are in a kitchen. > open fridge", "A much longer state with more tokens in it. > take apple", "hi"]
 
@@ -130,46 +121,11 @@ def test_continuations_scored_through_the_prefix_cache_match_full_forward_passes
     assert torch.equal(cached[0], prefix_features) and all(torch.equal(a, b) for a, b in zip(cached[2], logprobs))
 
 
-def tiny_llava(seed: int = 0):
-    """A tiny random LLaVA (CLIP vision tower, 2-layer Llama) and its processor, for image-input tests.
+def tiny_llava():
+    """The registry's tiny random LLaVA and its processor (images: 32×32, 16 patches, each one ``<image>`` token)."""
+    from llmq.models import load_model, load_tokenizer
 
-    Images are resized to 32×32 and cut into 16 patches of 8×8, each one ``<image>`` token.
-    """
-    tokenizer = byte_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, "<image>"]})
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    # "default" drops the CLS feature; the processor counts it among the additional tokens.
-    processor = LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    return model, processor
+    return load_model("tiny-llava", dtype="float32").eval(), load_tokenizer("tiny-llava")
 
 
 def digiq_data():

@@ -30,6 +30,7 @@ import dataclasses
 import os
 import re
 import tempfile
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ from typing import NamedTuple, Protocol
 
 import datasets
 import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
 try:
     import jericho
@@ -157,7 +160,39 @@ def render_state(goal: str, history: Sequence[str], observation: str) -> str:
     collected states is evaluated on the same format.
     """
     previous = "\n".join(f"{number}. {action}" for number, action in enumerate(history, start=1)) or "(none)"
-    return f"Goal: {goal}\n\nPrevious actions:\n{previous}\n\nCurrent observation:\n{observation}"
+    return f"Goal: {goal}\n\nPrevious actions:\n{previous}{_OBSERVATION_HEADING}{observation}"
+
+
+_OBSERVATION_HEADING = "\n\nCurrent observation:\n"
+SCREEN_SIZE = (448, 336)
+_SCREEN_FONT_SIZE = 14
+
+
+def render_screen(text: str, size: tuple[int, int] = SCREEN_SIZE) -> Image.Image:
+    """The game's screen: ``text`` in light type on a dark background, wrapped to the width (what does not fit is
+    cut at the bottom, as on a terminal)."""
+    image = Image.new("RGB", size, (20, 20, 20))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=_SCREEN_FONT_SIZE)
+    columns = max(1, int(size[0] / (0.5 * _SCREEN_FONT_SIZE)))
+    lines = [line for paragraph in text.splitlines() for line in (textwrap.wrap(paragraph, columns) or [""])]
+    draw.multiline_text((8, 8), "\n".join(lines), fill=(230, 230, 230), font=font, spacing=3)
+    return image
+
+
+def screen_view(state: str) -> tuple[str, Image.Image]:
+    """A :func:`render_state` state as an agent with screen observations sees it: the text of the goal and the previous
+    actions, and the current observation as an image of the game's screen (:func:`render_screen`)."""
+    head, observation = state.rsplit(_OBSERVATION_HEADING, 1)
+    return f"{head}\n\nCurrent observation: the screen above.", render_screen(observation)
+
+
+def chat_turn(role: str, text: str, *, parts: bool = False, image: bool = False) -> dict:
+    """A chat message: plain text, or (``parts``) a list of content parts — an image placeholder first when ``image``
+    — as vision-language processors read them (and as TRL's vision datasets hold them)."""
+    if not parts:
+        return {"role": role, "content": text}
+    return {"role": role, "content": [*([{"type": "image"}] if image else []), {"type": "text", "text": text}]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,13 +465,31 @@ def walkthrough_policy(games: Sequence[Game]) -> Policy:
     return policy
 
 
-def policy_prompt(state: str, admissible: Sequence[str], system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
-    """The chat messages :func:`llm_policy` sends for one state: the state and the admissible commands."""
+def policy_prompt(
+    state: str, admissible: Sequence[str], system_prompt: str = SYSTEM_PROMPT, *, screens: bool = False
+) -> list[dict]:
+    """The chat messages :func:`llm_policy` sends for one state: the state and the admissible commands.  With
+    ``screens`` the current observation is the image of :func:`screen_view` (the user turn starts with it)."""
     commands = "\n".join(f"- {command}" for command in admissible)
+    text = screen_view(state)[0] if screens else state
     return [
-        {"role": "system", "content": system_prompt},
-        {"role": "user", "content": f"{state}\n\nAdmissible commands:\n{commands}\n\nYour command:"},
+        chat_turn("system", system_prompt, parts=screens),
+        chat_turn(
+            "user", f"{text}\n\nAdmissible commands:\n{commands}\n\nYour command:", parts=screens, image=screens
+        ),
     ]
+
+
+def policy_example(state: str, admissible: Sequence[str], command: str, *, screens: bool = False) -> dict:
+    """A supervised example of the policy in TRL's conversational prompt-completion format: :func:`policy_prompt`
+    and ``command`` as the assistant's reply; with ``screens`` also the state's screen (``images``)."""
+    example = {
+        "prompt": policy_prompt(state, admissible, screens=screens),
+        "completion": [chat_turn("assistant", command, parts=screens)],
+    }
+    if screens:
+        example["images"] = [screen_view(state)[1]]
+    return example
 
 
 def llm_policy(
@@ -470,6 +523,40 @@ def llm_policy(
     return policy
 
 
+def screen_command_logprobs(
+    model, processor, states: list[str], admissible: list[list[str]], batch_size: int = 8
+) -> list[list[float]]:
+    """:func:`command_logprobs` for a vision-language model with screen observations: the prompt is
+    :func:`policy_prompt` with ``screens``, each state's screen the image, and a state's commands are scored in
+    batches of full forward passes (one image per row)."""
+    processor.tokenizer.padding_side = "right"  # positions after the prompt are then the command's
+    end = processor.tokenizer.eos_token or ""
+    device = next(model.parameters()).device
+    scores = []
+    for state, commands in zip(states, admissible):
+        image = screen_view(state)[1]
+        messages = policy_prompt(state, commands, screens=True)
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_length = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        state_scores: list[float] = []
+        for start in range(0, len(commands), batch_size):
+            chunk = commands[start : start + batch_size]
+            encoded = processor(
+                text=[prompt + command + end for command in chunk],
+                images=[image] * len(chunk),
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            with torch.no_grad():
+                logits = model(**encoded).logits.float()
+            ids = encoded["input_ids"]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            scored = (torch.arange(1, ids.shape[1], device=device) >= prompt_length)[None]
+            state_scores += (logp * (scored & encoded["attention_mask"][:, 1:].bool())).sum(-1).tolist()
+        scores.append(state_scores)
+    return scores
+
+
 def command_logprobs(
     model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8
 ) -> list[list[float]]:
@@ -488,14 +575,19 @@ def command_logprobs(
     return [scores.tolist() for scores in logprobs]
 
 
-def likelihood_policy(model, tokenizer, *, temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> Policy:
+def likelihood_policy(
+    model, tokenizer, *, temperature: float = 0.0, seed: int = 0, batch_size: int = 8, screens: bool = False
+) -> Policy:
     """A TextWorld policy that picks an admissible command by the LM's likelihood of it:
-    the most likely one (``temperature`` 0) or a sample from ``softmax(log π / temperature)``."""
+    the most likely one (``temperature`` 0) or a sample from ``softmax(log π / temperature)``.  With ``screens`` a
+    vision-language model (``tokenizer``: its processor) scores the commands seeing each state's screen
+    (:func:`screen_command_logprobs`)."""
     rng = np.random.default_rng(seed)
+    scorer = screen_command_logprobs if screens else command_logprobs
 
     def policy(states: list[str], admissible: list[list[str]]) -> list[str]:
         chosen = []
-        for commands, scores in zip(admissible, command_logprobs(model, tokenizer, states, admissible, batch_size)):
+        for commands, scores in zip(admissible, scorer(model, tokenizer, states, admissible, batch_size)):
             if temperature == 0:
                 chosen.append(commands[int(np.argmax(scores))])
             else:

@@ -42,7 +42,7 @@ from llmq.losses import best_of_n_advantages
 from llmq.methods import method_field
 from llmq.methods.stages import StageLedger, paired_change, write_summary
 from llmq.models import load_from_config
-from llmq.models.features import score_continuations
+from llmq.models.features import extract_features, score_continuations
 from llmq.rollout.engines import EngineConfig
 from llmq.trainers import SFTConfig
 from llmq.trainers.critic import CriticConfig, CriticTrainer, critic_config
@@ -71,6 +71,14 @@ class Config(EngineConfig):
         metadata={
             "help": "TextWorldExpress generation parameters, e.g. 'numLocations=1,includeDoors=0' (empty: the "
             "benchmark's defaults)."
+        },
+    )
+    observations: str = dataclasses.field(
+        default="text",
+        metadata={
+            "help": "text: the agent reads each state as text; screen: the current observation is an image of the "
+            "game's screen beside the text of the goal and previous actions (a vision-language backbone: policy, "
+            "features and actor all see the image)."
         },
     )
     games_dir: str = dataclasses.field(
@@ -155,6 +163,13 @@ class Config(EngineConfig):
             raise UserError(f"key 'benchmark': {self.benchmark!r} is not one of {', '.join(BENCHMARKS)}")
         if self.benchmark == "textworld" and self.game_params:
             raise UserError("key 'game_params' sets TextWorldExpress games; benchmark textworld generates its own")
+        if self.observations not in ("text", "screen"):
+            raise UserError(f"key 'observations': {self.observations!r} is not one of text, screen")
+        if self.observations == "screen" and self.representation_steps > 0:
+            raise UserError(
+                "keys 'observations' screen and 'representation_steps': the representation fine-tuning reads text "
+                "states; set representation_steps: 0 with screen observations"
+            )
         if self.behaviour_temperature <= 0:
             raise UserError("key 'behaviour_temperature' must be > 0: the behaviour policy must explore")
         if not 0 < self.gamma <= 1:
@@ -204,14 +219,20 @@ def actionability_question(state: str, command: str) -> str:
     return f"{state}{ACTION_SEPARATOR}{command}\n\n{ACTIONABILITY_QUESTION}"
 
 
-def actionability_prompts(tokenizer, state: str, commands: list[str]) -> tuple[str, list[str]]:
+def actionability_prompts(
+    tokenizer, state: str, commands: list[str], *, screens: bool = False
+) -> tuple[str, list[str]]:
     """The chat-templated representation prompts of ``state`` and each command, split into their shared prefix and
     one continuation per command: ``prefix + continuation`` is the prompt the representation fine-tuning trains on,
     up to the assistant's yes/no answer.  The prefix ends at "Action:", so each continuation starts with the space
-    before its command (" take key"), the token boundary of the whole prompt."""
+    before its command (" take key"), the token boundary of the whole prompt.  With ``screens`` the state's current
+    observation is its screen image (the prompt holds the processor's image placeholder)."""
+    from llmq.envs.textworld import chat_turn, screen_view  # an optional extra (llmq[agents])
+
     marker = "\x00COMMAND\x00"
+    text = screen_view(state)[0] if screens else state
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": actionability_question(state, marker)}],
+        [chat_turn("user", actionability_question(text, marker), parts=screens, image=screens)],
         tokenize=False,
         add_generation_prompt=True,
     )
@@ -301,9 +322,12 @@ def fit_critic_and_extract(
             model, tokenizer, data, run, training_args, output_dir / "representation"
         )
         print(f"representation fine-tuning: {ledger.record('representation', stats)}", flush=True)
-    features = TransitionFeatures(backbone, tokenizer, data, run.feature_layer, output_dir / "features")
+    screens = run.observations == "screen"
+    features = TransitionFeatures(
+        backbone, tokenizer, data, run.feature_layer, output_dir / "features", screens=screens
+    )
     critic = fit_critic(features, data, run, training_args, output_dir / "critic", ledger)
-    rows = extract_best_of_n(critic, features, data, run.threshold, ledger)
+    rows = extract_best_of_n(critic, features, data, run.threshold, ledger, screens=screens)
     datasets.Dataset.from_list(rows).save_to_disk(str(output_dir / "extracted"))
     return rows
 
@@ -315,16 +339,44 @@ class TransitionFeatures:
     is predicted, and a state at the last token before its command.  Each state's prefix is read once, its
     commands continue it through the KV cache (cached on disk)."""
 
-    def __init__(self, backbone, tokenizer, data: datasets.Dataset, layer: int | None, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        backbone,
+        tokenizer,
+        data: datasets.Dataset,
+        layer: int | None,
+        cache_dir: Path,
+        *,
+        screens: bool = False,
+    ) -> None:
         actions_of: dict[str, set[str]] = {text: set() for text in {*data["state"], *data["next_state"]}}
         for r in data:
             actions_of[r["state"]].update([*r["admissible"], r["action"]])
         texts = sorted(actions_of)
         options = [sorted(actions_of[text]) for text in texts]
-        prefixes, continuations = zip(*(actionability_prompts(tokenizer, t, c) for t, c in zip(texts, options)))
-        self.states, self.actions, _ = score_continuations(
-            backbone, tokenizer, list(prefixes), list(continuations), layer=layer, cache_dir=cache_dir
-        )
+        prompts = [actionability_prompts(tokenizer, t, c, screens=screens) for t, c in zip(texts, options)]
+        if not screens:
+            prefixes, continuations = zip(*prompts)
+            self.states, self.actions, _ = score_continuations(
+                backbone, tokenizer, list(prefixes), list(continuations), layer=layer, cache_dir=cache_dir
+            )
+        else:  # a vision-language model reads every prompt whole, with its state's screen
+            from llmq.envs.textworld import screen_view
+
+            screens_of = [screen_view(text)[1] for text in texts]
+            self.states = extract_features(
+                backbone, tokenizer, [p for p, _ in prompts], images=screens_of, layer=layer, cache_dir=cache_dir
+            )
+            pairs = [(p + c, image) for (p, cs), image in zip(prompts, screens_of) for c in cs]
+            features = extract_features(
+                backbone,
+                tokenizer,
+                [text for text, _ in pairs],
+                images=[image for _, image in pairs],
+                layer=layer,
+                cache_dir=cache_dir,
+            )
+            self.actions = list(features.split([len(commands) for commands in options]))
         self.state_row = {text: i for i, text in enumerate(texts)}
         self.action_row = {
             (text, command): (i, j)
@@ -395,11 +447,18 @@ def fit_critic(
 
 
 def extract_best_of_n(
-    critic, features: TransitionFeatures, data: datasets.Dataset, threshold: float, ledger: StageLedger
+    critic,
+    features: TransitionFeatures,
+    data: datasets.Dataset,
+    threshold: float,
+    ledger: StageLedger,
+    *,
+    screens: bool = False,
 ) -> list[dict]:
     """Best-of-N extraction (§5.6) over each logged state's admissible commands: the one with the
-    largest ``max Q − max V``, kept when that advantage exceeds ``threshold``."""
-    from llmq.envs.textworld import policy_prompt  # TextWorld is an optional extra (llmq[agents])
+    largest ``max Q − max V``, kept when that advantage exceeds ``threshold``; the kept (state, command) pairs as
+    the actor's examples (with the state's screen when ``screens``)."""
+    from llmq.envs.textworld import policy_example  # TextWorld is an optional extra (llmq[agents])
 
     rows, advantages = [], []
     with torch.no_grad():
@@ -412,12 +471,7 @@ def extract_best_of_n(
             )
             advantages.append(advantage.item())
             if weight.item() == 1:
-                rows.append(
-                    {
-                        "prompt": policy_prompt(r["state"], commands),
-                        "completion": [{"role": "assistant", "content": commands[best.item()]}],
-                    }
-                )
+                rows.append(policy_example(r["state"], commands, commands[best.item()], screens=screens))
     print(
         f"Best-of-N extraction: kept {len(rows)} of {len(data)} states (mean best advantage "
         f"{np.mean(advantages):.3f})",
@@ -455,17 +509,24 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
     train_games, test_games = benchmark_games(config)
     model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
     model.eval()
+    screens = config.observations == "screen"
+    if screens and not hasattr(tokenizer, "image_processor"):
+        raise UserError(
+            f"key 'observations' screen: model '{model_args.model_name_or_path}' reads no images; use a "
+            "vision-language model (e.g. HuggingFaceTB/SmolVLM-256M-Instruct) or observations: text"
+        )
     summary: dict = {
         "model": model_args.model_name_or_path,
         "method": "digiq",
         "benchmark": config.benchmark,
+        "observations": config.observations,
         "train_games": len(train_games),
         "test_games": len(test_games),
     }
 
     def benchmark(stage: str) -> dict:
         report = evaluate_agent(
-            likelihood_policy(model, tokenizer, batch_size=config.policy_batch_size),
+            likelihood_policy(model, tokenizer, batch_size=config.policy_batch_size, screens=screens),
             test_games,
             config.episode_steps,
             seed=config.test_seed,
@@ -485,6 +546,7 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
             temperature=config.behaviour_temperature,
             seed=training_args.seed,
             batch_size=config.policy_batch_size,
+            screens=screens,
         )
         data = collect_trajectories(
             behaviour,

