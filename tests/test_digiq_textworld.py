@@ -189,3 +189,15 @@ def test_actionability_labels_follow_changes_of_the_world(tmp_path):
         if row["prompt"][0]["content"].split("Action: ")[-1].startswith(("look", "inventory", "examine"))
     ]
     assert all(row["completion"][0]["content"] == "No" for row in looks)
+
+
+def test_actor_examples_longer_than_max_length_are_refused_not_dropped(tiny_model_and_tokenizer):
+    from llmq.envs.textworld import policy_example, render_state
+    from llmq.errors import UserError
+    from llmq.methods.digiq import check_actor_lengths
+
+    _, tokenizer = tiny_model_and_tokenizer
+    rows = [policy_example(render_state("eat the apple", [], "A long room. " * 40), ["take apple"], "take apple")]
+    check_actor_lengths(tokenizer, rows, 4096)
+    with pytest.raises(UserError, match="1 of 1 actor examples are longer than 256 tokens"):
+        check_actor_lengths(tokenizer, rows, 256)

@@ -489,6 +489,21 @@ def extract_best_of_n(
     return rows
 
 
+def check_actor_lengths(tokenizer, rows: list[dict], max_length: int) -> None:
+    """Refuse actor examples longer than ``max_length`` tokens: TRL's SFTTrainer would cut their commands off and then
+    drop them without a word (long text-game states, e.g. TextWorldExpress rooms, reach it)."""
+    lengths = [
+        len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False))
+        for row in rows
+    ]
+    too_long = sum(length > max_length for length in lengths)
+    if too_long:
+        raise UserError(
+            f"key 'max_length': {too_long} of {len(rows)} actor examples are longer than {max_length} tokens (the "
+            f"longest {max(lengths)}); raise max_length"
+        )
+
+
 def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launch: LaunchConfig, argv=()) -> dict:
     """Run Digi-Q end to end; returns the summary written to ``output_dir/summary.json``.
 
@@ -576,6 +591,8 @@ def run(model_args: ModelConfig, training_args: SFTConfig, config: Config, launc
         stage: ledger[stage] for stage in ("data", "representation", "critic", "extraction") if stage in ledger
     }
 
+    if not screens and training_args.max_length is not None:
+        check_actor_lengths(tokenizer, rows, training_args.max_length)
     model.train()
     actor = SFTTrainer(
         model=model,
