@@ -56,24 +56,28 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llama(directory: Path, seed: int = 0, head: str = "causal_lm") -> None:
-    """Write a 2-layer, 64-wide random Llama (≈90k parameters) with the byte tokenizer to ``directory``:
-    a causal LM, or with ``head`` ``token_classification`` / ``sequence_classification`` a two-label
-    classifier (a process reward model's shape)."""
-    tokenizer = byte_tokenizer()
-    config = LlamaConfig(
+def _tiny_llama_config(tokenizer, **overrides) -> LlamaConfig:
+    """2 layers, 64 wide, 4 heads: the language model of every tiny model."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **overrides,
     )
+
+
+def build_tiny_llama(directory: Path, seed: int = 0, head: str = "causal_lm") -> None:
+    """Write a 2-layer, 64-wide random Llama (≈90k parameters) with the byte tokenizer to ``directory``:
+    a causal LM, or with ``head`` ``token_classification`` / ``sequence_classification`` a two-label
+    classifier (a process reward model's shape)."""
+    tokenizer = byte_tokenizer()
+    config = _tiny_llama_config(tokenizer, max_position_embeddings=1024, tie_word_embeddings=True)
     if head != "causal_lm":
         config.num_labels = 2  # correct or not, as TRL's PRMTrainer labels a step
     classes = {
@@ -109,18 +113,7 @@ def build_tiny_llava(directory: Path, seed: int = 0) -> None:
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = _tiny_llama_config(tokenizer, max_position_embeddings=4096)  # screens are long in byte tokens
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
