@@ -63,6 +63,10 @@ class LaunchConfig:
         default=None,
         metadata={"help": "Address of machine 0, where the processes meet (several machines). Default: the config's."},
     )
+    rendezvous_timeout: int = dataclasses.field(
+        default=600,
+        metadata={"help": "Seconds the machines wait for each other at machine 0's address before the launch fails."},
+    )
     main_process_port: int | None = dataclasses.field(
         default=None,
         metadata={
@@ -149,15 +153,17 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
         launch_args += ["--main_process_ip", launch.main_process_ip]
     # accelerate's default port (29500) is shared by every run on the machine: a second run would join the first one's
     # rendezvous.
-    launch_args += ["--main_process_port", str(launch.main_process_port or _free_port())]
+    port = launch.main_process_port or _free_port()
+    launch_args += ["--main_process_port", str(port), "--rdzv_conf", f"timeout={launch.rendezvous_timeout}"]
     launch_args += ["-m", "llmq.cli", "train", *script_args]
     try:
         launch_command(launch_command_parser().parse_args(launch_args))
-    except Exception as error:  # torch's ChildFailedError, or the launcher refusing the config
+    except Exception as error:  # torch's ChildFailedError, a rendezvous timeout, or the launcher refusing the config
         summary = " ".join(str(error).split())[:300]
+        meeting = f"{launch.main_process_ip or '127.0.0.1'}:{port}"
         raise UserError(
-            f"training with {launch.num_processes} processes ({config_file.name}) failed: {summary}; the processes' "
-            "own messages are above"
+            f"training with {launch.num_processes} processes on {launch.num_machines} machine(s) ({config_file.name}, "
+            f"meeting at {meeting}) failed: {summary}; the processes' own messages are above"
         ) from None
     finally:
         for name, value in previous.items():

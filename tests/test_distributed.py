@@ -205,3 +205,23 @@ def test_two_machines_on_one_host_match_one_process(recipe, single_process, tmp_
     assert (
         not list((tmp_path / "out1").rglob("trainer_state.json")) and not (tmp_path / "out1" / "summary.json").exists()
     )
+
+
+def test_a_machine_whose_peer_never_joins_fails_with_one_line_and_leaves_no_process(recipe, tmp_path):
+    """Rank 0 of two machines, alone: after the rendezvous timeout one line names where it waited, exit 2."""
+    import psutil
+
+    from llmq.launch import _free_port
+
+    port = _free_port()
+    output_dir = tmp_path / "alone"
+    command = [sys.executable, "-m", "llmq.cli", "train", str(recipe), "--accelerate_config", "ddp"]
+    command += ["--num_processes", "2", "--num_machines", "2", "--machine_rank", "0", "--main_process_ip"]
+    command += ["127.0.0.1", "--main_process_port", str(port), "--rendezvous_timeout", "10"]
+    command += ["--output_dir", str(output_dir)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 2
+    assert f"meeting at 127.0.0.1:{port}) failed: Timed out" in finished.stderr
+    assert "Traceback" not in finished.stderr
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(output_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not left
