@@ -83,6 +83,8 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
         "no",
         "--use_cpu",
         "true",
+        "--max_length",  # the tiny model's byte tokenizer makes a policy prompt over 1,024 tokens
+        "2048",
     ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -139,6 +141,8 @@ def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_mod
         "no",
         "--use_cpu",
         "true",
+        "--max_length",  # the tiny model's byte tokenizer makes a policy prompt over 1,024 tokens
+        "2048",
     ]
 
     def killed(*args, **kwargs):
