@@ -40,7 +40,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
 }
 LAYER_OF = {prefix: layer for layer, prefixes in LAYERS.items() for prefix in prefixes}
 # Optional extras that a function may import lazily (with a comment saying why), so importing llmq never needs them.
-OPTIONAL = {"vllm", "deepspeed", "textworld", "jericho"}
+OPTIONAL = {"vllm", "deepspeed", "textworld", "textworld_express", "jericho"}
 MODULE, FUNCTION, GETATTR = "module", "function", "__getattr__"  # where an import runs; GETATTR: a PEP 562 hook
 ImportNode = ast.Import | ast.ImportFrom
 

@@ -189,7 +189,7 @@ def benchmark_games(config: Config) -> tuple[list, list]:
             make_games(config.games_dir, config.train_games, config.train_seed, **games),
             make_games(config.games_dir, config.test_games, config.test_seed, **games),
         )
-    from llmq.envs.textworld_express import fold_games
+    from llmq.envs.textworld_express import fold_games  # TextWorldExpress is an optional extra (llmq[agents])
 
     try:
         return (

@@ -8,10 +8,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
+    CLIPImageProcessorPil,  # the PIL backend by name: the default one warns on import when torchvision is absent
+    CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -98,15 +103,6 @@ def build_tiny_llava(directory: Path, seed: int = 0) -> None:
     """Write a tiny random LLaVA (a 2-layer CLIP vision tower, a 2-layer 64-wide Llama) and its processor to
     ``directory``: the byte tokenizer with an ``<image>`` token and a ChatML template that places images; images are
     resized to 32×32 and cut into 16 patches of 8×8, each one ``<image>`` token."""
-    # Imported here: transformers warns on import that CLIP's image processor falls back to PIL without torchvision.
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
     tokenizer = byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, "<image>"]})
     tokenizer.chat_template = CHATML_IMAGE_TEMPLATE
@@ -125,7 +121,7 @@ def build_tiny_llava(directory: Path, seed: int = 0) -> None:
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # "default" drops the CLS feature; the processor counts it among the additional tokens.
     processor = LlavaProcessor(
         image_processor=images,
