@@ -94,8 +94,7 @@ def _train(argv: Sequence[str]) -> int:
             validate_checkpoint(training_args.resume_from_checkpoint)
     if launch.distributed and launch.machine_rank > 0:
         # Machine 0 builds data, benchmarks and writes the summary; the others only run their training processes.
-        resume = ["--resume_from_checkpoint", str(training_args.resume_from_checkpoint)]
-        launch_training([*argv, *resume] if training_args.resume_from_checkpoint else list(argv), launch)
+        launch_training(argv, launch, training_args.resume_from_checkpoint)
         print(f"machine {launch.machine_rank}: its training processes finished; machine 0 reports the run")
         return 0
     summary = module.run(model_args, training_args, config, launch, argv)

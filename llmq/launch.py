@@ -130,12 +130,15 @@ class LaunchConfig:
         )
 
 
-def launch_training(argv: Sequence[str], launch: LaunchConfig) -> None:
-    """Run ``llmq train ARGV`` in ``launch.num_processes`` processes through ``accelerate launch``."""
+def launch_training(argv: Sequence[str], launch: LaunchConfig, resume_from_checkpoint: str | None = None) -> None:
+    """Run ``llmq train ARGV`` in ``launch.num_processes`` processes through ``accelerate launch``; with
+    ``resume_from_checkpoint`` (the launching process's validated checkpoint) they continue from it."""
     config_file = launch.config_file()
     config = yaml.safe_load(config_file.read_text()) or {}
     deepspeed = config.get("distributed_type") == "DEEPSPEED"
     script_args = list(argv)
+    if resume_from_checkpoint:
+        script_args += ["--resume_from_checkpoint", str(resume_from_checkpoint)]
     environment = {LAUNCHED_ENV: "1"}
     if not torch.cuda.is_available():
         if deepspeed:

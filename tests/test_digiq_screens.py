@@ -13,7 +13,8 @@ from llmq.cli import main  # noqa: E402
 from llmq.envs.textworld import (  # noqa: E402
     render_state,
     screen_command_logprobs,
-    screen_view,
+    screen_image,
+    screen_text,
 )
 from llmq.models import load_model, load_tokenizer  # noqa: E402
 
@@ -30,9 +31,9 @@ def tiny_vlm():
 
 
 def test_the_screen_shows_the_observation_and_the_text_the_rest(tiny_vlm):
-    text, image = screen_view(STATES[0])
+    text, image = screen_text(STATES[0]), screen_image(STATES[0])
     assert "eat the apple" in text and "apple lies" not in text and image.size == (448, 336)
-    assert screen_view(STATES[1])[0] == text and screen_view(STATES[1])[1].tobytes() != image.tobytes()
+    assert screen_text(STATES[1]) == text and screen_image(STATES[1]).tobytes() != image.tobytes()
 
 
 def test_screen_command_scores_are_the_reply_log_likelihoods_beside_the_screen(tiny_vlm):
@@ -40,7 +41,7 @@ def test_screen_command_scores_are_the_reply_log_likelihoods_beside_the_screen(t
     scores = screen_command_logprobs(model, processor, STATES, ADMISSIBLE, batch_size=2)
     from llmq.envs.textworld import policy_prompt
 
-    image = screen_view(STATES[0])[1]
+    image = screen_image(STATES[0])
     prompt = processor.apply_chat_template(
         policy_prompt(STATES[0], ADMISSIBLE[0], screens=True), tokenize=False, add_generation_prompt=True
     )

@@ -180,11 +180,17 @@ def render_screen(text: str, size: tuple[int, int] = SCREEN_SIZE) -> Image.Image
     return image
 
 
-def screen_view(state: str) -> tuple[str, Image.Image]:
-    """A :func:`render_state` state as an agent with screen observations sees it: the text of the goal and the previous
-    actions, and the current observation as an image of the game's screen (:func:`render_screen`)."""
-    head, observation = state.rsplit(_OBSERVATION_HEADING, 1)
-    return f"{head}\n\nCurrent observation: the screen above.", render_screen(observation)
+def screen_text(state: str) -> str:
+    """The text part of a :func:`render_state` state for an agent with screen observations: the goal and the previous
+    actions; the current observation is the image of :func:`screen_image`."""
+    head, _ = state.rsplit(_OBSERVATION_HEADING, 1)
+    return f"{head}\n\nCurrent observation: the screen above."
+
+
+def screen_image(state: str) -> Image.Image:
+    """The current observation of a :func:`render_state` state as an image of the game's screen
+    (:func:`render_screen`)."""
+    return render_screen(state.rsplit(_OBSERVATION_HEADING, 1)[1])
 
 
 def chat_turn(role: str, text: str, *, parts: bool = False, image: bool = False) -> dict:
@@ -469,9 +475,9 @@ def policy_prompt(
     state: str, admissible: Sequence[str], system_prompt: str = SYSTEM_PROMPT, *, screens: bool = False
 ) -> list[dict]:
     """The chat messages :func:`llm_policy` sends for one state: the state and the admissible commands.  With
-    ``screens`` the current observation is the image of :func:`screen_view` (the user turn starts with it)."""
+    ``screens`` the current observation is the image of :func:`screen_image` (the user turn starts with it)."""
     commands = "\n".join(f"- {command}" for command in admissible)
-    text = screen_view(state)[0] if screens else state
+    text = screen_text(state) if screens else state
     return [
         chat_turn("system", system_prompt, parts=screens),
         chat_turn(
@@ -488,7 +494,7 @@ def policy_example(state: str, admissible: Sequence[str], command: str, *, scree
         "completion": [chat_turn("assistant", command, parts=screens)],
     }
     if screens:
-        example["images"] = [screen_view(state)[1]]
+        example["images"] = [screen_image(state)]
     return example
 
 
@@ -534,7 +540,7 @@ def screen_command_logprobs(
     device = next(model.parameters()).device
     scores = []
     for state, commands in zip(states, admissible):
-        image = screen_view(state)[1]
+        image = screen_image(state)
         messages = policy_prompt(state, commands, screens=True)
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_length = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]

@@ -55,6 +55,13 @@ def _close(server: _JavaServer) -> None:
     server._gateway.java_process.wait(timeout=30)
 
 
+def _check_game_and_fold(game: str, fold: str) -> None:
+    if game not in GAMES:
+        raise ValueError(f"TextWorldExpress game {game!r} is not one of {', '.join(GAMES)}")
+    if fold not in FOLDS:
+        raise ValueError(f"TextWorldExpress fold {fold!r} is not one of {', '.join(FOLDS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextWorldExpressGame:
     """One TextWorldExpress game: the benchmark (``game``), its generation parameters (``params``, e.g.
@@ -66,10 +73,7 @@ class TextWorldExpressGame:
     params: str = ""
 
     def __post_init__(self) -> None:
-        if self.game not in GAMES:
-            raise ValueError(f"TextWorldExpress game {self.game!r} is not one of {', '.join(GAMES)}")
-        if self.fold not in FOLDS:
-            raise ValueError(f"TextWorldExpress fold {self.fold!r} is not one of {', '.join(FOLDS)}")
+        _check_game_and_fold(self.game, self.fold)
 
     @property
     def name(self) -> str:
@@ -82,8 +86,7 @@ class TextWorldExpressGame:
 
 def fold_games(game: str, fold: str, count: int, params: str = "", offset: int = 0) -> list[TextWorldExpressGame]:
     """Games ``offset … offset + count − 1`` of a fold, in the order of the benchmark's seeds for that fold."""
-    if game not in GAMES or fold not in FOLDS:
-        raise ValueError(f"game must be one of {', '.join(GAMES)} and fold one of {', '.join(FOLDS)}")
+    _check_game_and_fold(game, fold)  # before a Java process starts
     server = _server()
     try:
         seeds = {"train": server.getValidSeedsTrain, "dev": server.getValidSeedsDev, "test": server.getValidSeedsTest}

@@ -227,10 +227,10 @@ def actionability_prompts(
     up to the assistant's yes/no answer.  The prefix ends at "Action:", so each continuation starts with the space
     before its command (" take key"), the token boundary of the whole prompt.  With ``screens`` the state's current
     observation is its screen image (the prompt holds the processor's image placeholder)."""
-    from llmq.envs.textworld import chat_turn, screen_view  # an optional extra (llmq[agents])
+    from llmq.envs.textworld import chat_turn, screen_text  # an optional extra (llmq[agents])
 
     marker = "\x00COMMAND\x00"
-    text = screen_view(state)[0] if screens else state
+    text = screen_text(state) if screens else state
     rendered = tokenizer.apply_chat_template(
         [chat_turn("user", actionability_question(text, marker), parts=screens, image=screens)],
         tokenize=False,
@@ -361,9 +361,9 @@ class TransitionFeatures:
                 backbone, tokenizer, list(prefixes), list(continuations), layer=layer, cache_dir=cache_dir
             )
         else:  # a vision-language model reads every prompt whole, with its state's screen
-            from llmq.envs.textworld import screen_view
+            from llmq.envs.textworld import screen_image
 
-            screens_of = [screen_view(text)[1] for text in texts]
+            screens_of = [screen_image(text) for text in texts]
             self.states = extract_features(
                 backbone, tokenizer, [p for p, _ in prompts], images=screens_of, layer=layer, cache_dir=cache_dir
             )

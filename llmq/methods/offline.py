@@ -270,12 +270,7 @@ def run(
 
     if launch.distributed:
         model = None  # its memory is the training processes'
-        resume = (
-            ["--resume_from_checkpoint", str(training_args.resume_from_checkpoint)]
-            if training_args.resume_from_checkpoint
-            else []
-        )
-        launch_training([*argv, *resume], launch)
+        launch_training(argv, launch, training_args.resume_from_checkpoint)
         metrics = json.loads((output_dir / TRAIN_METRICS).read_text())
         if config.benchmark_task:
             model = load_model(str(output_dir), dtype=model_args.dtype, device=device)
