@@ -92,6 +92,8 @@ def run(processes: int, dataset: Path, folder: Path) -> dict:
         "train_runtime_s": metrics["train_runtime"],
         "train_loss": metrics["train_loss"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        # The share of the policy's weights one training process held after loading (1.0 unless ZeRO-3 partitions).
+        "weights_held_at_load": metrics.get("weights_held_at_load", 1.0),
     }
 
 

@@ -209,8 +209,14 @@ def run(
     """
     output_dir = Path(training_args.output_dir)
     if is_launched_process():
+        # The training arguments exist already: under ZeRO-3 their DeepSpeed config makes `from_pretrained` build the
+        # model partitioned (deepspeed.zero.Init), so no process ever holds all of its weights.
         model, tokenizer = load_from_config(
             model_args, device="cpu" if training_args.use_cpu else training_args.device
+        )
+        # A ZeRO-3 parameter keeps its shard in `ds_tensor` and its full size in `ds_numel`.
+        held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters()) / sum(
+            getattr(p, "ds_numel", p.numel()) for p in model.parameters()
         )
         trainer, metrics = fit(
             model,
@@ -220,6 +226,7 @@ def run(
             training_args,
             config.method,
         )
+        metrics["weights_held_at_load"] = held
         if trainer.is_world_process_zero():
             (output_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         return {"train": metrics}

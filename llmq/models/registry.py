@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
+    Qwen2Config,
 )
 
 from llmq.errors import UserError
@@ -73,6 +76,69 @@ def _build_embedded(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+# Public architectures at their published sizes, for benchmarks of memory and speed without a download: the configs
+# of HuggingFaceTB/SmolLM2-135M-Instruct, HuggingFaceTB/SmolLM2-1.7B-Instruct and Qwen/Qwen2.5-0.5B-Instruct, with
+# random weights and the embedded model's tokenizer (SmolLM2's own; within Qwen's larger vocabulary, the extra rows are
+# never read).
+PUBLIC_CONFIGS: dict[str, PretrainedConfig] = {
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-1.7b": LlamaConfig(
+        vocab_size=49152,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=8192,
+        rope_theta=130000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-0.5b": Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def _build_random(directory: Path, architecture: str) -> None:
+    """A public architecture (``PUBLIC_CONFIGS``) with seeded random weights and the embedded model's tokenizer."""
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    config = PUBLIC_CONFIGS[architecture].__class__.from_dict(
+        PUBLIC_CONFIGS[architecture].to_dict()
+        | {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
     name: str
@@ -100,6 +166,14 @@ REGISTRY: dict[str, RegisteredModel] = {
             "tiny-llava",
             "random LLaVA: 2-layer CLIP vision tower and 2-layer Llama, with its processor (image tests)",
             build_tiny_llava,
+        ),
+        *(
+            RegisteredModel(
+                f"random-{architecture}",
+                f"{architecture} architecture at its published size, random weights, SmolLM2's tokenizer (benchmarks)",
+                partial(_build_random, architecture=architecture),
+            )
+            for architecture in PUBLIC_CONFIGS
         ),
     ]
 }
