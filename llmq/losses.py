@@ -41,6 +41,7 @@ def shiq_loss(
     ref_lse: torch.Tensor | None = None,
     truncated: torch.Tensor | None = None,
     loss_type: Literal["multistep", "one_step"] = "multistep",
+    q_model: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ShiQ: squared Bellman residuals on the LM's own logits (docs/algorithms.md §2.3–2.4).
 
@@ -70,6 +71,8 @@ def shiq_loss(
             ``γ^{T−t+1}·β·u(s_{T+1})`` read at the position after the last action (which must
             exist: pad such rows by one token), under stop-gradient.
         loss_type: ``"multistep"`` (S3, default) or ``"one_step"`` (S2).
+        q_model: ``logits`` are a Q model's ``Q/β`` beside the reference (§6.6), not a policy's: the policy is
+            ``ℓ_θ = ℓ_ref + logits``, so the fixed point puts ``Q*/β`` in its own logits; needs ``ref_logits``.
 
     Returns:
         ``(loss, metrics)`` with metrics ``loss``, ``delta/abs_mean``, ``rho/mean``, ``u/mean``,
@@ -80,6 +83,10 @@ def shiq_loss(
         raise ValueError(f"beta must be > 0, got {beta}")
     if loss_type not in ("multistep", "one_step"):
         raise ValueError(f"loss_type must be 'multistep' or 'one_step', got {loss_type!r}")
+    if q_model:
+        if ref_logits is None:
+            raise ValueError("shiq_loss with q_model needs ref_logits: the policy is ℓ_ref + the model's Q/β")
+        logits = ref_logits.detach() + logits  # ℓ_θ = ℓ_ref + Q/β (E5)
     logp, lse = token_logprobs(logits, input_ids)
     if ref_logits is not None:
         ref_logp, ref_lse = token_logprobs(ref_logits.detach(), input_ids)

@@ -42,6 +42,21 @@ def test_guidance_by_the_exact_q_star_gives_pi_star_in_every_state(name, mdp, be
         assert guided[mdp.n_actions :].sum() < 1e-9  # non-action tokens stay out
 
 
+@pytest.mark.parametrize(("name", "mdp", "beta"), MDPS, ids=[m[0] for m in MDPS])
+def test_a_q_model_holding_q_star_over_beta_guides_the_reference_to_pi_star_in_every_state(name, mdp, beta):
+    """The cheap guide of §6.5: its logits are Q*/β alone (no reference inside it)."""
+    values = soft_optimal(mdp, beta)
+    q_model, reference = TabularLM(mdp, "zeros"), TabularLM.reference(mdp)
+    with torch.no_grad():
+        for state, row in mdp.state_index.items():
+            q_model.table[row] = torch.as_tensor(values.q[state] / beta, dtype=q_model.table.dtype)
+    processor = QGuidedLogitsProcessor(q_model, beta=beta, top_k=0, q_model=True)
+    for state in mdp.states:
+        ids = torch.tensor([[mdp.bos_id, *state]])
+        guided = torch.softmax(processor(ids, reference(ids).logits[:, -1]), dim=-1)[0]
+        np.testing.assert_allclose(guided[: mdp.n_actions].numpy(), values.pi[state], atol=1e-9)
+
+
 def test_guided_sampling_driven_by_q_star_samples_pi_star():
     """Total variation between sampled and exact π* trajectory distributions < 1e-2 (fixed seed)."""
     mdp, beta, samples = toy_mdp(), 0.5, 100_000

@@ -13,9 +13,9 @@ from llmq.losses import shiq_loss
 from llmq.testing import TabularLM, make_batch, random_mdp, soft_optimal, toy_mdp
 
 
-def fit(mdp, beta, loss_type="multistep", batch=None, precomputed=False):
+def fit(mdp, beta, loss_type="multistep", batch=None, precomputed=False, q_model=False):
     batch = make_batch(mdp) if batch is None else batch
-    model, reference = TabularLM(mdp), TabularLM.reference(mdp)
+    model, reference = TabularLM(mdp, "zeros" if q_model else "reference"), TabularLM.reference(mdp)
     with torch.no_grad():
         ref_logits = reference(batch["input_ids"]).logits
     common = dict(
@@ -26,6 +26,7 @@ def fit(mdp, beta, loss_type="multistep", batch=None, precomputed=False):
         gamma=mdp.gamma,
         truncated=batch["truncated"],
         loss_type=loss_type,
+        q_model=q_model,
     )
     reference_stats = (
         dict(ref_logp=batch["ref_logp"].double(), ref_lse=batch["ref_lse"].double())
@@ -113,6 +114,18 @@ def test_seeded_random_mdps_reach_the_exact_optimum(seed, vocab_size, horizon, b
         shift_error,
         value_error,
     )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_q_model_beside_the_reference_holds_q_star_over_beta_in_its_own_logits(seed):
+    """The Q model of cheap guided decoding (§6.5): zero-initialised, its logits added to the frozen reference's."""
+    beta, mdp = 0.5, random_mdp(seed, vocab_size=3, horizon=3, gamma=0.9)
+    q_model, reference, loss = fit(mdp, beta, q_model=True)
+    policy = TabularLM.reference(mdp)
+    with torch.no_grad():
+        policy.table += q_model.table  # ℓ_θ = ℓ_ref + Q/β
+    policy_error, shift_error, value_error = errors(mdp, policy, reference, soft_optimal(mdp, beta), beta)
+    assert loss < 1e-12 and policy_error < 1e-4 and shift_error < 1e-3 and value_error < 1e-3
 
 
 def test_one_step_variant_has_the_same_fixed_point():

@@ -100,6 +100,45 @@ def test_lora_trains_adapters_only_and_its_reference_is_the_base_model(tokenizer
     assert trainer.state.log_history[0]["loss"] == 1.0  # adapters start as a no-op: the model is the reference
 
 
+def test_a_q_model_starts_at_its_reference_and_learns_logits_that_guide_it(tokenizer, tmp_path):
+    """A Q model beside another model (the one it will guide): Q ≡ 0 at the start, so the first loss is the squared
+    reward as at any reference; trained, its logits are Q/β and it reloads as a Q model."""
+    from llmq.decoding import QGuidedLogitsProcessor
+    from llmq.models.q_model import is_q_model
+    from llmq.models.tiny import build_tiny_llama
+
+    build_tiny_llama(tmp_path / "base", seed=1)
+    rows = [dict(row, reward=1.0) for row in ROWS]
+    trainer = make_trainer(
+        tokenizer, tmp_path / "out", rows=rows, q_model=True, ref_model_name_or_path=str(tmp_path / "base")
+    )
+    base = load_model(str(tmp_path / "base"), dtype="float32")
+    assert all(torch.equal(p, q) for p, q in zip(trainer.ref_model.parameters(), base.parameters()))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[0] == 1.0 and losses[-1] < losses[0]
+    trainer.save_model(str(tmp_path / "q"))
+    q_model = load_model(str(tmp_path / "q"), dtype="float32")
+    assert is_q_model(q_model)
+
+    # Guided decoding with the Q model samples the policy ShiQ trained: softmax(ℓ_base + ℓ_Q).
+    ids = tokenizer("Q1: what is 1+1?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base_logits, q_logits = base(ids).logits[:, -1], q_model(ids).logits[:, -1]
+    processor = QGuidedLogitsProcessor(q_model, beta=0.1, top_k=0, q_model=True)
+    torch.testing.assert_close(
+        torch.log_softmax(processor(ids, base_logits), dim=-1), torch.log_softmax(base_logits + q_logits, dim=-1)
+    )
+
+
+def test_a_reference_with_another_vocabulary_is_one_clear_error(tokenizer, tmp_path):
+    other = load_model("tiny-llama", dtype="float32")
+    other.resize_token_embeddings(other.config.vocab_size + 8)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(UserError, match="key 'ref_model_name_or_path'.*must share the policy's vocabulary"):
+        make_trainer(tokenizer, tmp_path / "out", ref_model_name_or_path=str(tmp_path / "other"))
+
+
 def test_multi_turn_masks_observations_and_places_turn_rewards(tokenizer):
     row = tokenize_trajectory(CONVERSATION, tokenizer, max_length=512, index=0)
     ids, mask, rewards = row["input_ids"], row["act_mask"], row["rewards"]
@@ -183,6 +222,29 @@ def test_llmq_train_cli_end_to_end(tmp_path, capsys, shiq_recipe):
     assert sum(p.numel() for p in reloaded.parameters()) > 0
     assert main(["train", str(recipe), "--dataset_path", str(tmp_path / "missing")]) == 2
     assert "key 'dataset_path'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_llmq_train_of_a_q_model_beside_another_model_guides_that_models_generation(
+    tmp_path, capsys, shiq_recipe, data_dir
+):
+    from llmq.models.tiny import build_tiny_llama
+
+    build_tiny_llama(tmp_path / "base", seed=1)
+    keys = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=0.01, use_cpu=True, save_strategy="no")
+    keys |= dict(q_model=True, ref_model_name_or_path=str(tmp_path / "base"), output_dir=str(tmp_path / "q"))
+    recipe = shiq_recipe(tmp_path, **keys)
+    assert main(["train", str(recipe)]) == 0
+    generate = ["generate", "--model_name_or_path", str(tmp_path / "base"), "--data_dir", str(data_dir)]
+    generate += ["--limit", "2", "--max_new_tokens", "4", "--decoding", "guided", "--guide_model", str(tmp_path / "q")]
+    assert main([*generate, "--dataset_path", str(tmp_path / "guided")]) == 0
+    # Alone, a Q model is no policy: a benchmark of it is refused, and so is scoring with it as a policy.
+    assert main(["train", str(recipe), "--benchmark_task", "gsm8k"]) == 2
+    assert "keys 'q_model' and 'benchmark_task'" in capsys.readouterr().err
+    scoring = [*generate[:7], "--decoding", "best_of_n", "--scorer", "implicit_reward", "--num_candidates", "4"]
+    scoring += ["--temperature", "1.0", "--guide_model", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "b")]
+    assert main(scoring) == 2
+    assert "is a Q model" in capsys.readouterr().err
 
 
 @pytest.mark.slow

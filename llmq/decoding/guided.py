@@ -1,4 +1,4 @@
-"""Token-level Q-guided decoding as a transformers ``LogitsProcessor`` (docs/algorithms.md (B3), §6.1, §6.5).
+"""Token-level Q-guided decoding as a transformers ``LogitsProcessor`` (docs/algorithms.md (B3), §6.1, §6.5, §6.6).
 
 The model that ``generate`` runs is the base π_ref; a guide LM π_θ trained against that base
 (by ShiQ, DPO, ...) supplies the advantage of every candidate token,
@@ -11,6 +11,11 @@ and the guided policy reweights the base by it at a decoding temperature β_dec:
 
 β_dec = β samples π_θ itself (its fixed point: π*); a smaller β_dec follows Q harder and moves
 further from the base; top-k keeps the guide from promoting tokens the base finds implausible.
+
+A *Q model* guide (trained with ShiQ's ``q_model``, §6.6) holds ``Q/β`` in its own logits beside the base, so its
+policy is ``π_θ = softmax(ℓ_ref + Q/β)`` and one forward of the guide gives the advantage: a small Q model guides
+a large base for the cost of the small model.  A policy guide is a whole second policy, as large as whatever it was
+trained from, and only costs little when that was small.
 
 Beam search over the processed scores ranks a sequence by ``Σ_t log π_ref + A/β_dec =
 (Σ_t r_θ + β_dec·log π_ref(y|x))/β_dec``: the regularised return of the guide's implicit reward,
@@ -27,6 +32,7 @@ from transformers import LogitsProcessor
 from llmq.decoding.options import DecodingOptions
 from llmq.errors import UserError
 from llmq.models import load_model, load_tokenizer
+from llmq.models.q_model import is_q_model
 
 
 class QGuidedLogitsProcessor(LogitsProcessor):
@@ -45,6 +51,7 @@ class QGuidedLogitsProcessor(LogitsProcessor):
         top_k: candidates per step, the base model's top-k tokens; 0 keeps every token.
         pad_token_id: the padding id of left-padded prompts; a prompt's leading run of it is
             masked out of the guide's attention, as ``generate`` masks it out of the base model's.
+        q_model: the guide's logits are ``Q/β`` beside the base (a Q model, any size), not a policy's.
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class QGuidedLogitsProcessor(LogitsProcessor):
         guidance_temperature: float | None = None,
         top_k: int = 20,
         pad_token_id: int | None = None,
+        q_model: bool = False,
     ) -> None:
         guidance_temperature = beta if guidance_temperature is None else guidance_temperature
         if beta <= 0 or guidance_temperature <= 0:
@@ -65,6 +73,7 @@ class QGuidedLogitsProcessor(LogitsProcessor):
         self.weight = beta / guidance_temperature  # A/β_dec = (β/β_dec)·(log π_θ − log π_ref)
         self.top_k = top_k
         self.pad_token_id = pad_token_id
+        self.q_model = q_model
         # transformers renamed `past_key_values` to `cache` within 5.x; both name one Cache object.
         self._cache_key = (
             "cache" if "cache" in inspect.signature(guide_model.forward).parameters else "past_key_values"
@@ -76,13 +85,15 @@ class QGuidedLogitsProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        guide_logp = torch.log_softmax(_at_least_fp32(self._advance(input_ids)), dim=-1)
-        if guide_logp.shape != scores.shape:
+        guide_logits = _at_least_fp32(self._advance(input_ids))
+        if guide_logits.shape != scores.shape:
             raise ValueError(
-                f"the guide scores {guide_logp.shape[-1]} tokens but the generating model {scores.shape[-1]}: they "
+                f"the guide scores {guide_logits.shape[-1]} tokens but the generating model {scores.shape[-1]}: they "
                 "must share a vocabulary"
             )
         base_logp = torch.log_softmax(_at_least_fp32(scores), dim=-1)
+        # π_θ of the guide: its own softmax, or for a Q model the base reweighted by exp(Q/β) (E5).
+        guide_logp = torch.log_softmax(base_logp + guide_logits if self.q_model else guide_logits, dim=-1)
         guided = base_logp + self.weight * (guide_logp - base_logp)  # log π_ref + A/β_dec (B3)
         # Tokens the base (or an earlier processor) excluded stay excluded, whatever the guide says.
         guided = torch.where(torch.isfinite(base_logp), guided, -torch.inf)
@@ -146,7 +157,13 @@ def load_guide(options: DecodingOptions, model, tokenizer) -> torch.nn.Module:
             f"key 'guide_model': the tokenizer of '{options.guide_model}' differs from the model's; "
             "a guide must share its reference's vocabulary"
         )
-    return load_model(options.guide_model, dtype=str(model.dtype).removeprefix("torch."), device=model.device).eval()
+    guide = load_model(options.guide_model, dtype=str(model.dtype).removeprefix("torch."), device=model.device).eval()
+    if is_q_model(guide) and options.decoding not in ("guided", "beam"):
+        raise UserError(
+            f"key 'guide_model': '{options.guide_model}' is a Q model (its logits are Q/β beside the model's); scorer "
+            "implicit_reward needs a policy guide, a Q model guides decoding guided or beam"
+        )
+    return guide
 
 
 def guidance_processors(options: DecodingOptions, tokenizer, guide: torch.nn.Module | None) -> list[LogitsProcessor]:
@@ -161,5 +178,6 @@ def guidance_processors(options: DecodingOptions, tokenizer, guide: torch.nn.Mod
             guidance_temperature=options.guidance_temperature,
             top_k=options.guidance_top_k,
             pad_token_id=tokenizer.pad_token_id,
+            q_model=is_q_model(guide),
         )
     ]

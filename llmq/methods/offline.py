@@ -231,6 +231,12 @@ def run(
             (output_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         return {"train": metrics}
 
+    if config.benchmark_task and getattr(training_args, "q_model", False):
+        raise UserError(
+            "keys 'q_model' and 'benchmark_task': a Q model is no policy to benchmark alone; leave benchmark_task "
+            "unset and evaluate the model it guides: llmq eval --model_name_or_path REFERENCE --decoding guided "
+            "--guide_model OUTPUT_DIR"
+        )
     if config.engine == "vllm" and config.benchmark_task and model_args.use_peft:
         raise UserError(
             "keys 'engine' vllm and 'use_peft': the benchmark after training loads the saved model, which holds "

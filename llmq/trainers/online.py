@@ -121,6 +121,8 @@ class OnlineConfig(ShiQConfig):
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.replay_fraction <= 1:
             raise ValueError(f"replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        if self.ref_model_name_or_path is not None:
+            raise ValueError("ref_model_name_or_path: an online run's reference is always its initial model")
         if self.objective == "dpo" and self.completions_per_prompt < 2:
             raise ValueError("objective dpo pairs answers of a prompt: completions_per_prompt must be at least 2")
         self.precompute_ref_log_probs = True

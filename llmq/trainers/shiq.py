@@ -26,6 +26,7 @@ from llmq.errors import UserError
 from llmq.losses import shiq_loss
 from llmq.mdp import token_logprobs
 from llmq.models import load_model
+from llmq.models.q_model import is_q_model, make_q_model
 from llmq.trainers.metrics import LossMetricsTrainer
 
 
@@ -46,6 +47,12 @@ class ShiQConfig(TrainingArguments):
         precompute_ref_log_probs: run the reference model once over the dataset before training
             and store ``log π_ref`` and ``LSE ℓ_ref`` per token (fp32), so no reference model is
             kept in memory during training.
+        ref_model_name_or_path: the reference π_ref, any model with the policy's vocabulary (a registered name,
+            local path or Hub id); default: the initial policy.
+        q_model: train the model as a Q model beside the reference (docs/algorithms.md §6.6): its LM head is
+            replaced by a zero-initialised one and its logits are ``Q/β``, the policy being ``ℓ_ref + ℓ_model``.
+            With a small model and a large ``ref_model_name_or_path`` it is a cheap guide for the large one
+            (``llmq eval --decoding guided --guide_model``).
     """
 
     beta: float = field(
@@ -75,6 +82,20 @@ class ShiQConfig(TrainingArguments):
             "live reference model."
         },
     )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reference model (same vocabulary as the policy: a registered name, local path or Hub id); "
+            "default: the initial policy."
+        },
+    )
+    q_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the model as a Q model beside the reference: a zero-initialised LM head whose logits are "
+            "Q/beta, the policy being reference logits + model logits (a small guide for a large reference)."
+        },
+    )
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(
@@ -86,6 +107,11 @@ class ShiQConfig(TrainingArguments):
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.q_model and self.precompute_ref_log_probs:
+            raise ValueError(
+                "q_model adds the reference's logits to the model's at every token: it needs a live reference, not "
+                "precompute_ref_log_probs"
+            )
         super().__post_init__()
 
 
@@ -145,7 +171,17 @@ class ShiQTrainer(LossMetricsTrainer):
             raise UserError("ShiQTrainer needs processing_class=<the tokenizer>")
         if isinstance(model, str):
             model = load_model(model, dtype="auto")
+        if ref_model is None and args.ref_model_name_or_path is not None:
+            ref_model = load_model(args.ref_model_name_or_path, dtype=str(model.dtype).removeprefix("torch."))
+            sizes = [m.get_output_embeddings().out_features for m in (ref_model, model)]
+            if sizes[0] != sizes[1]:
+                raise UserError(
+                    f"key 'ref_model_name_or_path': '{args.ref_model_name_or_path}' scores {sizes[0]} tokens and the "
+                    f"model {sizes[1]}; a reference must share the policy's vocabulary"
+                )
         self.uses_peft = peft_config is not None
+        if args.q_model and self.uses_peft:
+            raise UserError("q_model trains a new LM head with the whole model; it cannot be combined with use_peft")
         if self.uses_peft:
             set_seed(args.seed)  # LoRA's A matrices are random: make the adapters reproducible
             if args.gradient_checkpointing:
@@ -171,6 +207,8 @@ class ShiQTrainer(LossMetricsTrainer):
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
         self.ref_model = ref_model
+        if args.q_model and not is_q_model(model):  # a Q model trained further keeps its head
+            make_q_model(model, args.beta)
 
         train_dataset = _tokenize_rows(train_dataset, processing_class, args)
         if eval_dataset is not None:
@@ -241,6 +279,7 @@ class ShiQTrainer(LossMetricsTrainer):
             gamma=self.args.gamma,
             truncated=inputs["truncated"],
             loss_type=self.args.loss_type,
+            q_model=self.args.q_model,
             **reference,
         )
         self.record_metrics(metrics, model.training)
