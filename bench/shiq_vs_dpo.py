@@ -2,11 +2,14 @@
 
     python bench/shiq_vs_dpo.py                       # embedded SmolLM2-135M, fp32 on CPU
     python bench/shiq_vs_dpo.py --steps 20 --pairs 4  # on a GPU: bf16 automatically
+    python bench/shiq_vs_dpo.py --model random-qwen2.5-0.5b --pairs 8 --steps 12  # bench/gpu_check.sh's run
 
 Each step of either trainer sees the same 2·P sequences (P preference pairs for DPO; the same
 texts as 2·P rewarded completions for ShiQ), runs the policy forward + backward and a live
 reference forward.  Each trainer runs in its own process so that peak memory is its own.
-Prints steps/s, tokens/s and peak memory with ShiQ/DPO ratios, and writes JSON.
+Prints steps/s, tokens/s and peak memory with ShiQ/DPO ratios, and writes JSON.  On a GPU whose dense bf16 peak is
+known (H100, H200, A100) or given (``--peak_tflops``) it also prints the model FLOPs utilisation, 6·N·tokens/s over
+that peak: the policy's forward and backward (the reference's forward is not counted, as usual).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Dense bf16 peaks from the vendors' data sheets (TFLOP/s), for MFU.
+DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 def gsm8k_texts(data_dir: Path, pairs: int) -> list[dict]:
@@ -110,22 +116,29 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     step_times.append(time.perf_counter())
     durations = [b - a for a, b in zip(step_times, step_times[1:])][1:]  # the first step warms up
     per_step = sum(durations) / len(durations)
+    parameters = sum(p.numel() for p in model.parameters())
+    tokens_per_s = sum(tokens[1:]) / max(1, len(tokens) - 1) / per_step
+    device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    peak_tflops = args.peak_tflops or next((peak for name, peak in DENSE_BF16_TFLOPS.items() if name in device), None)
     return {
         "method": method,
+        "parameters": parameters,
+        "model_tflops": 6 * parameters * tokens_per_s / 1e12,
+        "mfu": 6 * parameters * tokens_per_s / (peak_tflops * 1e12) if cuda and peak_tflops else None,
         "steps": args.steps,
         "sequences_per_step": 2 * args.pairs,
         "tokens_per_step": sum(tokens[1:]) / max(1, len(tokens) - 1),
         "seconds_per_step": per_step,
         "steps_per_s": 1 / per_step,
-        "tokens_per_s": sum(tokens[1:]) / max(1, len(tokens) - 1) / per_step,
+        "tokens_per_s": tokens_per_s,
         "peak_memory_gib": (
             torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         )
         / 2**30,
         "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "wall_s": time.perf_counter() - started,
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "dtype": str(model.dtype),
+        "device": device,
+        "dtype": "bfloat16 autocast" if cuda else str(model.dtype),
     }
 
 
@@ -137,6 +150,7 @@ def main() -> None:
         "--pairs", type=int, default=2, help="preference pairs per step (ShiQ sees 2x this many sequences)"
     )
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--peak_tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: known GPUs)")
     parser.add_argument("--output", default="outputs/bench/shiq_vs_dpo.json")
     parser.add_argument("--only", choices=["shiq", "dpo"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,6 +174,7 @@ def main() -> None:
             "--steps",
             str(args.steps),
         ]
+        command += ["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else []
         finished = subprocess.run(command, capture_output=True, text=True, check=False)
         if finished.returncode != 0:
             sys.exit(f"{method} run failed:\n{finished.stderr[-3000:]}")
@@ -178,6 +193,9 @@ def main() -> None:
     print(
         f"{'ShiQ/DPO':8}{ratios['steps_per_s']:10.3f}{ratios['tokens_per_s']:11.3f}{ratios['peak_memory_gib']:10.3f}"
     )
+    for name, result in results.items():
+        mfu = f", MFU {result['mfu']:.1%}" if result["mfu"] is not None else ""
+        print(f"{name}: {result['model_tflops']:.2f} model TFLOP/s (6·N·tokens/s, N = {result['parameters']:,}){mfu}")
     print(f"report: {args.output}")
 
 
