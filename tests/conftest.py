@@ -78,6 +78,33 @@ SCORED_ROWS = [
 ]
 
 
+def make_shiq_trainer(tokenizer, tmp_path, rows=SCORED_ROWS, peft_config=None, **overrides):
+    """A ShiQTrainer on the tiny model and ``rows`` (3 steps of 4 rows, lr 1e-2, on the CPU unless overridden)."""
+    import datasets
+
+    from llmq.models import load_model
+    from llmq.trainers import ShiQConfig, ShiQTrainer
+
+    options = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    options.update(overrides)
+    return ShiQTrainer(
+        model=load_model("tiny-llama", dtype="float32"),
+        args=ShiQConfig(**options),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
 @pytest.fixture
 def shiq_recipe(tiny_model_dir):
     """``shiq_recipe(folder, **keys)``: SCORED_ROWS as ``folder/data.jsonl`` and a ``llmq train`` recipe

@@ -4,15 +4,13 @@ a Q model guiding a larger model. Tiny random models only (the GPU machine canno
 
 import copy
 
-import datasets
 import pytest
 import torch
-from conftest import SCORED_ROWS
+from conftest import make_shiq_trainer
 from transformers import LogitsProcessorList
 
 from llmq.decoding import QGuidedLogitsProcessor
-from llmq.models import load_model, load_tokenizer
-from llmq.trainers import ShiQConfig, ShiQTrainer
+from llmq.models import load_tokenizer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,23 +19,7 @@ pytestmark = [
 
 
 def shiq_losses(tmp_path, *, cuda: bool, bf16: bool) -> list[float]:
-    trainer = ShiQTrainer(
-        model=load_model("tiny-llama", dtype="float32"),
-        args=ShiQConfig(
-            output_dir=str(tmp_path),
-            max_steps=3,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=not cuda,
-            bf16=bf16,
-            seed=0,
-        ),
-        train_dataset=datasets.Dataset.from_list(SCORED_ROWS),
-        processing_class=load_tokenizer("tiny-llama"),
-    )
+    trainer = make_shiq_trainer(load_tokenizer("tiny-llama"), tmp_path, use_cpu=not cuda, bf16=bf16, report_to="none")
     trainer.train()
     assert next(trainer.model.parameters()).device.type == ("cuda" if cuda else "cpu")
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -7,6 +7,7 @@ import datasets
 import pytest
 import torch
 from conftest import SCORED_ROWS as ROWS
+from conftest import make_shiq_trainer
 from peft import LoraConfig
 
 from llmq.cli import main
@@ -14,7 +15,6 @@ from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
 from llmq.errors import UserError
 from llmq.losses import shiq_loss
 from llmq.models import load_model, load_tokenizer
-from llmq.trainers import ShiQConfig, ShiQTrainer
 
 CONVERSATION = {
     "messages": [
@@ -32,29 +32,8 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer("tiny-llama")
 
 
-def make_trainer(tokenizer, tmp_path, rows=ROWS, peft_config=None, **overrides):
-    options = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
-    options.update(overrides)
-    return ShiQTrainer(
-        model=load_model("tiny-llama", dtype="float32"),
-        args=ShiQConfig(**options),
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-
-
 def test_a_few_steps_change_the_parameters_and_log_finite_metrics(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path)
+    trainer = make_shiq_trainer(tokenizer, tmp_path)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
     changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
@@ -71,14 +50,14 @@ def test_a_few_steps_change_the_parameters_and_log_finite_metrics(tokenizer, tmp
 def test_first_loss_at_the_reference_is_reward_squared(tokenizer, tmp_path, reward):
     # At θ = θ_ref, ρ = u = 0 so δ_t = −R on every action token: zero reward ⇒ loss exactly 0.
     rows = [dict(row, reward=reward) for row in ROWS]
-    trainer = make_trainer(tokenizer, tmp_path, rows=rows, max_steps=1)
+    trainer = make_shiq_trainer(tokenizer, tmp_path, rows=rows, max_steps=1)
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == reward**2
 
 
 def test_precomputed_reference_gives_the_same_losses_as_a_live_one(tokenizer, tmp_path):
-    live = make_trainer(tokenizer, tmp_path / "live")
-    precomputed = make_trainer(tokenizer, tmp_path / "pre", precompute_ref_log_probs=True)
+    live = make_shiq_trainer(tokenizer, tmp_path / "live")
+    precomputed = make_shiq_trainer(tokenizer, tmp_path / "pre", precompute_ref_log_probs=True)
     assert precomputed.ref_model is None and "ref_lse" in precomputed.train_dataset.column_names
     live.train()
     precomputed.train()
@@ -88,7 +67,7 @@ def test_precomputed_reference_gives_the_same_losses_as_a_live_one(tokenizer, tm
 
 def test_lora_trains_adapters_only_and_its_reference_is_the_base_model(tokenizer, tmp_path):
     rows = [dict(row, reward=1.0) for row in ROWS]
-    trainer = make_trainer(
+    trainer = make_shiq_trainer(
         tokenizer, tmp_path, rows=rows, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     )
     assert trainer.ref_model is None
@@ -109,7 +88,7 @@ def test_a_q_model_starts_at_its_reference_and_learns_logits_that_guide_it(token
 
     build_tiny_llama(tmp_path / "base", seed=1)
     rows = [dict(row, reward=1.0) for row in ROWS]
-    trainer = make_trainer(
+    trainer = make_shiq_trainer(
         tokenizer, tmp_path / "out", rows=rows, q_model=True, ref_model_name_or_path=str(tmp_path / "base")
     )
     base = load_model(str(tmp_path / "base"), dtype="float32")
@@ -136,7 +115,7 @@ def test_a_reference_with_another_vocabulary_is_one_clear_error(tokenizer, tmp_p
     other.resize_token_embeddings(other.config.vocab_size + 8)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="key 'ref_model_name_or_path'.*must share the policy's vocabulary"):
-        make_trainer(tokenizer, tmp_path / "out", ref_model_name_or_path=str(tmp_path / "other"))
+        make_shiq_trainer(tokenizer, tmp_path / "out", ref_model_name_or_path=str(tmp_path / "other"))
 
 
 def test_multi_turn_masks_observations_and_places_turn_rewards(tokenizer):
@@ -269,8 +248,8 @@ def test_llmq_train_on_mixed_groups_only_trains_on_the_questions_with_a_right_an
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_gradient_checkpointing_gives_the_same_first_steps(tokenizer, tmp_path, use_lora):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
-    plain = make_trainer(tokenizer, tmp_path / "plain", peft_config=lora, max_steps=2)
-    checkpointed = make_trainer(
+    plain = make_shiq_trainer(tokenizer, tmp_path / "plain", peft_config=lora, max_steps=2)
+    checkpointed = make_shiq_trainer(
         tokenizer, tmp_path / "ckpt", peft_config=lora, max_steps=2, gradient_checkpointing=True
     )
     plain.train()
@@ -288,7 +267,7 @@ def test_conversational_prompt_completion_rows_train(tokenizer, tmp_path):
         }
         for row in ROWS
     ]
-    trainer = make_trainer(tokenizer, tmp_path, rows=rows, max_steps=2)
+    trainer = make_shiq_trainer(tokenizer, tmp_path, rows=rows, max_steps=2)
     first = trainer.train_dataset[0]
     actions = tokenizer.decode([i for i, m in zip(first["input_ids"], first["act_mask"]) if m])
     assert actions == ROWS[0]["completion"] + "<|im_end|>" and tokenizer.decode(first["input_ids"]).startswith(
@@ -411,7 +390,7 @@ def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_weights(toke
     rows = [
         dict(row, reward=1e30 if i == 4 else row["reward"]) for i, row in enumerate(ROWS)
     ]  # finite, but its square overflows fp32
-    trainer = make_trainer(tokenizer, tmp_path, rows=rows, per_device_train_batch_size=2, max_steps=4)
+    trainer = make_shiq_trainer(tokenizer, tmp_path, rows=rows, per_device_train_batch_size=2, max_steps=4)
     with pytest.raises(NonFiniteLossError) as failure:
         trainer.train()
     step = int(re.search(r"the weights of step (\d+) are saved", str(failure.value)).group(1))
@@ -434,14 +413,16 @@ def test_skip_invalid_rows_counts_and_names_the_skipped_rows(tokenizer, tmp_path
         {"prompt": "Q" * 2000, "completion": " a", "reward": 1.0},
     ]
     with pytest.raises(UserError, match="row 8: the completion is empty"):
-        make_trainer(tokenizer, tmp_path, rows=rows)
+        make_shiq_trainer(tokenizer, tmp_path, rows=rows)
     with pytest.warns(
         UserWarning,
         match=r"skipped 3 of 11 rows: dataset row 8: the completion is empty; dataset row 9: reward must be a "
         r"finite number.*; dataset row 10: 2003 tokens exceed",
     ):
-        trainer = make_trainer(tokenizer, tmp_path, rows=rows, skip_invalid_rows=True, max_length=1024, max_steps=1)
+        trainer = make_shiq_trainer(
+            tokenizer, tmp_path, rows=rows, skip_invalid_rows=True, max_length=1024, max_steps=1
+        )
     assert len(trainer.train_dataset) == len(ROWS)
     trainer.train()
     with pytest.raises(UserError, match="every one of the 2 rows is malformed"):
-        make_trainer(tokenizer, tmp_path, rows=rows[-2:], skip_invalid_rows=True)
+        make_shiq_trainer(tokenizer, tmp_path, rows=rows[-2:], skip_invalid_rows=True)
