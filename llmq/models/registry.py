@@ -6,6 +6,7 @@ template) under the llmq cache, and every later load reads that directory.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -123,14 +124,9 @@ PUBLIC_CONFIGS: dict[str, PretrainedConfig] = {
 def _build_random(directory: Path, architecture: str) -> None:
     """A public architecture (``PUBLIC_CONFIGS``) with seeded random weights and the embedded model's tokenizer."""
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    config = PUBLIC_CONFIGS[architecture].__class__.from_dict(
-        PUBLIC_CONFIGS[architecture].to_dict()
-        | {
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-    )
+    config = copy.deepcopy(PUBLIC_CONFIGS[architecture])
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
