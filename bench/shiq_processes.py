@@ -9,8 +9,9 @@ Both runs are ``llmq train`` on the same rows: GSM8K train questions with their 
 as completions (reward 1), ``steps`` optimizer steps of ``global_batch`` rows, so that each run reads
 every row exactly once and processes the same tokens.  The single process takes the whole batch, each
 of the N processes ``global_batch / N``.  Throughput is those tokens over the Trainer's
-``train_runtime``; memory is the peak RSS of the largest process (CPU) or the peak CUDA memory of
-rank 0 (GPU).  Prints the N/1 ratios and writes JSON.
+``train_runtime``; memory is the peak RSS of the largest process, over the whole run and over the
+training alone (before the final save, which under ZeRO-3 gathers the whole model in process 0).
+Prints the N/1 ratios and writes JSON.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def run(processes: int, dataset: Path, folder: Path) -> dict:
         "train_runtime_s": metrics["train_runtime"],
         "train_loss": metrics["train_loss"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        # The same before the final save (which under ZeRO-3 gathers the whole model in process 0), as the run saw it.
+        "training_peak_rss_gib": metrics["peak_host_memory_gib"],
         # The share of the policy's weights one training process held after loading (1.0 unless ZeRO-3 partitions).
         "weights_held_at_load": metrics.get("weights_held_at_load", 1.0),
     }
@@ -123,6 +126,7 @@ def main() -> None:
     ratios = {
         "tokens_per_s": many["tokens_per_s"] / one["tokens_per_s"],
         "peak_rss_per_process": many["peak_rss_gib"] / one["peak_rss_gib"],
+        "training_peak_rss_per_process": many["training_peak_rss_gib"] / one["training_peak_rss_gib"],
     }
     report = {
         "model": ARGS.model,
@@ -140,16 +144,18 @@ def main() -> None:
     Path(ARGS.output).parent.mkdir(parents=True, exist_ok=True)
     Path(ARGS.output).write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"{'processes':10}{'runtime s':>11}{'tokens/s':>10}{'peak GiB':>10}   ({report['device']}, "
+        f"{'processes':10}{'runtime s':>11}{'tokens/s':>10}{'peak GiB':>10}{'training':>10}   ({report['device']}, "
         f"{report['dtype']}, {ARGS.steps} steps x {ARGS.global_batch} rows, {tokens} tokens)"
     )
     for processes, result in results.items():
         print(
             f"{processes:<10}{result['train_runtime_s']:11.1f}{result['tokens_per_s']:10.1f}{result['peak_rss_gib']:10.2f}"
+            f"{result['training_peak_rss_gib']:10.2f}"
         )
     print(
         f"{ARGS.processes} processes / 1 ({ARGS.accelerate_config}): tokens/s {ratios['tokens_per_s']:.3f}x, peak "
-        f"memory of the largest process {ratios['peak_rss_per_process']:.3f}x"
+        f"memory of the largest process {ratios['peak_rss_per_process']:.3f}x, in the training alone "
+        f"{ratios['training_peak_rss_per_process']:.3f}x"
     )
     print(f"report: {ARGS.output}")
 

@@ -148,9 +148,16 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig, resume_from_check
         else:
             # `accelerate launch --cpu` starts one process; this variable runs N CPU processes (gloo).
             environment["ACCELERATE_USE_CPU"] = "1"
+    deepspeed_args = []
+    if deepspeed_file := (config.get("deepspeed_config") or {}).get("deepspeed_config_file"):
+        # Read relative to the config file (as the presets name theirs), not to the working directory.
+        deepspeed_file = config_file.parent / deepspeed_file
+        if not deepspeed_file.is_file():
+            raise UserError(f"key 'deepspeed_config_file' of {config_file}: {deepspeed_file} is not a file")
+        deepspeed_args = ["--deepspeed_config_file", str(deepspeed_file)]
     previous = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
-    launch_args = ["--config_file", str(config_file), "--num_processes", str(launch.num_processes)]
+    launch_args = ["--config_file", str(config_file), *deepspeed_args, "--num_processes", str(launch.num_processes)]
     launch_args += ["--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank)]
     if launch.main_process_ip is not None:
         launch_args += ["--main_process_ip", launch.main_process_ip]

@@ -12,7 +12,7 @@ import torch
 
 from llmq.checkpoints import validate_checkpoint
 from llmq.cli import main
-from llmq.launch import LaunchConfig, preset_names
+from llmq.launch import PRESETS_DIR, LaunchConfig, is_launched_process, preset_names
 from llmq.models import load_model
 
 STEPS, RESUMED_STEPS = 4, 6
@@ -111,6 +111,15 @@ def test_a_config_files_launch_settings_apply_unless_a_key_overrides_them(tmp_pa
 def test_bad_launch_keys_are_one_line_errors(recipe, capsys, argv, message):
     assert main(["train", str(recipe), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_config_files_deepspeed_file_is_read_relative_to_it(recipe, capsys, tmp_path):
+    assert (PRESETS_DIR / "zero3.json").is_file()  # the preset's own, named relatively
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: mine.json\n")
+    assert main(["train", str(recipe), "--accelerate_config", str(own), "--num_processes", "2"]) == 2
+    assert f"key 'deepspeed_config_file' of {own}: {tmp_path / 'mine.json'} is not a file" in capsys.readouterr().err
+    assert not is_launched_process()  # the refusal leaves this process as it was
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -184,6 +185,10 @@ def fit(model, tokenizer, dataset, model_args: ModelConfig, training_args: Train
         peft_config=get_peft_config(model_args),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # The largest training process's peak resident memory, taken before the save: under ZeRO-3 saving gathers the
+    # whole model in process 0.
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=trainer.accelerator.device)
+    extra["peak_host_memory_gib"] = trainer.accelerator.gather(peak).max().item()
     try:
         trainer.save_model(training_args.output_dir)
     except (OSError, SafetensorError) as error:

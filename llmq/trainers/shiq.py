@@ -265,11 +265,13 @@ class ShiQTrainer(LossMetricsTrainer):
         return dataset.add_column("ref_logp", logps).add_column("ref_lse", lses)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        # The reference first, as TRL's DPOTrainer does: the memory of its forward (under ZeRO-3 each layer's gathered
+        # weights) then never adds to the policy's activations, which are kept for the backward pass.
         if "ref_logp" in inputs:
             reference = {"ref_logp": inputs["ref_logp"], "ref_lse": inputs["ref_lse"]}
         else:
             reference = {"ref_logits": self._reference_logits(inputs)}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         loss, metrics = shiq_loss(
             logits,
             input_ids=inputs["input_ids"],
