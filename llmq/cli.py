@@ -6,7 +6,6 @@ code 2, never a traceback.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import shlex
@@ -45,9 +44,6 @@ commands:
 are those options; flags given on the command line override it.
 """
 
-# mallopt's parameter number for the mmap threshold, from glibc's malloc.h.
-M_MMAP_THRESHOLD = -3
-
 
 def train_config_types(method: str) -> tuple[type, ...]:
     """The dataclasses a ``llmq train`` recipe of ``method`` is parsed into: model, trainer, run, launch.
@@ -56,25 +52,7 @@ def train_config_types(method: str) -> tuple[type, ...]:
     return (ModelConfig, *module.config_types(method), LaunchConfig)
 
 
-def _return_freed_tensors_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB on a machine without CUDA, where the weights and optimizer states are in
-    host memory.
-
-    After the first free of a large block glibc raises the threshold up to 32 MiB, so that later tensors below it come
-    from the heap, whose freed holes it keeps: a ZeRO-3 process that builds each layer whole, partitions it and frees
-    it kept 0.6–0.8 GB of such holes after loading a 0.5B model, and 2.1–2.7 GB when its first step began
-    (docs/results.md).
-    With the threshold fixed every tensor above 1 MiB is its own mapping, returned when freed. A user's own
-    MALLOC_MMAP_THRESHOLD_ is left as it is."""
-    if torch.cuda.is_available() or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt"):  # glibc (musl has none)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-
-
 def _train(argv: Sequence[str]) -> int:
-    _return_freed_tensors_to_the_os()
     # The method picks the trainer's config class, so read it before parsing everything else.
     method = (
         load_recipe_file(argv[0]).get("method", DEFAULT_METHOD)

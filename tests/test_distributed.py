@@ -166,6 +166,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(preset, reci
     assert validate_checkpoint(checkpoint) == checkpoint  # DeepSpeed's own layout (global_step folders) included
     train = json.loads((output_dir / "summary.json").read_text())["train"]
     assert train["train_loss"] > 0
+    assert 0.2 < train["peak_host_memory_gib"] < 64  # the largest training process's resident peak, in GiB
     # Under ZeRO-3 each process builds its model partitioned: it never holds all the weights (only parameters below
     # DeepSpeed's persistence threshold, the norms, are whole on both), under DDP and ZeRO-2 it holds them all.
     if preset == "zero3":
