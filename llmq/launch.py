@@ -156,7 +156,10 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig, resume_from_check
         if not deepspeed_file.is_file():
             raise UserError(f"key 'deepspeed_config_file' of {config_file}: {deepspeed_file} is not a file")
         deepspeed_args = ["--deepspeed_config_file", str(deepspeed_file)]
-        zero_stage = json.loads(deepspeed_file.read_text()).get("zero_optimization", {}).get("stage")
+        try:
+            zero_stage = json.loads(deepspeed_file.read_text())["zero_optimization"]["stage"]
+        except (ValueError, KeyError, TypeError):  # not ZeRO, or a file DeepSpeed itself will refuse with its reason
+            zero_stage = None
     if zero_stage == 3 and not torch.cuda.is_available() and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # ZeRO-3 gathers and frees every layer's weights in every step; with glibc's dynamic threshold (up to 32 MiB)
         # the freed blocks stay in the heap. Fixed at 1 MiB, each is returned at once: a process of a 0.5B model
