@@ -149,8 +149,9 @@ def launch_training(argv: Sequence[str], launch: LaunchConfig, resume_from_check
         else:
             # `accelerate launch --cpu` starts one process; this variable runs N CPU processes (gloo).
             environment["ACCELERATE_USE_CPU"] = "1"
-    deepspeed_args, zero_stage = [], (config.get("deepspeed_config") or {}).get("zero_stage")
-    if deepspeed_file := (config.get("deepspeed_config") or {}).get("deepspeed_config_file"):
+    deepspeed_config = config.get("deepspeed_config") or {}
+    deepspeed_args, zero_stage = [], deepspeed_config.get("zero_stage")
+    if deepspeed_file := deepspeed_config.get("deepspeed_config_file"):
         # Read relative to the config file (as the presets name theirs), not to the working directory.
         deepspeed_file = config_file.parent / deepspeed_file
         if not deepspeed_file.is_file():
