@@ -11,7 +11,10 @@ tokens each run sampled by then are reported too, as answers' lengths change wit
 Prints and writes (``--output_dir/{task}.json``, one entry per seed) each method's accuracy with its Wilson interval,
 the paired change against the base model and online ShiQ's paired difference from each other method (Newcombe's
 intervals), the wall time of the rounds, the update time per training token and each run's peak
-memory; plots held-out accuracy against sampled tokens (``{task}_accuracy_vs_sampled_tokens.png``).
+memory; plots held-out accuracy against sampled tokens (``{task}_seed{S}_accuracy_vs_sampled_tokens.png``).
+With several seeds it also pools them (``across_seeds`` in the JSON): each method's accuracy averaged over the
+seeds, and online ShiQ's difference from each peer averaged over the seeds question by question, with a bootstrap
+interval over the questions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from llmq.checkpoints import TRAINER_STATE, complete_checkpoints
 from llmq.methods.grpo import LOG_FILE as GRPO_LOG
@@ -74,9 +79,14 @@ def run(method: str, task: str, seed: int, output_dir: Path, partial: bool) -> d
     return json.loads(summary.read_text())
 
 
+def evaluations(summaries: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """Each method's held-out evaluations by round (round 0 is the base model)."""
+    return {method: {e["round"]: e for e in s["rounds"] if "correct" in e} for method, s in summaries.items()}
+
+
 def compare(summaries: dict[str, dict], seed: int) -> dict:
     """Every method at each round all of them evaluated: accuracy, paired change from the base, ShiQ − GRPO."""
-    evaluated = {method: {e["round"]: e for e in s["rounds"] if "correct" in e} for method, s in summaries.items()}
+    evaluated = evaluations(summaries)
     rounds = sorted(set.union(*(set(entries) for entries in evaluated.values())))
     base = next(iter(evaluated.values()))[0]["correct"]
     if any(entries[0]["correct"] != base for entries in evaluated.values()):
@@ -104,6 +114,40 @@ def compare(summaries: dict[str, dict], seed: int) -> dict:
             }
         table.append(row)
     return {"base_accuracy": sum(base) / len(base), "questions": len(base), "rounds": table}
+
+
+def across_seeds(evaluated_by_seed: dict[int, dict[str, dict[int, dict]]]) -> dict:
+    """Each method's accuracy averaged over seeds at every round all seeds and methods evaluated, and online ShiQ's
+    difference from each peer: per question, averaged over seeds, with a bootstrap interval over the questions
+    (the held-out questions are the same for every seed; the seeds' own spread is in the per-seed accuracies)."""
+    runs = list(evaluated_by_seed.values())
+    methods = sorted(set.intersection(*(set(run) for run in runs)), key=METHODS.index)
+    rounds = sorted(set.intersection(*(set(run[method]) for run in runs for method in methods)))
+    seed_mean = {
+        (method, round_number): np.mean([run[method][round_number]["correct"] for run in runs], axis=0)
+        for method in methods
+        for round_number in rounds
+    }
+    table = []
+    for round_number in rounds[1:]:
+        row = {
+            "round": round_number,
+            "accuracy": {
+                method: {
+                    "mean": float(seed_mean[method, round_number].mean()),
+                    "per_seed": [run[method][round_number]["accuracy"] for run in runs],
+                }
+                for method in methods
+            },
+        }
+        if "shiq" in methods:
+            row["shiq_minus"] = {
+                peer: paired_difference(seed_mean[peer, round_number], seed_mean["shiq", round_number])
+                for peer in methods
+                if peer != "shiq"
+            }
+        table.append(row)
+    return {"seeds": list(evaluated_by_seed), "rounds": table}
 
 
 def print_table(comparison: dict, summaries: dict[str, dict]) -> None:
@@ -136,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     (args.output_dir / args.task).mkdir(parents=True, exist_ok=True)
     path = args.output_dir / f"{args.task}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}  # other seeds' comparisons stay
+    evaluated_by_seed = {}
     for seed in args.seeds:
         summaries = {method: run(method, args.task, seed, args.output_dir, args.partial) for method in args.methods}
         summaries = {method: summary for method, summary in summaries.items() if summary}
+        evaluated_by_seed[seed] = evaluations(summaries)
         comparison = compare(summaries, seed)
         print(f"--- {args.task}, seed {seed}")
         print_table(comparison, summaries)
@@ -159,6 +205,19 @@ def main(argv: list[str] | None = None) -> None:
             f"{task_name}: held-out accuracy (first {comparison['questions']} test questions, seed {seed})",
         )
         print(f"plot: {plot}")
+    if len(evaluated_by_seed) > 1:
+        pooled = across_seeds(evaluated_by_seed)
+        results["across_seeds"] = pooled
+        print(f"--- {args.task}, averaged over seeds {pooled['seeds']}")
+        for row in pooled["rounds"]:
+            accuracies = ", ".join(
+                f"{LABELS[method]} {100 * a['mean']:.1f}% ({' / '.join(f'{100 * x:.1f}' for x in a['per_seed'])})"
+                for method, a in row["accuracy"].items()
+            )
+            print(f"round {row['round']}: {accuracies}")
+            for peer, difference in row.get("shiq_minus", {}).items():
+                low, high = (100 * x for x in difference["ci95_paired"])
+                print(f"  online ShiQ - {LABELS[peer]}: {100 * difference['mean']:+.1f} ({low:+.1f} to {high:+.1f})")
     path.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     print(f"results: {path}")
 
