@@ -2,15 +2,18 @@
 
     python bench/qstar_vs_sampling.py                      # products_3x1digit, the first 100 test questions
     python bench/qstar_vs_sampling.py --limit 50 --budgets 4
+    python bench/qstar_vs_sampling.py --limit 200 --qvms base_labels --engine vllm --batch_size 16 --seed 1 \
+        --output_dir outputs/bench/qstar_vs_sampling/seed1 --tree_to outputs/bench/qstar_vs_sampling/seed1/tree.html
 
 1. trains the QVMs of ``recipes/qstar/products_smollm2.yaml`` (labels sampled by the base model) and
-   ``recipes/qstar/products_shiq_labels_smollm2.yaml`` (labels sampled by the online ShiQ policy) unless they exist,
-   and reads each one's positive-label rate and held-out within-question pairwise accuracy; the QVM that ranks
-   held-out train answers better is the one best-of-N and Q* use;
-2. runs ``llmq eval`` on the first ``--limit`` test questions (the base model, T 0.8, 64 tokens): greedy; N sampled
-   answers (pass@k for every k ≤ N; pass@N is best-of-N by the verifier, the upper bound that reads the gold
-   answer); best-of-N of those same answers by the QVM; Q* at each budget, with g ≡ 0 and with the rules'
-   utility (−1 for a step with a false equation, min over the steps), or only those of ``--utilities``;
+   ``recipes/qstar/products_shiq_labels_smollm2.yaml`` (labels sampled by the online ShiQ policy), or only those of
+   ``--qvms``, unless they exist, and reads each one's positive-label rate and held-out within-question pairwise
+   accuracy; the QVM that ranks held-out train answers better is the one best-of-N and Q* use;
+2. runs ``llmq eval --engine ENGINE --seed SEED`` on the first ``--limit`` test questions (the base model, T 0.8,
+   64 tokens): greedy; N sampled answers (pass@k for every k ≤ N; pass@N is best-of-N by the verifier, the upper
+   bound that reads the gold answer); best-of-N of those same answers by the QVM; Q* at each budget, with g ≡ 0
+   and with the rules' utility (−1 for a step with a false equation, min over the steps), or only those of
+   ``--utilities``;
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
    change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
    the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap interval over
@@ -46,6 +49,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--utilities", nargs="+", default=["none", "rules"], choices=["none", "rules"], help="Q*'s search_utility."
     )
+    parser.add_argument(
+        "--qvms", nargs="+", default=list(QVMS), choices=list(QVMS), help="QVMs to train and choose the search's from."
+    )
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="llmq eval's engine for every run.")
+    parser.add_argument("--seed", type=int, default=0, help="llmq eval's seed (the sampled answers and proposals).")
+    parser.add_argument(
+        "--batch_size", type=int, default=4, help="Questions per batch of the sampled runs (N answers to each)."
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench/qstar_vs_sampling"))
     parser.add_argument(
         "--tree_to",
@@ -77,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.log"
     qvms = {}
-    for name, recipe in QVMS.items():
+    for name in args.qvms:
+        recipe = QVMS[name]
         directory = Path(load_recipe_file(recipe)["output_dir"])
         if not (directory / "summary.json").is_file():
             llmq("train", recipe, "--resume", log=log)
@@ -90,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         }
 
     common = ["eval", "--task", "products_3x1digit", "--limit", str(args.limit), "--max_new_tokens", "64"]
-    sampled = ["--temperature", "0.8", "--batch_size", "4"]  # batches of 4: best-of-N scores the pass@N answers
+    common += ["--engine", args.engine, "--seed", str(args.seed)]
+    # The same batches and seeds: best-of-N scores the very answers of pass@N.
+    sampled = ["--temperature", "0.8", "--batch_size", str(args.batch_size)]
     runs = {
         "greedy": [*common, "--decoding", "greedy", "--batch_size", "32"],
         f"sample{args.samples}": [*common, *sampled, "--num_samples", str(args.samples)],
@@ -161,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     report = {
         "questions": args.limit,
+        "engine": args.engine,
+        "seed": args.seed,
         "qvms": qvms,
         "qvm_used": chosen,
         "runs": table,
