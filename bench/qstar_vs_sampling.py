@@ -17,8 +17,9 @@
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
    change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
    the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap interval over
-   questions; copies the search tree of a question Q* solved to ``--tree_to``.  Every run resumes from its cached
-   completions.
+   questions, and Q*'s paired difference from best-of-k by the QVM at those equal tokens (exact over the k-subsets
+   of the N scored answers); copies the search tree of a question Q* solved to ``--tree_to``.  Every run resumes
+   from its cached completions.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from llmq.config import load_recipe_file
-from llmq.stats import paired_difference, pass_at_k, proportion_summary
+from llmq.stats import best_of_k, paired_difference, pass_at_k, proportion_summary
 
 QVMS = {
     "base_labels": "recipes/qstar/products_smollm2.yaml",
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     greedy = np.array([r["verdicts"][0]["correct"] for r in answers["greedy"]], dtype=float)
     samples = answers[f"sample{args.samples}"]
     correct_counts = [sum(v["correct"] for v in r["verdicts"]) for r in samples]
+    scored = answers[f"best_of_{args.samples}_qvm"]  # the same N answers, each with its QVM score
     tokens_per_answer = sum(r["generated_tokens"] for r in samples) / (len(samples) * args.samples)
     table = {}
     for name in runs:
@@ -164,6 +166,15 @@ def main(argv: list[str] | None = None) -> None:
                     ratios.append((outcomes[pick].mean() - greedy[pick].mean()) / gap)
             gap = at_k.mean() - greedy.mean()
             row["equal_token_pass_at_k"] = {"k": k, "mean": float(at_k.mean())}
+            # The peer at equal tokens: best-of-k by the same QVM, exact over the k-subsets of the N scored answers.
+            qvm_at_k = np.array(
+                [
+                    best_of_k([c["score"] for c in r["candidates"]], [c["correct"] for c in r["candidates"]], k)
+                    for r in scored
+                ]
+            )
+            row["equal_token_best_of_k_qvm"] = {"k": k, "mean": float(qvm_at_k.mean())}
+            row["vs_equal_token_best_of_k_qvm"] = paired_difference(qvm_at_k, outcomes)
             row["gap_closed"] = {
                 "mean": float((outcomes.mean() - greedy.mean()) / gap) if gap > 0 else None,
                 "ci95_bootstrap": [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))],
@@ -205,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
             equal = row["equal_token_pass_at_k"]
             line += f"; pass@{equal['k']} at equal tokens {equal['mean']:.3f}"
             line += f", gap closed {row['gap_closed']}"
+            peer, versus = row["equal_token_best_of_k_qvm"], row["vs_equal_token_best_of_k_qvm"]
+            line += f"; best-of-{peer['k']} by the QVM {peer['mean']:.3f}, Q* minus it {versus['mean']:+.3f}"
+            line += f" {versus['ci95_paired']}"
         print(line)
 
 

@@ -7,12 +7,14 @@
   interval, never zero-width either; paired changes of real values get the bootstrap.
 - Means of real values (scores) get scipy's bootstrap, BCa where it is defined and the percentile bootstrap
   where it is not (constant values: the interval is (c, c)).
-- ``pass_at_k`` is the unbiased pass@k estimator of Chen et al. (2021).
+- ``pass_at_k`` is the unbiased pass@k estimator of Chen et al. (2021); ``best_of_k`` the same kind of estimate for
+  best-of-k selection by a scorer.
 
 Numpy and scipy only: this is a primitives layer, it imports nothing else from llmq.
 """
 
 import inspect
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -203,3 +205,16 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     if samples - correct < k:
         return 1.0
     return 1.0 - float(np.prod(1.0 - k / np.arange(samples - correct + 1, samples + 1)))
+
+
+def best_of_k(scores: Sequence[float], correct: Sequence[bool], k: int) -> float:
+    """The chance that the highest-scored of ``k`` answers, drawn without replacement from the scored ``n``, is
+    correct: the answer with ``i`` lower-scored answers below it is the pick of C(i, k-1) of the C(n, k) draws.
+    Equal scores go to the earlier answer, as ``argmax`` picks."""
+    n = len(scores)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the {n} scored answers, got {k}")
+    # Ascending by score; among equal scores the earlier answer ranks higher.
+    ranked = sorted(range(n), key=lambda i: (scores[i], -i))
+    picks = np.array([math.comb(below, k - 1) for below in range(n)], dtype=float) / math.comb(n, k)
+    return float(sum(picks[rank] for rank, i in enumerate(ranked) if correct[i]))

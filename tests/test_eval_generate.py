@@ -93,6 +93,26 @@ def test_pass_at_k_is_the_chance_that_k_draws_include_a_correct_answer():
         assert pass_at_k(n, correct, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
+def test_best_of_k_is_the_chance_that_the_best_scored_of_k_draws_is_correct():
+    from itertools import combinations
+
+    from llmq.stats import best_of_k
+
+    assert best_of_k([0.1, 0.9, 0.5], [False, True, False], 1) == pytest.approx(1 / 3)
+    assert best_of_k([0.1, 0.9, 0.5], [False, True, False], 3) == 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # exact enumeration of the k-subsets, each picking its argmax
+        n = int(rng.integers(1, 9))
+        scores = rng.integers(0, 4, n).astype(float).tolist()  # few values: ties too
+        correct = (rng.random(n) < 0.4).tolist()
+        k = int(rng.integers(1, n + 1))
+        subsets = list(combinations(range(n), k))
+        picked = [subset[int(np.argmax([scores[i] for i in subset]))] for subset in subsets]
+        assert best_of_k(scores, correct, k) == pytest.approx(sum(correct[i] for i in picked) / len(subsets))
+    with pytest.raises(ValueError, match="k must be between 1 and the 2 scored answers"):
+        best_of_k([0.0, 1.0], [True, False], 3)
+
+
 @pytest.mark.slow
 def test_llmq_generate_saves_a_scored_dataset_with_its_settings(tmp_path, data_dir, tiny_model_dir):
     path = tmp_path / "data"
