@@ -216,5 +216,4 @@ def best_of_k(scores: Sequence[float], correct: Sequence[bool], k: int) -> float
         raise ValueError(f"k must be between 1 and the {n} scored answers, got {k}")
     # Ascending by score; among equal scores the earlier answer ranks higher.
     ranked = sorted(range(n), key=lambda i: (scores[i], -i))
-    picks = np.array([math.comb(below, k - 1) for below in range(n)], dtype=float) / math.comb(n, k)
-    return float(sum(picks[rank] for rank, i in enumerate(ranked) if correct[i]))
+    return sum(math.comb(below, k - 1) for below, i in enumerate(ranked) if correct[i]) / math.comb(n, k)
