@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         tokens = sum(r["generated_tokens"] for r in answers[name])
         row = proportion_summary(outcomes.astype(bool).tolist()) | {"sampled_tokens": tokens}
         row["vs_greedy"] = paired_difference(greedy, outcomes)
+        if name == f"best_of_{args.samples}_prm":  # two scorers of the same answers
+            by_qvm = [r["verdicts"][0]["correct"] for r in answers[f"best_of_{args.samples}_qvm"]]
+            row["vs_best_of_n_qvm"] = paired_difference(np.array(by_qvm, dtype=float), outcomes)
         if name.startswith("qstar"):
             k = int(min(args.samples, max(1, round(tokens / len(outcomes) / tokens_per_answer))))
             at_k = np.array([pass_at_k(args.samples, c, k) for c in correct_counts])
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{name}: {row['mean']:.3f} {row['ci95']}, {row['sampled_tokens']} tokens, vs greedy {change['mean']:+.3f}"
         )
         line += f" {change['ci95_paired']}"
+        if "vs_best_of_n_qvm" in row:
+            line += f", vs best-of-N by the QVM {row['vs_best_of_n_qvm']['mean']:+.3f}"
+            line += f" {row['vs_best_of_n_qvm']['ci95_paired']}"
         if "gap_closed" in row:
             equal = row["equal_token_pass_at_k"]
             line += f"; pass@{equal['k']} at equal tokens {equal['mean']:.3f}"
