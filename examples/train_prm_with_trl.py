@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import datasets
 import torch
@@ -42,6 +43,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
+    if not Path(args.stepwise).is_file():
+        print(
+            f"--stepwise {args.stepwise}: no such file (llmq train --method qvm writes stepwise.jsonl)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     try:
         from trl.experimental.prm import PRMConfig, PRMTrainer
     except ImportError:
