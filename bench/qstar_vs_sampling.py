@@ -17,11 +17,12 @@
    and with the rules' utility (−1 for a step with a false equation, min over the steps), or only those of
    ``--utilities``;
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
-   change from greedy (Newcombe), and for each Q* run the fraction of the greedy → pass@k gap it closes, with k
-   the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap interval over
-   questions, and Q*'s paired difference from best-of-k by the QVM (and by the PRM) at those equal tokens (exact
-   over the k-subsets of the N scored answers); copies the search tree of a question Q* solved to ``--tree_to``.
-   Every run resumes from its cached completions.
+   change from greedy (Newcombe); maj@N of the N sampled answers (self-consistency, the peer that needs no scorer)
+   and each best-of-N's paired difference from it; for each Q* run the fraction of the greedy → pass@k gap it
+   closes, with k the number of sampled answers whose tokens Q* spent (at least 1, at most N), and its bootstrap
+   interval over questions, and Q*'s paired difference from best-of-k by the QVM (and by the PRM) at those equal
+   tokens (exact over the k-subsets of the N scored answers); copies the search tree of a question Q* solved to
+   ``--tree_to``.  Every run resumes from its cached completions.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from llmq.config import load_recipe_file
+from llmq.decoding.best_of_n import majority_vote
 from llmq.stats import best_of_k, paired_difference, pass_at_k, proportion_summary
 
 QVMS = {
@@ -195,6 +197,17 @@ def main(argv: list[str] | None = None) -> None:
                 "ci95_bootstrap": [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))],
             }
         table[name] = row
+    # Self-consistency, the peer that needs no scorer: the most frequent answer among the same N sampled answers.
+    majority = np.array(
+        [r["verdicts"][majority_vote([v["answer"] for v in r["verdicts"]])]["correct"] for r in samples], dtype=float
+    )
+    table[f"maj_at_{args.samples}"] = proportion_summary(majority.astype(bool).tolist()) | {
+        "sampled_tokens": table[f"sample{args.samples}"]["sampled_tokens"],
+        "vs_greedy": paired_difference(greedy, majority),
+    }
+    for scorer in scorers:
+        by_scorer = np.array([r["verdicts"][0]["correct"] for r in scored[scorer]], dtype=float)
+        table[f"best_of_{args.samples}_{scorer}"]["vs_maj_at_n"] = paired_difference(majority, by_scorer)
     curve = {
         str(k): float(np.mean([pass_at_k(args.samples, c, k) for c in correct_counts]))
         for k in range(1, args.samples + 1)
@@ -228,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{name}: {row['mean']:.3f} {row['ci95']}, {row['sampled_tokens']} tokens, vs greedy {change['mean']:+.3f}"
         )
         line += f" {change['ci95_paired']}"
+        if "vs_maj_at_n" in row:
+            line += f", vs maj@N {row['vs_maj_at_n']['mean']:+.3f} {row['vs_maj_at_n']['ci95_paired']}"
         if "vs_best_of_n_qvm" in row:
             line += f", vs best-of-N by the QVM {row['vs_best_of_n_qvm']['mean']:+.3f}"
             line += f" {row['vs_best_of_n_qvm']['ci95_paired']}"
