@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         [r["verdicts"][majority_vote([v["answer"] for v in r["verdicts"]])]["correct"] for r in samples], dtype=float
     )
     table[f"maj_at_{args.samples}"] = proportion_summary(majority.astype(bool).tolist()) | {
-        "sampled_tokens": table[f"sample{args.samples}"]["sampled_tokens"],
+        "sampled_tokens": sum(r["generated_tokens"] for r in samples),
         "vs_greedy": paired_difference(greedy, majority),
     }
     for scorer in scorers:
