@@ -152,23 +152,31 @@ def main(argv: list[str] | None = None) -> None:
             llmq(*command, "--output_dir", str(out / name), log=log)
 
     answers = {name: records(out / name) for name in runs}
-    greedy = np.array([r["verdicts"][0]["correct"] for r in answers["greedy"]], dtype=float)
+    # Each run's per-question outcome: its first (or selected) answer is right.
+    outcomes_of = {name: np.array([r["verdicts"][0]["correct"] for r in answers[name]], dtype=float) for name in runs}
+    greedy = outcomes_of["greedy"]
     samples = answers[f"sample{args.samples}"]
+    # Self-consistency, the peer that needs no scorer: the most frequent answer among the same N sampled answers.
+    majority = np.array(
+        [r["verdicts"][majority_vote([v["answer"] for v in r["verdicts"]])]["correct"] for r in samples], dtype=float
+    )
     correct_counts = [sum(v["correct"] for v in r["verdicts"]) for r in samples]
     # The same N answers, each with its score by each scorer.
     scored = {scorer: answers[f"best_of_{args.samples}_{scorer}"] for scorer in scorers}
-    tokens_per_answer = sum(r["generated_tokens"] for r in samples) / (len(samples) * args.samples)
+    sampler_tokens = sum(r["generated_tokens"] for r in samples)
+    tokens_per_answer = sampler_tokens / (len(samples) * args.samples)
     table = {}
     for name in runs:
         if name.startswith("sample"):
             continue
-        outcomes = np.array([r["verdicts"][0]["correct"] for r in answers[name]], dtype=float)
+        outcomes = outcomes_of[name]
         tokens = sum(r["generated_tokens"] for r in answers[name])
         row = proportion_summary(outcomes.astype(bool).tolist()) | {"sampled_tokens": tokens}
         row["vs_greedy"] = paired_difference(greedy, outcomes)
+        if name.startswith("best_of"):
+            row["vs_maj_at_n"] = paired_difference(majority, outcomes)
         if name == f"best_of_{args.samples}_prm":  # two scorers of the same answers
-            by_qvm = [r["verdicts"][0]["correct"] for r in answers[f"best_of_{args.samples}_qvm"]]
-            row["vs_best_of_n_qvm"] = paired_difference(np.array(by_qvm, dtype=float), outcomes)
+            row["vs_best_of_n_qvm"] = paired_difference(outcomes_of[f"best_of_{args.samples}_qvm"], outcomes)
         if name.startswith("qstar"):
             k = int(min(args.samples, max(1, round(tokens / len(outcomes) / tokens_per_answer))))
             at_k = np.array([pass_at_k(args.samples, c, k) for c in correct_counts])
@@ -197,17 +205,10 @@ def main(argv: list[str] | None = None) -> None:
                 "ci95_bootstrap": [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))],
             }
         table[name] = row
-    # Self-consistency, the peer that needs no scorer: the most frequent answer among the same N sampled answers.
-    majority = np.array(
-        [r["verdicts"][majority_vote([v["answer"] for v in r["verdicts"]])]["correct"] for r in samples], dtype=float
-    )
     table[f"maj_at_{args.samples}"] = proportion_summary(majority.astype(bool).tolist()) | {
-        "sampled_tokens": sum(r["generated_tokens"] for r in samples),
+        "sampled_tokens": sampler_tokens,
         "vs_greedy": paired_difference(greedy, majority),
     }
-    for scorer in scorers:
-        by_scorer = np.array([r["verdicts"][0]["correct"] for r in scored[scorer]], dtype=float)
-        table[f"best_of_{args.samples}_{scorer}"]["vs_maj_at_n"] = paired_difference(majority, by_scorer)
     curve = {
         str(k): float(np.mean([pass_at_k(args.samples, c, k) for c in correct_counts]))
         for k in range(1, args.samples + 1)
