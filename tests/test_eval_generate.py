@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from llmq.cli import main
+from llmq.evaluation.report import score_records
 from llmq.stats import bootstrap_interval
 
 
@@ -200,3 +201,17 @@ def test_quickstart_recipe_runs_end_to_end_on_the_embedded_model(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "benchmark before shiq:" in printed and "benchmark after shiq:" in printed
     assert "change after shiq" in printed
+
+
+def test_maj_at_n_is_right_when_the_most_frequent_answer_is_right_and_ties_go_to_the_answer_seen_first():
+    def verdict(answer, correct):
+        return {"answer": answer, "correct": correct, "formatted": answer is not None}
+
+    records = [
+        {"verdicts": [verdict("5", False), verdict("7", True), verdict("7", True)]},
+        {"verdicts": [verdict("7", True), verdict("5", False), verdict("5", False)]},
+        {"verdicts": [verdict("3", True), verdict("4", False), verdict(None, False)]},
+        {"verdicts": [verdict(None, False), verdict(None, False), verdict(None, False)]},
+    ]
+    metrics = score_records(records, num_samples=3, num_candidates=3, selecting=False)["metrics"]
+    assert metrics["maj@3"]["mean"] == pytest.approx(2 / 4)

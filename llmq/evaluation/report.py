@@ -5,11 +5,11 @@ zero-width), a bootstrap for pass@k estimates."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from llmq.decoding.best_of_n import majority_vote
 from llmq.stats import pass_at_k, probability_interval, proportion_summary
 from llmq.visualize import plot_accuracy_vs_tokens
 
@@ -24,9 +24,8 @@ def score_records(records: list[dict], num_samples: int, num_candidates: int, se
         correct.append(answers[0]["correct"])
         formatted.append(answers[0]["formatted"])
         passed.append(any(v["correct"] for v in answers))
-        votes = Counter(v["answer"] for v in answers if v["answer"] is not None)
-        winner = votes.most_common(1)[0][0] if votes else None
-        majority.append(any(v["correct"] for v in answers if winner is not None and v["answer"] == winner))
+        voted = answers[majority_vote([v["answer"] for v in answers])]
+        majority.append(voted["answer"] is not None and voted["correct"])
 
     # pass@k of the sampler for every k up to its N answers: an accuracy at k answers' tokens.
     sampled = [
