@@ -20,7 +20,7 @@ from llmq.config import ModelConfig, load_recipe_file, parse_recipe
 from llmq.errors import UserError
 from llmq.evaluation import EvalConfig, GenerateConfig, build_offline_dataset, evaluate, format_report
 from llmq.explain import ExplainConfig, explain, format_summary
-from llmq.launch import LaunchConfig, is_launched_process, launch_training
+from llmq.launch import LaunchConfig, is_launched_process, launch_training, share_fp32_master_weights
 from llmq.methods import DEFAULT_METHOD, METHODS, method_module
 from llmq.models import REGISTRY, load_from_config, prepare_model, resolve_dtype, resolve_model
 from llmq.models.registry import is_prepared, model_directory
@@ -97,6 +97,8 @@ def _train(argv: Sequence[str]) -> int:
         launch_training(argv, launch, training_args.resume_from_checkpoint)
         print(f"machine {launch.machine_rank}: its training processes finished; machine 0 reports the run")
         return 0
+    if is_launched_process() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        share_fp32_master_weights()
     summary = module.run(model_args, training_args, config, launch, argv)
     if is_launched_process():  # the launching process reports
         # Skip the interpreter's teardown: gloo threads still finishing ZeRO-3's prefetch all-gathers

@@ -4,6 +4,7 @@ process with the same global batch; then ``--resume`` from the multi-process che
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -120,6 +121,33 @@ def test_a_config_files_deepspeed_file_is_read_relative_to_it(recipe, capsys, tm
     assert main(["train", str(recipe), "--accelerate_config", str(own), "--num_processes", "2"]) == 2
     assert f"key 'deepspeed_config_file' of {own}: {tmp_path / 'mine.json'} is not a file" in capsys.readouterr().err
     assert not is_launched_process()  # the refusal leaves this process as it was
+
+
+ZERO3_OPTIMIZER = """
+import torch, deepspeed
+from llmq.launch import share_fp32_master_weights
+share_fp32_master_weights()
+deepspeed.init_distributed(dist_backend="gloo")
+model = torch.nn.Linear(256, 256)
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+config["zero_allow_untested_optimizer"] = True
+_, optimizer, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+print(optimizer.fp32_partitioned_groups_flat[0].data_ptr() == optimizer.fp16_partitioned_groups_flat[0].data_ptr())
+"""
+
+
+def test_zero3_optimizer_of_an_fp32_model_updates_the_parameter_shard_itself_instead_of_an_fp32_copy():
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (extra 'deepspeed')")
+    from llmq.launch import _free_port
+
+    rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    environment = os.environ | rank | {"MASTER_PORT": str(_free_port())}
+    finished = subprocess.run(
+        [sys.executable, "-c", ZERO3_OPTIMIZER], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.split()[-1] == "True"  # the master weights are the shard: no second fp32 copy
 
 
 @pytest.mark.slow
