@@ -214,6 +214,7 @@ def share_fp32_master_weights() -> None:
     torch 2.13 (``torch.device("cpu") == "cpu"``); every process then held a redundant fp32 copy of its shard, 0.94 GiB
     per process of a 0.5B model in two (docs/results.md). The call runs with ``self.device`` as a ``torch.device``.
     """
+    # DeepSpeed is an optional extra (llmq[deepspeed]), needed only by the processes of a DeepSpeed launch.
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Optimizer
 
     create = Optimizer._create_fp32_partitions
