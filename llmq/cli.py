@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llmq import __version__
 from llmq.checkpoints import resume_point, validate_checkpoint
@@ -97,7 +98,7 @@ def _train(argv: Sequence[str]) -> int:
         launch_training(argv, launch, training_args.resume_from_checkpoint)
         print(f"machine {launch.machine_rank}: its training processes finished; machine 0 reports the run")
         return 0
-    if is_launched_process() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if is_launched_process() and is_deepspeed_zero3_enabled():  # the training arguments have set up DeepSpeed
         share_fp32_master_weights()
     summary = module.run(model_args, training_args, config, launch, argv)
     if is_launched_process():  # the launching process reports

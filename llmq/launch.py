@@ -218,8 +218,6 @@ def share_fp32_master_weights() -> None:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Optimizer
 
     create = Optimizer._create_fp32_partitions
-    if getattr(create, "compares_devices", False):
-        return
 
     @functools.wraps(create)
     def create_comparing_devices(self) -> None:
@@ -231,5 +229,4 @@ def share_fp32_master_weights() -> None:
         finally:
             self.device = name
 
-    create_comparing_devices.compares_devices = True
     Optimizer._create_fp32_partitions = create_comparing_devices
