@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from llmq.mdp import last_action_positions, reverse_discounted_cumsum, token_logprobs
+from llmq.mdp import action_logit_rows, last_action_positions, reverse_discounted_cumsum, token_logprobs
 
 
 def _next_action_values(values: torch.Tensor, act_mask: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,7 @@ def shiq_loss(
     truncated: torch.Tensor | None = None,
     loss_type: Literal["multistep", "one_step"] = "multistep",
     q_model: bool = False,
+    logit_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ShiQ: squared Bellman residuals on the LM's own logits (docs/algorithms.md §2.3–2.4).
 
@@ -73,6 +74,8 @@ def shiq_loss(
         loss_type: ``"multistep"`` (S3, default) or ``"one_step"`` (S2).
         q_model: ``logits`` are a Q model's ``Q/β`` beside the reference (§6.6), not a policy's: the policy is
             ``ℓ_θ = ℓ_ref + logits``, so the fixed point puts ``Q*/β`` in its own logits; needs ``ref_logits``.
+        logit_rows: ``[K]`` the rows of the full logits that ``logits`` and ``ref_logits`` hold, ``[B, K, V]``
+            (:func:`llmq.mdp.action_logit_rows`: every action position and bootstrap state the loss reads).
 
     Returns:
         ``(loss, metrics)`` with metrics ``loss``, ``delta/abs_mean``, ``rho/mean``, ``u/mean``,
@@ -87,12 +90,18 @@ def shiq_loss(
         if ref_logits is None:
             raise ValueError("shiq_loss with q_model needs ref_logits: the policy is ℓ_ref + the model's Q/β")
         logits = ref_logits.detach() + logits  # ℓ_θ = ℓ_ref + Q/β (E5)
-    logp, lse = token_logprobs(logits, input_ids)
+    logp, lse = token_logprobs(logits, input_ids, logit_rows)
     if ref_logits is not None:
-        ref_logp, ref_lse = token_logprobs(ref_logits.detach(), input_ids)
+        ref_logp, ref_lse = token_logprobs(ref_logits.detach(), input_ids, logit_rows)
     elif ref_logp is None or ref_lse is None:
         raise ValueError("shiq_loss needs ref_logits, or both ref_logp and ref_lse")
     mask = act_mask.bool()
+    if logit_rows is not None:
+        read = action_logit_rows(mask, truncated)
+        if not torch.isin(read, logit_rows).all():
+            raise ValueError(
+                f"logit_rows lack rows {read[~torch.isin(read, logit_rows)].tolist()} that the loss reads"
+            )
     rewards = rewards.to(logp.dtype)
     u_all = lse - ref_lse  # the value shift of every state, action or not (used to bootstrap)
     rho = torch.where(mask, logp - ref_logp, 0.0)

@@ -13,28 +13,54 @@ from collections.abc import Sequence
 import torch
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the taken tokens and the log-sum-exp of the logits, in fp32.
 
     Args:
-        logits: ``[B, L, V]`` logits in the HF convention (row ``p - 1`` scores token ``p``).
+        logits: ``[B, L, V]`` logits in the HF convention (row ``p - 1`` scores token ``p``); or, with ``rows``,
+            only those rows of them, ``[B, K, V]`` (what a model returns for ``logits_to_keep=rows``).
         input_ids: ``[B, L]`` token ids.
+        rows: ``[K]`` the logits rows that ``logits`` holds (see :func:`action_logit_rows`); ``None``: all.
 
     Returns:
         ``(logp, lse)``, both ``[B, L]`` in fp32 (fp64 for fp64 logits): ``logp[:, p] = log π(input_ids[:, p] |
         input_ids[:, :p])``
-        and ``lse[:, p] = LSE ℓ(s_p)`` over the full vocabulary; column 0 is 0 in both.
+        and ``lse[:, p] = LSE ℓ(s_p)`` over the full vocabulary; column 0, and every position whose row is not in
+        ``rows``, is 0 in both.
     """
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+    kept = input_ids.shape if rows is None else (input_ids.shape[0], len(rows))
+    if logits.dim() != 3 or input_ids.dim() != 2 or logits.shape[:2] != kept:
         raise ValueError(
             f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} do not align as [B, L, V] / [B, L]"
+            + ("" if rows is None else f" with {len(rows)} logits rows kept")
         )
-    scores = logits[:, :-1]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
+    batch, length = input_ids.shape
+    if rows is None:
+        logits, rows = logits[:, :-1], torch.arange(length - 1, device=input_ids.device)
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
     lse = torch.logsumexp(scores, dim=-1)
-    taken = scores.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    pad = lse.new_zeros(lse.shape[0], 1)
-    return torch.cat([pad, taken - lse], dim=1), torch.cat([pad, lse], dim=1)
+    positions = rows + 1
+    taken = scores.gather(-1, input_ids[:, positions, None]).squeeze(-1)
+    zeros = lse.new_zeros(batch, length)
+    return zeros.index_copy(1, positions, taken - lse), zeros.index_copy(1, positions, lse)
+
+
+def action_logit_rows(act_mask: torch.Tensor, truncated: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits rows a token-level loss reads, ``[K]`` ascending: row ``p − 1`` for every action position ``p`` of
+    any row of the batch and, for a truncated row, the row of the state after its last action (its bootstrap).
+
+    Given to a model as ``logits_to_keep``, they make it compute only those rows of its ``[B, L, V]`` logits: prompt
+    and observation positions never reach the LM head, whose logits, their gradient and the log-sum-exp are each
+    ``L × V`` floats per row.  The position after a truncated row's last action is clipped to the sequence (a loss
+    that needs it there reports the missing padding).
+    """
+    scored = act_mask.bool().clone()
+    if truncated is not None and truncated.any():
+        after_last = (last_action_positions(scored) + 1).clamp(max=scored.shape[1] - 1)
+        scored[truncated, after_last[truncated]] = True
+    return torch.nonzero(scored[:, 1:].any(0)).squeeze(1)
 
 
 def state_scores(logits: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmq.mdp import (
+    action_logit_rows,
     action_mask_from_spans,
     completion_mask,
     last_action_positions,
@@ -65,6 +66,26 @@ def test_token_logprobs_lse_is_fp32_over_full_vocabulary(dtype):
     torch.testing.assert_close(logp, torch.tensor([[0.0, -math.log(vocab), -math.log(vocab)]]), rtol=0, atol=1e-6)
     low_precision = torch.logsumexp(logits[:, :-1], dim=-1).float()
     assert (low_precision - math.log(vocab)).abs().max() > 1e-3
+
+
+def test_token_logprobs_of_kept_rows_equal_the_full_ones_there_and_are_zero_elsewhere():
+    rows = torch.tensor([0, 2])  # they score positions 1 and 3
+    full_logp, full_lse = token_logprobs(example_logits(), INPUT_IDS)
+    logp, lse = token_logprobs(example_logits()[:, rows], INPUT_IDS, rows)
+    for kept, full in ((logp, full_logp), (lse, full_lse)):
+        torch.testing.assert_close(kept[:, [1, 3]], full[:, [1, 3]], rtol=0, atol=0)
+        assert (kept[:, [0, 2]] == 0).all()
+    with pytest.raises(ValueError, match="with 2 logits rows kept"):
+        token_logprobs(example_logits(), INPUT_IDS, rows)
+
+
+def test_action_logit_rows_are_the_rows_before_any_action_and_a_truncated_rows_bootstrap_state():
+    act_mask = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    assert action_logit_rows(act_mask).tolist() == [1, 2, 3]
+    # Row 0 is truncated: the state after its last action (position 4) is read through logits row 3, already kept.
+    assert action_logit_rows(act_mask, torch.tensor([True, False])).tolist() == [1, 2, 3]
+    # Row 1 is truncated: position 5, logits row 4.
+    assert action_logit_rows(act_mask, torch.tensor([False, True])).tolist() == [1, 2, 3, 4]
 
 
 def test_token_logprobs_shape_mismatch():

@@ -14,6 +14,7 @@ from llmq.cli import main
 from llmq.data.trajectories import TrajectoryCollator, tokenize_trajectory
 from llmq.errors import UserError
 from llmq.losses import shiq_loss
+from llmq.mdp import action_logit_rows
 from llmq.models import load_model, load_tokenizer
 
 CONVERSATION = {
@@ -134,6 +135,47 @@ def test_multi_turn_masks_observations_and_places_turn_rewards(tokenizer):
     perturbed = logits.clone()
     perturbed[0, observation_rows] += torch.randn(len(observation_rows), len(tokenizer))
     assert shiq_loss(perturbed, ref_logits, **kwargs)[0] == loss
+
+
+def test_logits_kept_only_at_action_rows_give_the_full_logits_loss_and_gradients(tokenizer):
+    rows = [
+        tokenize_trajectory(CONVERSATION, tokenizer, max_length=512, index=0),
+        tokenize_trajectory(
+            {"prompt": "Q", "completion": " abc", "reward": 0.5, "truncated": True}, tokenizer, 512, 1
+        ),
+    ]
+    batch = TrajectoryCollator(tokenizer.pad_token_id)(rows)
+    model, ref_model = load_model("tiny-llama", dtype="float32"), load_model("tiny-llama", dtype="float32")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    kwargs = dict(act_mask=batch["act_mask"], rewards=batch["rewards"], truncated=batch["truncated"], beta=0.5)
+    kept = action_logit_rows(batch["act_mask"], batch["truncated"])
+    assert len(kept) < batch["input_ids"].shape[1] // 2  # the prompts and observations are most of the tokens
+
+    losses, gradients = [], []
+    for logits_to_keep, logit_rows in ((0, None), (kept, kept)):
+        model.zero_grad()
+        ref_logits = ref_model(**inputs, logits_to_keep=logits_to_keep).logits
+        logits = model(**inputs, logits_to_keep=logits_to_keep).logits
+        loss, _ = shiq_loss(logits, ref_logits, input_ids=inputs["input_ids"], logit_rows=logit_rows, **kwargs)
+        loss.backward()
+        losses.append(loss.detach())
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="logit_rows lack rows"):
+        shiq_loss(logits[:, 1:], ref_logits[:, 1:], input_ids=inputs["input_ids"], logit_rows=kept[1:], **kwargs)
+
+
+def test_the_trainer_asks_its_models_for_the_action_rows_only(tokenizer, tmp_path):
+    trainer = make_shiq_trainer(tokenizer, tmp_path)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    kept = action_logit_rows(batch["act_mask"], batch["truncated"])
+    assert outputs["logits"].shape[1] == len(kept) < batch["input_ids"].shape[1] - 1
 
 
 def test_truncated_rows_end_without_an_end_of_turn_action(tokenizer):

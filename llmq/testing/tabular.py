@@ -65,16 +65,22 @@ class TabularLM(torch.nn.Module):
         return torch.tensor(rows, dtype=torch.long, device=self.table.device).reshape(input_ids.shape)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: object
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: object,
     ) -> TabularLMOutput:
         """HF-style logits: row ``p`` scores token ``p + 1`` from state ``input_ids[:, :p+1]``.
 
         Action columns hold the state's table row and the other columns :data:`NON_ACTION_LOGIT`;
         rows whose prefix is not an agent state (after an action that an observation follows,
-        terminal, padding after EOS) are all zeros.  ``attention_mask`` and other keyword arguments
+        terminal, padding after EOS) are all zeros.  ``logits_to_keep`` selects rows as in transformers' causal LMs
+        (the last N, or the positions of a tensor; 0: all).  ``attention_mask`` and other keyword arguments
         (as a trainer passes them) are ignored: each position's state is read from the tokens.
         """
         index = self.state_rows(input_ids)
+        index = index[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else index[:, logits_to_keep]
         rows = self.table[index.clamp(min=0)]
         filler = rows.new_full((*index.shape, self.mdp.n_tokens - self.mdp.n_actions), NON_ACTION_LOGIT)
         logits = torch.where((index >= 0)[..., None], torch.cat([rows, filler], dim=-1), 0.0)

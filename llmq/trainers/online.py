@@ -52,7 +52,7 @@ from llmq.data.replay import ReplayBuffer, mixed_batches
 from llmq.data.trajectories import TrajectoryCollator, length_ordered_batches
 from llmq.errors import NonFiniteLossError, UserError
 from llmq.losses import dpo_loss, shiq_loss
-from llmq.mdp import token_logprobs
+from llmq.mdp import action_logit_rows, token_logprobs
 from llmq.trainers.shiq import ShiQConfig
 
 OBJECTIVES = ("shiq", "dpo", "sft")
@@ -364,10 +364,11 @@ class OnlineTrainer:
             )
             return loss, tokens
         batch = self._collate(rows)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logit_rows = action_logit_rows(batch["act_mask"], batch["truncated"])
+        logits = self._action_logits(batch, logit_rows)
         tokens = int(batch["attention_mask"].sum())
         if args.objective == "sft":
-            logp, _ = token_logprobs(logits, batch["input_ids"])
+            logp, _ = token_logprobs(logits, batch["input_ids"], logit_rows)
             mask = batch["act_mask"]
             return -(logp * mask).sum() / mask.sum().clamp(min=1), tokens
         loss, _ = shiq_loss(
@@ -381,16 +382,23 @@ class OnlineTrainer:
             ref_lse=batch["ref_lse"],
             truncated=batch["truncated"],
             loss_type=args.loss_type,
+            logit_rows=logit_rows,
         )
         return loss, tokens
 
     def _sequence_logps(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``log π_θ(y|x)`` and ``log π_ref(y|x)`` of each row, summed over its action tokens."""
         batch = self._collate(rows)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp, _ = token_logprobs(logits, batch["input_ids"])
+        logit_rows = action_logit_rows(batch["act_mask"])
+        logp, _ = token_logprobs(self._action_logits(batch, logit_rows), batch["input_ids"], logit_rows)
         mask = batch["act_mask"]
         return (logp * mask).sum(1), (batch["ref_logp"] * mask).sum(1), int(batch["attention_mask"].sum())
+
+    def _action_logits(self, batch: dict[str, torch.Tensor], logit_rows: torch.Tensor) -> torch.Tensor:
+        """The policy's logits rows ``logit_rows`` only: the LM head never scores prompt positions."""
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=logit_rows
+        ).logits
 
     def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.collator(rows)

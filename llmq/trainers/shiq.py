@@ -24,7 +24,7 @@ from trl.models import prepare_deepspeed
 from llmq.data.trajectories import TrajectoryCollator, length_ordered_batches, tokenize_trajectory
 from llmq.errors import UserError
 from llmq.losses import shiq_loss
-from llmq.mdp import token_logprobs
+from llmq.mdp import action_logit_rows, token_logprobs
 from llmq.models import load_model
 from llmq.models.q_model import is_q_model, make_q_model
 from llmq.trainers.metrics import LossMetricsTrainer
@@ -234,15 +234,17 @@ class ShiQTrainer(LossMetricsTrainer):
             if self.eval_dataset is not None:
                 self.eval_dataset = self._with_reference_statistics(self.eval_dataset)
 
-    def _reference_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _reference_logits(self, batch: dict[str, torch.Tensor], rows: torch.Tensor | int = 0) -> torch.Tensor:
+        """The reference's logits rows ``rows`` (``logits_to_keep``; 0: all of them)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": rows}
         with torch.no_grad():
             if self.ref_model is not None:
-                return self.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return self.ref_model(**inputs).logits
             if self.uses_peft:
                 with self.accelerator.unwrap_model(self.model).disable_adapter():
-                    return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    return self.model(**inputs).logits
             # Only reached by the precompute pass, before any update: the model is the reference.
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return self.model(**inputs).logits
 
     def _with_reference_statistics(self, dataset):
         """One pass of the reference over ``dataset``: per-token ``ref_logp`` / ``ref_lse`` columns.
@@ -265,13 +267,17 @@ class ShiQTrainer(LossMetricsTrainer):
         return dataset.add_column("ref_logp", logps).add_column("ref_lse", lses)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        # Logits only where the loss reads them: the LM head never scores prompt or observation positions.
+        rows = action_logit_rows(inputs["act_mask"], inputs["truncated"])
         # The reference first, as TRL's DPOTrainer does: the memory of its forward (under ZeRO-3 each layer's gathered
         # weights) then never adds to the policy's activations, which are kept for the backward pass.
         if "ref_logp" in inputs:
             reference = {"ref_logp": inputs["ref_logp"], "ref_lse": inputs["ref_lse"]}
         else:
-            reference = {"ref_logits": self._reference_logits(inputs)}
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            reference = {"ref_logits": self._reference_logits(inputs, rows)}
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=rows
+        ).logits
         loss, metrics = shiq_loss(
             logits,
             input_ids=inputs["input_ids"],
@@ -282,6 +288,7 @@ class ShiQTrainer(LossMetricsTrainer):
             truncated=inputs["truncated"],
             loss_type=self.args.loss_type,
             q_model=self.args.q_model,
+            logit_rows=rows,
             **reference,
         )
         self.record_metrics(metrics, model.training)
