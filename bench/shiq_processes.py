@@ -82,6 +82,7 @@ def run(processes: int, dataset: Path, folder: Path) -> dict:
         "1024",
     ]
     command += ["--bf16", "true"] if ARGS.bf16 else []
+    command += ["--gradient_checkpointing", "true"] if ARGS.gradient_checkpointing else []
     if processes > 1:
         command += ["--accelerate_config", ARGS.accelerate_config, "--num_processes", str(processes)]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -138,6 +139,7 @@ def main() -> None:
         if torch.cuda.is_available()
         else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": "bfloat16" if ARGS.bf16 else "float32",
+        "gradient_checkpointing": ARGS.gradient_checkpointing,
         "results": {str(k): v for k, v in results.items()},
         f"{ARGS.processes}_over_1": ratios,
     }
@@ -169,6 +171,7 @@ parser.add_argument("--processes", type=int, default=2)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--global_batch", type=int, default=4)
 parser.add_argument("--bf16", action="store_true", help="train in bf16 (GPUs)")
+parser.add_argument("--gradient_checkpointing", action="store_true", help="in both runs")
 parser.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 parser.add_argument("--output", default="outputs/bench/shiq_processes.json")
 parser.add_argument("--only", type=int, help=argparse.SUPPRESS)
