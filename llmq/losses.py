@@ -98,10 +98,9 @@ def shiq_loss(
     mask = act_mask.bool()
     if logit_rows is not None:
         read = action_logit_rows(mask, truncated)
-        if not torch.isin(read, logit_rows).all():
-            raise ValueError(
-                f"logit_rows lack rows {read[~torch.isin(read, logit_rows)].tolist()} that the loss reads"
-            )
+        missing = read[~torch.isin(read, logit_rows)]
+        if len(missing):
+            raise ValueError(f"logit_rows lack rows {missing.tolist()} that the loss reads")
     rewards = rewards.to(logp.dtype)
     u_all = lse - ref_lse  # the value shift of every state, action or not (used to bootstrap)
     rho = torch.where(mask, logp - ref_logp, 0.0)
