@@ -10,7 +10,7 @@ as completions (reward 1), ``steps`` optimizer steps of ``global_batch`` rows, s
 every row exactly once and processes the same tokens.  The single process takes the whole batch, each
 of the N processes ``global_batch / N``.  Throughput is those tokens over the Trainer's
 ``train_runtime``; memory is the peak RSS of the largest process, over the whole run and over the
-training alone (before the final save, which under ZeRO-3 gathers the whole model in process 0).
+training alone (before the final save, which under ZeRO-3 gathers one shard at a time).
 Prints the N/1 ratios and writes JSON.
 """
 
@@ -94,7 +94,7 @@ def run(processes: int, dataset: Path, folder: Path) -> dict:
         "train_runtime_s": metrics["train_runtime"],
         "train_loss": metrics["train_loss"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
-        # The same before the final save (which under ZeRO-3 gathers the whole model in process 0), as the run saw it.
+        # The same before the final save, as the run saw it.
         "training_peak_rss_gib": metrics["peak_host_memory_gib"],
         # The share of the policy's weights one training process held after loading (1.0 unless ZeRO-3 partitions).
         "weights_held_at_load": metrics.get("weights_held_at_load", 1.0),

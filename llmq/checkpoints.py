@@ -16,7 +16,9 @@ import re
 import zipfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmq.errors import UserError
@@ -158,3 +160,61 @@ def resume_point(output_dir: str | os.PathLike) -> str | None:
     """
     complete = complete_checkpoints(output_dir)
     return str(validate_checkpoint(complete[0])) if complete else None
+
+
+def save_partitioned_weights(
+    model: torch.nn.Module, output_dir: str | os.PathLike, *, write: bool, max_shard_bytes: int = 512 * 2**20
+) -> list[str]:
+    """Write a ZeRO-3-partitioned model's weights as transformers reads them (``model.safetensors``, or shards of at
+    most ``max_shard_bytes`` — one larger tensor alone — listed by ``model.safetensors.index.json``) without any
+    process holding them all.
+
+    Every process calls this (the gathering is collective); the parameters of one shard are gathered at a time and
+    the process with ``write`` writes them before the next shard is gathered.  The Trainer's own save gathers the
+    whole model in process 0 first (DeepSpeed's ``_zero3_consolidated_16bit_state_dict``), which made the save the
+    largest memory peak of a ZeRO-3 run.  Tied parameters are written once, under their first name, as
+    ``save_pretrained`` does; persistent buffers go with the last shard.  Returns the files written.
+    """
+    import deepspeed  # the llmq[deepspeed] extra, present wherever a model is ZeRO-3-partitioned
+
+    folder = Path(output_dir)
+    parameters = dict(model.named_parameters())  # a tied weight appears once
+    buffers = {
+        f"{module_name}.{name}".lstrip("."): buffer
+        for module_name, module in model.named_modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name not in module._non_persistent_buffers_set
+    }
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, parameter in parameters.items():
+        nbytes = getattr(parameter, "ds_numel", parameter.numel()) * parameter.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (
+        [WEIGHTS]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in [*folder.glob("model-*-of-*.safetensors"), folder / WEIGHTS, folder / WEIGHTS_INDEX]:
+            stale.unlink(missing_ok=True)  # an earlier save's layout would shadow or mix with this one
+    weight_map, total = {}, 0
+    for names, file in zip(shards, files):
+        with deepspeed.zero.GatheredParameters([parameters[name] for name in names]):
+            if write:
+                tensors = {name: parameters[name].data.detach().cpu().contiguous() for name in names}
+                if file == files[-1]:
+                    tensors |= {name: buffer.detach().cpu().contiguous() for name, buffer in buffers.items()}
+                save_file(tensors, str(folder / file), metadata={"format": "pt"})
+                weight_map |= dict.fromkeys(tensors, file)
+                total += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+                del tensors
+    if write and len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files

@@ -150,6 +150,60 @@ def test_zero3_optimizer_of_an_fp32_model_updates_the_parameter_shard_itself_ins
     assert finished.stdout.split()[-1] == "True"  # the master weights are the shard: no second fp32 copy
 
 
+ZERO3_SAVE = """
+import json, sys
+from pathlib import Path
+import torch, deepspeed
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from llmq.checkpoints import save_partitioned_weights
+from llmq.models.tiny import build_tiny_llama
+deepspeed.init_distributed(dist_backend="gloo")
+folder = Path(sys.argv[1])
+build_tiny_llama(folder / "base")
+zero3 = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+model = AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32)  # built partitioned
+partitioned = all(p.numel() == 0 for p in model.parameters())
+model.model.register_buffer("step_count", torch.tensor([3.0]))  # a persistent buffer is saved with the weights
+files = save_partitioned_weights(model, folder / "saved", write=True, max_shard_bytes=40_000)
+model.config.save_pretrained(folder / "saved")
+unset_hf_deepspeed_config()
+base = dict(AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32).named_parameters())
+reloaded = AutoModelForCausalLM.from_pretrained(folder / "saved", dtype=torch.float32)
+index = json.loads((folder / "saved" / "model.safetensors.index.json").read_text())
+print(json.dumps({
+    "partitioned": partitioned,
+    "files": files,
+    "indexed_files": sorted(set(index["weight_map"].values())),
+    "indexed_tensors": sorted(index["weight_map"]),
+    "names": sorted(n for n, _ in reloaded.named_parameters()) == sorted(base),
+    "equal": all(torch.equal(p, base[n]) for n, p in reloaded.named_parameters()),
+    "tied": reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr(),
+}))
+"""
+
+
+def test_a_partitioned_model_is_saved_shard_by_shard_and_reloads_with_the_same_weights(tmp_path):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (extra 'deepspeed')")
+    from llmq.launch import _free_port
+
+    rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    environment = os.environ | rank | {"MASTER_PORT": str(_free_port())}
+    finished = subprocess.run(
+        [sys.executable, "-c", ZERO3_SAVE, str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    saved = json.loads(finished.stdout.strip().splitlines()[-1])
+    # The ≈90k fp32 parameters in shards of at most 40 kB, one tensor larger than that alone: several files, all
+    # indexed, every parameter once (the tied LM head under the embedding's name, as save_pretrained writes it).
+    assert len(saved["files"]) > 2 and saved["indexed_files"] == sorted(saved["files"])
+    assert "lm_head.weight" not in saved["indexed_tensors"] and "model.embed_tokens.weight" in saved["indexed_tensors"]
+    assert "model.step_count" in saved["indexed_tensors"]
+    assert saved["partitioned"] and saved["names"] and saved["equal"] and saved["tied"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["ddp", "zero2", "zero3"])
 def test_two_processes_match_one_process_with_the_same_global_batch(preset, recipe, single_process, tmp_path):

@@ -208,8 +208,8 @@ def fit(model, tokenizer, dataset, model_args: ModelConfig, training_args: Train
     if not torch.cuda.is_available() and sys.platform.startswith("linux"):
         trainer.add_callback(ReturnFreedHostMemory())
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    # The largest training process's peak resident memory, taken before the save: under ZeRO-3 saving gathers the
-    # whole model in process 0.
+    # The largest training process's peak resident memory, taken before the save (TRL's DPO and SFT trainers gather the
+    # whole model in process 0 to save it under ZeRO-3).
     peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=trainer.accelerator.device)
     extra["peak_host_memory_gib"] = trainer.accelerator.gather(peak).max().item()
     try:

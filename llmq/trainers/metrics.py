@@ -9,11 +9,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llmq.checkpoints import TRAINER_STATE, complete_checkpoints, is_complete
+from llmq.checkpoints import TRAINER_STATE, complete_checkpoints, is_complete, save_partitioned_weights
 from llmq.errors import NonFiniteLossError, UserError
 
 
@@ -104,6 +107,23 @@ class LossMetricsTrainer(Trainer):
                 f"({type(error).__name__}: {' '.join(str(error).split())}{free}); "
                 f"the partial folder was removed and {last}"
             ) from None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3 the weights are gathered and written one shard at a time
+        (:func:`llmq.checkpoints.save_partitioned_weights`), so the save never holds the whole model in one process as
+        the Trainer's does; otherwise (and for PEFT adapters, which are small) the Trainer saves."""
+        if not (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()) or isinstance(self.model, PeftModel):
+            return super().save_model(output_dir, _internal_call)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        save_partitioned_weights(model, folder, write=self.args.should_save)
+        if self.args.should_save:
+            model.config.save_pretrained(folder)
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(folder)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            torch.save(self.args, folder / TRAINING_ARGS_NAME)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
