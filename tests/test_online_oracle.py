@@ -38,6 +38,12 @@ def tabular_rollout(mdp, sampler, seed):
 
 
 def train_online(mdp, beta, tmp_path, replay_fraction=0.5, sample_from_initial_policy=False, rounds=40, seed=0):
+    model, trainer = online_trainer(mdp, beta, tmp_path, replay_fraction, sample_from_initial_policy, rounds, seed)
+    trainer.train()
+    return model, trainer
+
+
+def online_trainer(mdp, beta, tmp_path, replay_fraction=0.5, sample_from_initial_policy=False, rounds=40, seed=0):
     model = TabularLM(mdp)
     sampler = TabularLM(mdp) if sample_from_initial_policy else model  # an old policy that never moves
     args = OnlineConfig(
@@ -65,8 +71,33 @@ def train_online(mdp, beta, tmp_path, replay_fraction=0.5, sample_from_initial_p
     trainer = OnlineTrainer(
         model, args, tabular_rollout(mdp, sampler, seed), pad_token_id=mdp.eos_id, ref_model=TabularLM.reference(mdp)
     )
-    trainer.train()
     return model, trainer
+
+
+def test_sampled_rows_get_the_references_exact_statistics_wherever_the_loss_reads_them(tmp_path):
+    """Each new row is scored once by the reference, at its action positions and, when it is truncated, at the state
+    after its last action. Rows cut at every agent state: the longest truncated ones bootstrap from a position that is
+    no row's action, so only their truncation gets it scored."""
+    mdp = random_mdp(1, vocab_size=3, horizon=3)
+    _, trainer = online_trainer(mdp, 0.5, tmp_path)
+    batch = make_batch(mdp, [state for state in mdp.states if state])
+    rows = []
+    for i, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+        rows.append(
+            {
+                "input_ids": batch["input_ids"][i, :length].tolist(),
+                "act_mask": batch["act_mask"][i, :length].int().tolist(),
+                "rewards": batch["rewards"][i, :length].tolist(),
+                "truncated": bool(batch["truncated"][i]),
+            }
+        )
+    assert sum(row["truncated"] for row in rows) > 1
+    for i, row in enumerate(trainer._with_reference_statistics(rows)):
+        actions = [p for p, acted in enumerate(row["act_mask"]) if acted]
+        read = actions + ([actions[-1] + 1] if row["truncated"] else [])
+        assert len(row["ref_logp"]) == len(row["ref_lse"]) == len(row["input_ids"]) + 1
+        np.testing.assert_allclose([row["ref_logp"][p] for p in actions], batch["ref_logp"][i, actions], atol=1e-6)
+        np.testing.assert_allclose([row["ref_lse"][p] for p in read], batch["ref_lse"][i, read], atol=1e-6)
 
 
 def policy_error(mdp, model, beta):

@@ -57,8 +57,11 @@ def test_first_loss_at_the_reference_is_reward_squared(tokenizer, tmp_path, rewa
 
 
 def test_precomputed_reference_gives_the_same_losses_as_a_live_one(tokenizer, tmp_path):
-    live = make_shiq_trainer(tokenizer, tmp_path / "live")
-    precomputed = make_shiq_trainer(tokenizer, tmp_path / "pre", precompute_ref_log_probs=True)
+    # The longer (rewarded) completions truncated: the longest row's bootstrap state is no row's action position, so
+    # only its truncation gets that state's reference statistics scored.
+    rows = [dict(row, truncated=i % 2 == 1) for i, row in enumerate(ROWS)]
+    live = make_shiq_trainer(tokenizer, tmp_path / "live", rows=rows)
+    precomputed = make_shiq_trainer(tokenizer, tmp_path / "pre", rows=rows, precompute_ref_log_probs=True)
     assert precomputed.ref_model is None and "ref_lse" in precomputed.train_dataset.column_names
     live.train()
     precomputed.train()

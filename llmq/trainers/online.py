@@ -410,20 +410,24 @@ class OnlineTrainer:
     @torch.no_grad()
     def _with_reference_statistics(self, rows: list[dict]) -> list[dict]:
         """``rows`` with the reference's ``ref_logp`` / ``ref_lse`` per token (one more than the row's
-        tokens: the state after the last one, which a truncated row bootstraps from)."""
+        tokens: the state after the last one, which a truncated row bootstraps from), scored only where the losses read
+        them (:func:`~llmq.mdp.action_logit_rows`; 0 elsewhere)."""
         scored = [dict(row) for row in rows]
         for indices in length_ordered_batches(
             [len(r["input_ids"]) for r in rows], self.args.per_device_eval_batch_size
         ):
             batch = self.collator([rows[i] for i in indices])
-            input_ids = batch["input_ids"].to(self.accelerator.device)
-            attention_mask = batch["attention_mask"].to(self.accelerator.device)
+            inputs = {
+                "input_ids": batch["input_ids"].to(self.accelerator.device),
+                "attention_mask": batch["attention_mask"].to(self.accelerator.device),
+                "logits_to_keep": action_logit_rows(batch["act_mask"], batch["truncated"]).to(self.accelerator.device),
+            }
             if self.ref_model is not None:
-                logits = self.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = self.ref_model(**inputs).logits
             else:
                 with self.unwrapped_model.disable_adapter():
-                    logits = self.unwrapped_model(input_ids=input_ids, attention_mask=attention_mask).logits
-            logp, lse = token_logprobs(logits, input_ids)
+                    logits = self.unwrapped_model(**inputs).logits
+            logp, lse = token_logprobs(logits, inputs["input_ids"], inputs["logits_to_keep"])
             for i, row_logp, row_lse in zip(indices, logp.float().cpu(), lse.float().cpu()):
                 length = len(rows[i]["input_ids"]) + 1
                 scored[i]["ref_logp"] = row_logp[:length].tolist()

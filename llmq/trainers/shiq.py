@@ -234,8 +234,8 @@ class ShiQTrainer(LossMetricsTrainer):
             if self.eval_dataset is not None:
                 self.eval_dataset = self._with_reference_statistics(self.eval_dataset)
 
-    def _reference_logits(self, batch: dict[str, torch.Tensor], rows: torch.Tensor | int = 0) -> torch.Tensor:
-        """The reference's logits rows ``rows`` (``logits_to_keep``; 0: all of them)."""
+    def _reference_logits(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """The reference's logits rows ``rows`` (``logits_to_keep``)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": rows}
         with torch.no_grad():
             if self.ref_model is not None:
@@ -250,7 +250,8 @@ class ShiQTrainer(LossMetricsTrainer):
         """One pass of the reference over ``dataset``: per-token ``ref_logp`` / ``ref_lse`` columns.
 
         Each row keeps one value more than its tokens: the state after its last token, which a
-        truncated row bootstraps from.
+        truncated row bootstraps from.  Only the positions the loss reads are scored (its actions and a truncated
+        row's bootstrap state, :func:`~llmq.mdp.action_logit_rows`); the others hold 0.
         """
         batches = length_ordered_batches(
             [len(ids) for ids in dataset["input_ids"]], self.args.per_device_eval_batch_size
@@ -260,7 +261,8 @@ class ShiQTrainer(LossMetricsTrainer):
         for indices in batches:
             rows = [dataset[i] for i in indices]
             batch = {k: v.to(self.accelerator.device) for k, v in self.data_collator(rows).items()}
-            logp, lse = token_logprobs(self._reference_logits(batch), batch["input_ids"])
+            scored = action_logit_rows(batch["act_mask"], batch["truncated"])
+            logp, lse = token_logprobs(self._reference_logits(batch, scored), batch["input_ids"], scored)
             for i, row, row_logp, row_lse in zip(indices, rows, logp.cpu(), lse.cpu()):
                 logps[i] = row_logp[: len(row["input_ids"]) + 1].tolist()
                 lses[i] = row_lse[: len(row["input_ids"]) + 1].tolist()
