@@ -50,7 +50,7 @@ def main() -> None:
     from llmq.models import load_from_config
     from llmq.models.features import feature_layer
     from llmq.stats import bootstrap_interval, paired_difference
-    from llmq.trainers.critic import CriticTrainer, critic_config
+    from llmq.trainers.critic import CriticTrainer
 
     model_args, training_args, run, _ = parse_recipe(
         train_config_types("digiq"), [args.recipe], prog="digiq_feature_layers", description=""
@@ -87,19 +87,7 @@ def main() -> None:
             train_rows = np.flatnonzero(fold != held_out).tolist()
             test_rows = np.flatnonzero(fold == held_out).tolist()
             trainer = CriticTrainer(
-                args=critic_config(
-                    training_args,
-                    str(run_dir / "feature_layers" / "critic"),
-                    run.critic_steps,
-                    gamma=run.gamma,
-                    target_update_rate=run.target_update_rate,
-                    target_update_steps=run.target_update_steps,
-                    expectile=run.expectile,
-                    hidden_size=run.critic_hidden_size,
-                    num_layers=run.critic_layers,
-                    learning_rate=run.critic_learning_rate,
-                    per_device_train_batch_size=run.critic_batch_size,
-                ),
+                args=run.critic_args(training_args, run_dir / "feature_layers" / "critic"),
                 train_dataset=datasets.Dataset.from_list(critic_transitions(features, data.select(train_rows))),
             )
             trainer.train()

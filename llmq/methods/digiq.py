@@ -175,6 +175,23 @@ class Config(EngineConfig):
         if not 0 < self.gamma <= 1:
             raise UserError(f"key 'gamma' must be in (0, 1], got {self.gamma}")
 
+    def critic_args(self, training_args: SFTConfig, output_dir: Path) -> CriticConfig:
+        """The critic's training arguments: this run's ``critic_*`` keys and ``gamma``, the device, seed and logging
+        of ``training_args``."""
+        return critic_config(
+            training_args,
+            str(output_dir),
+            self.critic_steps,
+            gamma=self.gamma,
+            target_update_rate=self.target_update_rate,
+            target_update_steps=self.target_update_steps,
+            expectile=self.expectile,
+            hidden_size=self.critic_hidden_size,
+            num_layers=self.critic_layers,
+            learning_rate=self.critic_learning_rate,
+            per_device_train_batch_size=self.critic_batch_size,
+        )
+
 
 BENCHMARKS = ("textworld", "cookingworld", "twc", "coin")
 
@@ -423,20 +440,7 @@ def fit_critic(
 ):
     """Double Q/V heads fitted by TD on the logged commands (§5.5); returns the online heads."""
     transitions = datasets.Dataset.from_list(critic_transitions(features, data))
-    args = critic_config(
-        training_args,
-        str(output_dir),
-        run.critic_steps,
-        gamma=run.gamma,
-        target_update_rate=run.target_update_rate,
-        target_update_steps=run.target_update_steps,
-        expectile=run.expectile,
-        hidden_size=run.critic_hidden_size,
-        num_layers=run.critic_layers,
-        learning_rate=run.critic_learning_rate,
-        per_device_train_batch_size=run.critic_batch_size,
-    )
-    trainer = CriticTrainer(args=args, train_dataset=transitions)
+    trainer = CriticTrainer(args=run.critic_args(training_args, output_dir), train_dataset=transitions)
     result = trainer.train()
     trainer.save_model(str(output_dir))
     ledger.record(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from llmq.losses import td_loss
 from llmq.models.value_heads import CriticHeads, DigiQCritic
@@ -130,6 +130,7 @@ class CriticTrainer(LossMetricsTrainer):
     ) -> None:
         args = args if args is not None else CriticConfig(output_dir="outputs/digiq_critic")
         if model is None:
+            set_seed(args.seed)  # the heads' initialisation is the run's, as the Trainer seeds a model_init
             first = train_dataset[0]
             heads = CriticHeads(
                 len(first["state_features"]),
