@@ -9,9 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -111,11 +110,12 @@ class LossMetricsTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under ZeRO-3 the weights are gathered and written one shard at a time
         (:func:`llmq.checkpoints.save_partitioned_weights`), so the save never holds the whole model in one process as
-        the Trainer's does; otherwise (and for PEFT adapters, which are small) the Trainer saves."""
-        if not (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()) or isinstance(self.model, PeftModel):
+        the Trainer's does; otherwise (PEFT adapters, which are small, and models without a transformers config
+        included) the Trainer saves."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()) or not isinstance(model, PreTrainedModel):
             return super().save_model(output_dir, _internal_call)
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        model = self.accelerator.unwrap_model(self.model)
         save_partitioned_weights(model, folder, write=self.args.should_save)
         if self.args.should_save:
             model.config.save_pretrained(folder)
