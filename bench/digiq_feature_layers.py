@@ -59,9 +59,10 @@ def main() -> None:
     if not (run_dir / "trajectories").is_dir():
         raise SystemExit(f"{run_dir / 'trajectories'} is missing: run `llmq train {args.recipe}` first")
     data = datasets.load_from_disk(str(run_dir / "trajectories"))
-    games = sorted(set(data["game"]))
+    game_of_row = np.array(data["game"])
+    games = sorted(set(game_of_row))
     fold_of_game = {game: i % args.folds for i, game in enumerate(games)}
-    fold = np.array([fold_of_game[g] for g in data["game"]])
+    fold = np.array([fold_of_game[g] for g in game_of_row])
     returns = np.array(data["mc_return"])
 
     started = time.perf_counter()
@@ -101,7 +102,7 @@ def main() -> None:
             predicted[test_rows] = q.mean(0).numpy()  # the heads' mean
             baseline[test_rows] = returns[train_rows].mean()
         errors = (predicted - returns) ** 2
-        per_game = [float(errors[np.array(data["game"]) == g].mean()) for g in games]
+        per_game = [float(errors[game_of_row == g].mean()) for g in games]
         mse = float(np.mean(per_game))
         results[layer] = {
             "per_game_squared_error": per_game,

@@ -213,7 +213,7 @@ def save_partitioned_weights(
                 save_file(tensors, str(folder / file), metadata={"format": "pt"})
                 weight_map |= dict.fromkeys(tensors, file)
                 total += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
-                del tensors
+                del tensors  # before the next shard is gathered
     if write and len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
