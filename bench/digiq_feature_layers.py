@@ -5,14 +5,14 @@
         --output outputs/bench/digiq_feature_layers_coin.json
 
 For each layer, the features of the run's logged states and commands are read as the run reads them (after the
-recipe's representation fine-tuning, repeated here with the same seed when it has one), and the critic is fitted
-with the recipe's settings ``--folds`` times, each time without one fold of the train games. Its Q of each held-out
-logged (state, command) is compared with the discounted return that followed in the data (``mc_return``): the
-critic estimates the behaviour policy's Q, of which that return is an unbiased sample. Per layer: the mean over
-games of the squared error, its bootstrap interval over games, the fraction of the return's variance explained
-(against the training folds' mean return as the prediction), and the paired per-game difference from the default
-(middle) layer. Only train games are read, never the test fold. Features are cached in the run's ``features/``,
-so a killed run resumes where it stopped.
+recipe's representation fine-tuning: the run's saved adapter, or the fine-tuning repeated here with the same seed),
+and the critic is fitted with the recipe's settings ``--folds`` times, each time without one fold of the train games.
+Its Q of each held-out logged (state, command) is compared with the discounted return that followed in the data
+(``mc_return``): the critic estimates the behaviour policy's Q, of which that return is an unbiased sample. Per
+layer: the mean over games of the squared error, its bootstrap interval over games, the fraction of the return's
+variance explained (against the training folds' mean return as the prediction), and the paired per-game difference
+from the default (middle) layer. Only train games are read, never the test fold. Features are cached in the run's
+``features/``, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ def main() -> None:
 
     from llmq.cli import train_config_types
     from llmq.config import parse_recipe
-    from llmq.methods.digiq import TransitionFeatures, critic_transitions, representation_backbone
+    from llmq.methods.digiq import (
+        TransitionFeatures,
+        critic_transitions,
+        representation_backbone,
+        saved_representation_backbone,
+    )
     from llmq.models import load_from_config
     from llmq.models.features import feature_layer
     from llmq.stats import bootstrap_interval, paired_difference
@@ -69,10 +74,12 @@ def main() -> None:
     model, tokenizer = load_from_config(model_args, device="cpu" if training_args.use_cpu else training_args.device)
     model.eval()
     backbone = model
-    if run.representation_steps > 0:
-        backbone, _ = representation_backbone(
-            model, tokenizer, data, run, training_args, run_dir / "feature_layers" / "representation"
-        )
+    if run.representation_steps > 0:  # the run's own fine-tuned backbone, else the fine-tuning again, seeded alike
+        backbone = saved_representation_backbone(model, run_dir / "representation")
+        if backbone is None:
+            backbone, _ = representation_backbone(
+                model, tokenizer, data, run, training_args, run_dir / "feature_layers" / "representation"
+            )
     middle = feature_layer(model, None)
     count = model.config.num_hidden_layers
     layers = sorted(

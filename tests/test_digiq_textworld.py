@@ -170,6 +170,75 @@ def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_mod
     assert "critic_steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_run_killed_after_its_representation_stage_resumes_with_the_same_backbone(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import llmq.methods.digiq
+
+    out = tmp_path / "digiq"
+    argv = [
+        "train",
+        "--method",
+        "digiq",
+        "--model_name_or_path",
+        "tiny-llama",
+        "--output_dir",
+        str(out),
+        "--games_dir",
+        str(tmp_path / "games"),
+        "--train_games",
+        "2",
+        "--test_games",
+        "1",
+        "--episode_steps",
+        "3",
+        "--episodes_per_game",
+        "1",
+        "--representation_steps",
+        "2",
+        "--critic_steps",
+        "10",
+        "--critic_batch_size",
+        "4",
+        "--critic_hidden_size",
+        "16",
+        "--threshold",
+        "-1000",
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--max_length",
+        "2048",
+    ]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmq.methods.digiq, "fit_critic", killed)  # killed once the features are read
+    assert main(argv) == 130
+    stages = json.loads((out / "stages.json").read_text())
+    assert "representation" in stages and "critic" not in stages
+    monkeypatch.undo()
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the representation fine-tuning ran again")
+
+    monkeypatch.setattr(llmq.methods.digiq, "representation_backbone", not_again)
+    assert main([*argv, "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["representation"] == stages["representation"]
+    # the features cache is keyed by the backbone's weights: one file means the resumed backbone's are the same
+    assert len(list((out / "features").glob("*.safetensors"))) == 1
+
+
 def test_actionability_labels_follow_changes_of_the_world(tmp_path):
     from llmq.envs.textworld import collect_trajectories, make_games, random_policy, walkthrough_policy
     from llmq.methods.digiq import ACTIONABILITY_QUESTION, actionability_rows

@@ -32,7 +32,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from trl import SFTTrainer, get_peft_config
 
 from llmq.config import ModelConfig, mirror
@@ -281,7 +281,8 @@ def actionability_rows(data) -> list[dict]:
 def representation_backbone(
     model, tokenizer, data: datasets.Dataset, run: Config, training_args: SFTConfig, output_dir: Path
 ) -> tuple:
-    """A copy of the backbone LoRA-tuned on :func:`actionability_rows` and merged, frozen for the features."""
+    """A copy of the backbone LoRA-tuned on :func:`actionability_rows` and merged, frozen for the features;
+    the adapter is saved in ``output_dir/adapter`` for :func:`saved_representation_backbone`."""
     rows = actionability_rows(data)
     if not rows:
         raise UserError(
@@ -313,6 +314,7 @@ def representation_backbone(
         peft_config=lora,
     )
     result = trainer.train()
+    trainer.model.save_pretrained(output_dir / "adapter")
     labels = [row["completion"][0]["content"] for row in rows]
     stats = {
         "rows": len(rows),
@@ -320,6 +322,14 @@ def representation_backbone(
         "train_loss": result.metrics.get("train_loss"),
     }
     return trainer.model.merge_and_unload().eval(), stats
+
+
+def saved_representation_backbone(model, output_dir: Path):
+    """The backbone of :func:`representation_backbone` rebuilt from its saved adapter, or None if none was saved."""
+    adapter = output_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        return None
+    return PeftModel.from_pretrained(copy.deepcopy(model), adapter).merge_and_unload().eval()
 
 
 def fit_critic_and_extract(
@@ -335,10 +345,14 @@ def fit_critic_and_extract(
     fit and Best-of-N extraction; returns the kept (prompt, completion) rows and records each stage."""
     backbone = model
     if run.representation_steps > 0:
-        backbone, stats = representation_backbone(
-            model, tokenizer, data, run, training_args, output_dir / "representation"
-        )
-        print(f"representation fine-tuning: {ledger.record('representation', stats)}", flush=True)
+        saved = saved_representation_backbone(model, output_dir / "representation")
+        if "representation" in ledger and saved is not None:  # resumed: the fine-tuning is not run again
+            backbone = saved
+        else:
+            backbone, stats = representation_backbone(
+                model, tokenizer, data, run, training_args, output_dir / "representation"
+            )
+            print(f"representation fine-tuning: {ledger.record('representation', stats)}", flush=True)
     screens = run.observations == "screen"
     features = TransitionFeatures(
         backbone, tokenizer, data, run.feature_layer, output_dir / "features", screens=screens
