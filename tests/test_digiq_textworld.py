@@ -42,10 +42,27 @@ def test_command_logprobs_are_the_reply_log_likelihoods(tiny_model_and_tokenizer
     assert all(a in commands for a, commands in zip(sampled, admissible * 20)) and len(set(sampled[1::2])) > 1
 
 
-@pytest.mark.slow
-def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir):
-    out = tmp_path / "digiq"
-    argv = [
+def tiny_digiq_argv(out, games_dir, **settings) -> list[str]:
+    """`llmq train` arguments of Digi-Q with the tiny model on two tiny TextWorld train games and one test game."""
+    settings = {
+        "train_games": 2,
+        "test_games": 1,
+        "episode_steps": 3,
+        "episodes_per_game": 1,
+        "critic_steps": 10,
+        "critic_batch_size": 4,
+        "critic_hidden_size": 16,
+        "threshold": -1000,  # keeps every state
+        "max_steps": 1,
+        "per_device_train_batch_size": 2,
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": "true",
+        "max_length": 2048,  # the tiny model's byte tokenizer makes a policy prompt over 1,024 tokens
+        **settings,
+    }
+    flags = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    return [
         "train",
         "--method",
         "digiq",
@@ -54,38 +71,15 @@ def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir
         "--output_dir",
         str(out),
         "--games_dir",
-        str(tmp_path / "games"),
-        "--train_games",
-        "2",
-        "--test_games",
-        "1",
-        "--episode_steps",
-        "3",
-        "--episodes_per_game",
-        "1",
-        "--critic_steps",
-        "20",
-        "--critic_batch_size",
-        "4",
-        "--critic_hidden_size",
-        "16",
-        "--threshold",
-        "-1000",
-        "--representation_steps",
-        "2",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--use_cpu",
-        "true",
-        "--max_length",  # the tiny model's byte tokenizer makes a policy prompt over 1,024 tokens
-        "2048",
+        str(games_dir),
+        *flags,
     ]
+
+
+@pytest.mark.slow
+def test_llmq_train_digiq_runs_end_to_end_on_tiny_games(tmp_path, tiny_model_dir):
+    out = tmp_path / "digiq"
+    argv = tiny_digiq_argv(out, tmp_path / "games", critic_steps=20, representation_steps=2, max_steps=2)
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "digiq" and summary["data"]["transitions"] == len(
@@ -105,45 +99,7 @@ def test_a_killed_digiq_run_resumes_after_its_recorded_stages(tmp_path, tiny_mod
     import llmq.methods.digiq
 
     out = tmp_path / "digiq"
-    argv = [
-        "train",
-        "--method",
-        "digiq",
-        "--model_name_or_path",
-        "tiny-llama",
-        "--output_dir",
-        str(out),
-        "--games_dir",
-        str(tmp_path / "games"),
-        "--train_games",
-        "2",
-        "--test_games",
-        "1",
-        "--episode_steps",
-        "3",
-        "--episodes_per_game",
-        "1",
-        "--critic_steps",
-        "10",
-        "--critic_batch_size",
-        "4",
-        "--critic_hidden_size",
-        "16",
-        "--threshold",
-        "-1000",
-        "--max_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "2",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--use_cpu",
-        "true",
-        "--max_length",  # the tiny model's byte tokenizer makes a policy prompt over 1,024 tokens
-        "2048",
-    ]
+    argv = tiny_digiq_argv(out, tmp_path / "games")
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -177,47 +133,7 @@ def test_a_run_killed_after_its_representation_stage_resumes_with_the_same_backb
     import llmq.methods.digiq
 
     out = tmp_path / "digiq"
-    argv = [
-        "train",
-        "--method",
-        "digiq",
-        "--model_name_or_path",
-        "tiny-llama",
-        "--output_dir",
-        str(out),
-        "--games_dir",
-        str(tmp_path / "games"),
-        "--train_games",
-        "2",
-        "--test_games",
-        "1",
-        "--episode_steps",
-        "3",
-        "--episodes_per_game",
-        "1",
-        "--representation_steps",
-        "2",
-        "--critic_steps",
-        "10",
-        "--critic_batch_size",
-        "4",
-        "--critic_hidden_size",
-        "16",
-        "--threshold",
-        "-1000",
-        "--max_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "2",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--use_cpu",
-        "true",
-        "--max_length",
-        "2048",
-    ]
+    argv = tiny_digiq_argv(out, tmp_path / "games", representation_steps=2)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
