@@ -2,10 +2,10 @@
 
 - Proportions (accuracy, pass@N, success rate) get the Wilson score interval, which is never zero-width:
   0/500 correct reads "0.0% (95% CI 0.0–0.8%)", not "0.0–0.0%". ``exact_interval`` is Clopper–Pearson.
-  Means of per-question success probabilities (pass@k estimates) get the same Wilson interval on their sum.
+  Means of values in [0, 1] (pass@k estimates, normalised game scores) get the same Wilson interval on their sum.
 - Paired changes of 0/1 outcomes (a question right before, wrong after) get Newcombe's hybrid score
   interval, never zero-width either; paired changes of real values get the bootstrap.
-- Means of real values (scores) get scipy's bootstrap, BCa where it is defined and the percentile bootstrap
+- Means of other real values get scipy's bootstrap, BCa where it is defined and the percentile bootstrap
   where it is not (constant values: the interval is (c, c)).
 - ``pass_at_k`` is the unbiased pass@k estimator of Chen et al. (2021); ``best_of_k`` the same kind of estimate for
   best-of-k selection by a scorer.
@@ -74,12 +74,12 @@ def proportion_summary(outcomes: Sequence[bool | int], level: float = 0.95) -> d
 
 
 def probability_interval(probabilities: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Interval of the mean of per-question success probabilities ``p_i`` (e.g. unbiased pass@k estimates):
-    the Wilson interval of ``sum(p_i)`` successes in ``n`` trials.
+    """Interval of the mean of per-question values ``p_i`` in [0, 1] (unbiased pass@k estimates, normalised game
+    scores): the Wilson interval of ``sum(p_i)`` successes in ``n`` trials.
 
-    One Bernoulli(``p_i``) draw per question has the same mean and at most the binomial variance of a single
-    proportion, so the interval is conservative, and like any proportion's it is never zero-width (a
-    bootstrap of n zeros would give (0, 0)).
+    A value in [0, 1] with mean p has at most the variance p(1 - p) of a 0/1 outcome with that mean, so the
+    interval is conservative, and like any proportion's it is never zero-width (a bootstrap of n equal
+    values would give (c, c)).
     """
     values = np.asarray(probabilities, dtype=float).ravel()
     if len(values) == 0 or not ((values >= 0) & (values <= 1)).all():

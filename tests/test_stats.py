@@ -168,6 +168,19 @@ def test_the_interval_of_pass_at_k_estimates_is_wilsons_on_their_sum():
         probability_interval([1.5])
 
 
+def test_the_interval_of_a_mean_score_in_the_unit_interval_covers_it_and_is_never_zero_width():
+    rng = np.random.default_rng(0)
+    levels = np.array([0.0, 0.25, 0.5, 0.75, 1.0])  # a game's normalised score: two objects, take and put each
+    for weights in ([0.1, 0.2, 0.6, 0.1, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.5, 0.3, 0.1, 0.05, 0.05]):
+        truth, covered = float(levels @ weights), 0
+        for _ in range(1000):
+            low, high = probability_interval(rng.choice(levels, size=20, p=weights))
+            covered += low <= truth <= high
+        assert covered / 1000 >= 0.95, (weights, covered)
+    low, high = probability_interval([0.5] * 20)  # every game scored alike: a bootstrap would give (0.5, 0.5)
+    assert low < 0.5 < high
+
+
 def test_paired_difference_of_a_clear_improvement_excludes_zero():
     rng = np.random.default_rng(0)
     before = rng.random(100) < 0.3

@@ -49,6 +49,7 @@ def test_the_gold_path_wins_every_test_game_and_rewards_sum_to_the_normalised_sc
             assert done and observation.won and total == pytest.approx(1.0)
     report = evaluate_agent(walkthrough_policy(games), games, max_steps=30)
     assert report["success_rate"] == report["normalized_score"] == 1.0
+    assert report["normalized_score_ci95"][0] < 1.0 == report["normalized_score_ci95"][1]  # never zero-width
 
 
 def test_folds_are_the_benchmarks_disjoint_seeds_and_a_game_replays_identically():
