@@ -6,8 +6,9 @@
 Filtered BC (the usual baseline of Digi-Q, DigiRL and ArCHer) fine-tunes the same base LM, with the
 recipe's actor settings, on the logged (state, command) pairs of the *won* behaviour episodes: no
 critic, no candidate ranking.  It plays the recipe's held-out test games, and the script prints its
-success next to Digi-Q's (from the run's ``summary.json``) with the paired per-game difference, and
-writes JSON.  Training data and test games are exactly those of the Digi-Q run.
+success rate and normalised score next to the base model's and Digi-Q's (from the run's ``summary.json``), with
+the paired per-game differences between the three, and writes JSON.  Training data and test games are exactly
+those of the Digi-Q run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import platform
 import resource
 import time
 from pathlib import Path
+
+METRICS = ("success_rate", "normalized_score")
 
 
 def main() -> None:
@@ -31,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import datasets
+    import numpy as np
     from trl import SFTTrainer
 
     from llmq.cli import train_config_types
@@ -38,7 +42,7 @@ def main() -> None:
     from llmq.envs.textworld import evaluate_agent, likelihood_policy, policy_example
     from llmq.methods.digiq import benchmark_games
     from llmq.models import load_from_config
-    from llmq.stats import paired_difference
+    from llmq.stats import mean_interval, paired_difference
 
     model_args, training_args, run, _ = parse_recipe(
         train_config_types("digiq"), [args.recipe], prog="digiq_vs_filtered_bc", description=""
@@ -66,41 +70,53 @@ def main() -> None:
     )
     seconds = time.perf_counter() - started
 
-    change = paired_difference(
-        [float(b["won"]) for b in after["games"]],
-        [float(d["won"]) for d in digiq["after"]["games"]],
-        seed=training_args.seed,
-    )
-    low, high = change["ci95_paired"]
+    def per_game(report: dict, metric: str) -> list[float]:
+        return [float(game["won"] if metric == "success_rate" else game[metric]) for game in report["games"]]
+
+    def summary(report: dict) -> dict:
+        means = {}
+        for metric in METRICS:
+            values = per_game(report, metric)
+            means[metric], means[f"{metric}_ci95"] = float(np.mean(values)), list(mean_interval(values))
+        return means
+
+    reports = {"base": digiq["before"], "filtered_bc": after, "digiq": digiq["after"]}
+    pairs = (("filtered_bc", "base"), ("digiq", "base"), ("digiq", "filtered_bc"))
     result = {
         "recipe": args.recipe,
         "test_games": len(test_games),
-        "before": digiq["before"]["success_rate"],
-        "digiq": {
-            "rows": digiq["extraction"]["kept"],
-            "success_rate": digiq["after"]["success_rate"],
-            "success_rate_ci95": digiq["after"]["success_rate_ci95"],
-        },
+        "base": summary(digiq["before"]),
         "filtered_bc": {
             "rows": len(rows),
-            "success_rate": after["success_rate"],
-            "success_rate_ci95": after["success_rate_ci95"],
+            **summary(after),
             "train_loss": train_metrics.get("train_loss"),
             "wall_s": round(seconds, 1),
             "games": after["games"],
         },
-        "digiq_minus_filtered_bc": change,
+        "digiq": {"rows": digiq["extraction"]["kept"], **summary(digiq["after"])},
+        "paired": {
+            metric: {
+                f"{a}_minus_{b}": paired_difference(
+                    per_game(reports[b], metric), per_game(reports[a], metric), seed=training_args.seed
+                )
+                for a, b in pairs
+            }
+            for metric in METRICS
+        },
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "machine": platform.platform(),
     }
     print(
-        f"success on {len(test_games)} test games: base {100 * result['before']:.1f}%, filtered BC ({len(rows)} "
-        f"rows) {100 * after['success_rate']:.1f}%, "
-        f"Digi-Q ({result['digiq']['rows']} rows) {100 * result['digiq']['success_rate']:.1f}%; Digi-Q − filtered "
-        f"BC {100 * change['mean']:+.1f} points "
-        f"(paired 95% CI {100 * low:+.1f} to {100 * high:+.1f}); filtered BC {seconds:.0f} s, peak RSS "
-        f"{result['peak_rss_gib']:.2f} GiB"
+        f"{len(test_games)} test games; filtered BC on {len(rows)} rows ({seconds:.0f} s, peak RSS "
+        f"{result['peak_rss_gib']:.2f} GiB), Digi-Q on {result['digiq']['rows']}"
     )
+    for metric in METRICS:
+        means = ", ".join(f"{name} {result[name][metric]:.3f}" for name in ("base", "filtered_bc", "digiq"))
+        changes = ", ".join(
+            f"{a} − {b} {change['mean']:+.3f} ({change['ci95_paired'][0]:+.3f} to {change['ci95_paired'][1]:+.3f})"
+            for (a, b), change in zip(pairs, result["paired"][metric].values())
+        )
+        print(f"{metric}: {means}; paired 95% CI: {changes}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -87,6 +87,15 @@ def probability_interval(probabilities: Sequence[float] | np.ndarray, level: flo
     return wilson_interval(float(values.sum()), len(values), level)
 
 
+def mean_interval(values: Sequence[float] | np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Interval of the mean of per-question (per-game) values: :func:`probability_interval` when every value is in
+    [0, 1] (0/1 outcomes, normalised scores), else :func:`bootstrap_interval`."""
+    values = np.asarray(values, dtype=float).ravel()
+    if len(values) and ((values >= 0) & (values <= 1)).all():
+        return probability_interval(values, level)
+    return bootstrap_interval(values, seed=seed, level=level)
+
+
 def paired_proportion_interval(
     before: Sequence[bool | int], after: Sequence[bool | int], level: float = 0.95
 ) -> tuple[float, float]:

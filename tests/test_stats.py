@@ -10,6 +10,7 @@ from llmq.stats import (
     _SEED_KEYWORD,
     bootstrap_interval,
     exact_interval,
+    mean_interval,
     paired_difference,
     paired_proportion_interval,
     pass_at_k,
@@ -178,7 +179,8 @@ def test_the_interval_of_a_mean_score_in_the_unit_interval_covers_it_and_is_neve
             covered += low <= truth <= high
         assert covered / 1000 >= 0.95, (weights, covered)
     low, high = probability_interval([0.5] * 20)  # every game scored alike: a bootstrap would give (0.5, 0.5)
-    assert low < 0.5 < high
+    assert low < 0.5 < high and mean_interval([0.5] * 20) == (low, high)
+    assert mean_interval([-1.0, 2.0, 0.5]) == bootstrap_interval([-1.0, 2.0, 0.5])  # unbounded values: the bootstrap
 
 
 def test_paired_difference_of_a_clear_improvement_excludes_zero():

@@ -50,7 +50,7 @@ except ImportError as error:  # an optional extra: say how to get it
 
 from llmq.models.features import score_continuations
 from llmq.rollout import Engine, SamplingParams
-from llmq.stats import bootstrap_interval, probability_interval, wilson_interval
+from llmq.stats import mean_interval, wilson_interval
 
 
 class SelfOpeningGame(Protocol):
@@ -782,11 +782,7 @@ def evaluate_agent(
         "success_rate": float(success.mean()),
         "success_rate_ci95": list(wilson_interval(int(success.sum()), len(success))),
         "normalized_score": float(scores.mean()),
-        "normalized_score_ci95": list(
-            probability_interval(scores)
-            if ((scores >= 0) & (scores <= 1)).all()
-            else bootstrap_interval(scores, seed=seed)
-        ),
+        "normalized_score_ci95": list(mean_interval(scores, seed=seed)),
         "steps_mean": steps / len(per_game),
         "invalid_action_rate": sum(game["invalid_actions"] for game in per_game) / steps,
         "games": per_game,
