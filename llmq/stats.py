@@ -6,7 +6,7 @@
 - Paired changes of 0/1 outcomes (a question right before, wrong after) get Newcombe's hybrid score
   interval, never zero-width either; paired changes of real values get the bootstrap.
 - Means of other real values get scipy's bootstrap, BCa where it is defined and the percentile bootstrap
-  where it is not (constant values: the interval is (c, c)).
+  where it is not (constant values: the interval is (c, c)). ``mean_interval`` picks between the two.
 - ``pass_at_k`` is the unbiased pass@k estimator of Chen et al. (2021); ``best_of_k`` the same kind of estimate for
   best-of-k selection by a scorer.
 
