@@ -20,8 +20,6 @@ import resource
 import time
 from pathlib import Path
 
-METRICS = ("success_rate", "normalized_score")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,15 +32,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import datasets
-    import numpy as np
     from trl import SFTTrainer
 
     from llmq.cli import train_config_types
     from llmq.config import parse_recipe
-    from llmq.envs.textworld import evaluate_agent, likelihood_policy, policy_example
+    from llmq.envs.textworld import AGENT_METRICS, agent_scores, evaluate_agent, likelihood_policy, policy_example
     from llmq.methods.digiq import benchmark_games
     from llmq.models import load_from_config
-    from llmq.stats import mean_interval, paired_difference
+    from llmq.stats import paired_difference
 
     model_args, training_args, run, _ = parse_recipe(
         train_config_types("digiq"), [args.recipe], prog="digiq_vs_filtered_bc", description=""
@@ -71,29 +68,22 @@ def main() -> None:
     seconds = time.perf_counter() - started
 
     def per_game(report: dict, metric: str) -> list[float]:
-        return [float(game["won"] if metric == "success_rate" else game[metric]) for game in report["games"]]
-
-    def summary(report: dict) -> dict:
-        means = {}
-        for metric in METRICS:
-            values = per_game(report, metric)
-            means[metric], means[f"{metric}_ci95"] = float(np.mean(values)), list(mean_interval(values))
-        return means
+        return [float(game[AGENT_METRICS[metric]]) for game in report["games"]]
 
     reports = {"base": digiq["before"], "filtered_bc": after, "digiq": digiq["after"]}
     pairs = (("filtered_bc", "base"), ("digiq", "base"), ("digiq", "filtered_bc"))
     result = {
         "recipe": args.recipe,
         "test_games": len(test_games),
-        "base": summary(digiq["before"]),
+        "base": agent_scores(digiq["before"]["games"]),
         "filtered_bc": {
             "rows": len(rows),
-            **summary(after),
+            **agent_scores(after["games"]),
             "train_loss": train_metrics.get("train_loss"),
             "wall_s": round(seconds, 1),
             "games": after["games"],
         },
-        "digiq": {"rows": digiq["extraction"]["kept"], **summary(digiq["after"])},
+        "digiq": {"rows": digiq["extraction"]["kept"], **agent_scores(digiq["after"]["games"])},
         "paired": {
             metric: {
                 f"{a}_minus_{b}": paired_difference(
@@ -101,7 +91,7 @@ def main() -> None:
                 )
                 for a, b in pairs
             }
-            for metric in METRICS
+            for metric in AGENT_METRICS
         },
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "machine": platform.platform(),
@@ -110,7 +100,7 @@ def main() -> None:
         f"{len(test_games)} test games; filtered BC on {len(rows)} rows ({seconds:.0f} s, peak RSS "
         f"{result['peak_rss_gib']:.2f} GiB), Digi-Q on {result['digiq']['rows']}"
     )
-    for metric in METRICS:
+    for metric in AGENT_METRICS:
         means = ", ".join(f"{name} {result[name][metric]:.3f}" for name in ("base", "filtered_bc", "digiq"))
         changes = ", ".join(
             f"{a} − {b} {change['mean']:+.3f} ({change['ci95_paired'][0]:+.3f} to {change['ci95_paired'][1]:+.3f})"

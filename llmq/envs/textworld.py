@@ -9,7 +9,7 @@ increase of a step: sparse, usually a single point when the quest is completed.
 * :class:`TextWorldEnv` plays one game: ``reset()`` and ``step(text)``.
 * :func:`collect_trajectories` plays a policy on several games at once and returns step-level rows
   (state, action, reward, next state, done, Monte-Carlo return, admissible commands).
-* :func:`evaluate_agent` reports success rate (Wilson 95% interval) and normalised score (bootstrap).
+* :func:`evaluate_agent` reports success rate and normalised score, each with its Wilson 95% interval.
 
 Policies are callables ``(states, admissible) -> actions`` over a batch of parallel games:
 :func:`llm_policy` (an llmq engine writes a command), :func:`likelihood_policy` (an LM ranks the
@@ -50,7 +50,7 @@ except ImportError as error:  # an optional extra: say how to get it
 
 from llmq.models.features import score_continuations
 from llmq.rollout import Engine, SamplingParams
-from llmq.stats import mean_interval, wilson_interval
+from llmq.stats import mean_interval
 
 
 class SelfOpeningGame(Protocol):
@@ -748,14 +748,26 @@ def collect_trajectories(
     return datasets.Dataset.from_dict(columns, features=features)
 
 
+AGENT_METRICS = {"success_rate": "won", "normalized_score": "normalized_score"}  # reported mean: per-game record key
+
+
+def agent_scores(per_game: Sequence[dict], seed: int = 0) -> dict:
+    """The :data:`AGENT_METRICS` means over ``per_game`` records, each with its 95% interval ``*_ci95``
+    (:func:`llmq.stats.mean_interval`: Wilson's for values in [0, 1])."""
+    scores = {}
+    for metric, key in AGENT_METRICS.items():
+        values = [float(game[key]) for game in per_game]
+        scores[metric], scores[f"{metric}_ci95"] = float(np.mean(values)), list(mean_interval(values, seed=seed))
+    return scores
+
+
 def evaluate_agent(
     policy: Policy, games: Sequence[Game], max_steps: int, seed: int = 0, *, batch_size: int = 32
 ) -> dict:
     """Play one episode of every game and report success and normalised score.
 
     Returns:
-        ``success_rate`` and ``normalized_score`` (score / max score) means over games, each with
-        a 95% interval (``*_ci95``: Wilson for the success rate, a bootstrap for the score), ``steps_mean``,
+        :func:`agent_scores` (``success_rate``, ``normalized_score`` and their 95% intervals), ``steps_mean``,
         ``invalid_action_rate`` (over all
         steps), ``episodes`` and ``games``: per game ``game``, ``won``, ``score``, ``max_score``,
         ``normalized_score``, ``steps`` and ``invalid_actions``.
@@ -774,15 +786,10 @@ def evaluate_agent(
     ]
     if not per_game:
         raise ValueError("evaluate_agent needs at least one game")
-    success = np.array([float(game["won"]) for game in per_game])
-    scores = np.array([game["normalized_score"] for game in per_game])
     steps = sum(game["steps"] for game in per_game)
     return {
         "episodes": len(per_game),
-        "success_rate": float(success.mean()),
-        "success_rate_ci95": list(wilson_interval(int(success.sum()), len(success))),
-        "normalized_score": float(scores.mean()),
-        "normalized_score_ci95": list(mean_interval(scores, seed=seed)),
+        **agent_scores(per_game, seed=seed),
         "steps_mean": steps / len(per_game),
         "invalid_action_rate": sum(game["invalid_actions"] for game in per_game) / steps,
         "games": per_game,

@@ -345,8 +345,10 @@ def fit_critic_and_extract(
     fit and Best-of-N extraction; returns the kept (prompt, completion) rows and records each stage."""
     backbone = model
     if run.representation_steps > 0:
-        saved = saved_representation_backbone(model, output_dir / "representation")
-        if "representation" in ledger and saved is not None:  # resumed: the fine-tuning is not run again
+        saved = (  # read only when resuming a recorded stage: the fine-tuning is not run again
+            saved_representation_backbone(model, output_dir / "representation") if "representation" in ledger else None
+        )
+        if saved is not None:
             backbone = saved
         else:
             backbone, stats = representation_backbone(
