@@ -21,7 +21,13 @@ from llmq.config import ModelConfig, load_recipe_file, parse_recipe
 from llmq.errors import UserError
 from llmq.evaluation import EvalConfig, GenerateConfig, build_offline_dataset, evaluate, format_report
 from llmq.explain import ExplainConfig, explain, format_summary
-from llmq.launch import LaunchConfig, is_launched_process, launch_training, share_fp32_master_weights
+from llmq.launch import (
+    LaunchConfig,
+    gather_and_scatter_in_place_over_gloo,
+    is_launched_process,
+    launch_training,
+    share_fp32_master_weights,
+)
 from llmq.methods import DEFAULT_METHOD, METHODS, method_module
 from llmq.models import REGISTRY, load_from_config, prepare_model, resolve_dtype, resolve_model
 from llmq.models.registry import is_prepared, model_directory
@@ -100,6 +106,7 @@ def _train(argv: Sequence[str]) -> int:
         return 0
     if is_launched_process() and is_deepspeed_zero3_enabled():  # the training arguments have set up DeepSpeed
         share_fp32_master_weights()
+        gather_and_scatter_in_place_over_gloo()
     summary = module.run(model_args, training_args, config, launch, argv)
     if is_launched_process():  # the launching process reports
         # Skip the interpreter's teardown: gloo threads still finishing ZeRO-3's prefetch all-gathers

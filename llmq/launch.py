@@ -230,3 +230,54 @@ def share_fp32_master_weights() -> None:
             self.device = name
 
     Optimizer._create_fp32_partitions = create_comparing_devices
+
+
+def gather_and_scatter_in_place_over_gloo() -> None:
+    """Let DeepSpeed's all-gathers and reduce-scatters on gloo work in the tensors they are given.
+
+    torch's gloo ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` copy the whole flat tensor into a temporary
+    of its size: ZeRO-3 gathers each layer's weights and reduce-scatters its gradient through them, and for Qwen's tied
+    151,936 × 896 embedding that is 0.51 GiB more at the step's peak (docs/results.md). A broadcast of each rank's
+    chunk into the output, or a reduce of each rank's chunk of the input to that rank, moves the same bytes in place.
+    Other backends (NCCL) and asynchronous reduce-scatters keep torch's collectives. A reduce may leave partial sums in
+    the input's other chunks; DeepSpeed frees the gradients it reduce-scatters right after.
+    """
+    from deepspeed.comm import ReduceOp
+    from deepspeed.comm.torch import TorchBackend
+
+    gather, scatter = TorchBackend.all_gather_into_tensor, TorchBackend.reduce_scatter_tensor
+    distributed = torch.distributed
+
+    def on_gloo(group: object, *tensors: torch.Tensor) -> bool:
+        return distributed.get_backend(group) == "gloo" and all(tensor.is_contiguous() for tensor in tensors)
+
+    @functools.wraps(gather)
+    def gather_by_broadcasts(self, output_tensor, input_tensor, group=None, async_op=False):
+        if not on_gloo(group, output_tensor, input_tensor):
+            return gather(self, output_tensor, input_tensor, group=group, async_op=async_op)
+        group = group or distributed.group.WORLD
+        chunks = output_tensor.view(-1).chunk(distributed.get_world_size(group))
+        chunks[distributed.get_rank(group)].copy_(input_tensor.view(-1))
+        works = [
+            distributed.broadcast(chunk, distributed.get_global_rank(group, rank), group, async_op=True)
+            for rank, chunk in enumerate(chunks)
+        ]
+        everything = torch.futures.collect_all([work.get_future() for work in works])
+        if async_op:
+            return everything
+        everything.wait()
+
+    @functools.wraps(scatter)
+    def scatter_by_reduces(self, output_tensor, input_tensor, op=ReduceOp.SUM, group=None, async_op=False):
+        if async_op or not on_gloo(group, output_tensor, input_tensor):
+            return scatter(self, output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        group = group or distributed.group.WORLD
+        chunks = input_tensor.view(-1).chunk(distributed.get_world_size(group))
+        for rank, chunk in enumerate(chunks):
+            distributed.reduce(chunk, distributed.get_global_rank(group, rank), self._reduce_op(op), group)
+        own = chunks[distributed.get_rank(group)]
+        if own.data_ptr() != output_tensor.data_ptr():  # ZeRO-3's output is the input's own chunk already
+            output_tensor.view(-1).copy_(own)
+
+    TorchBackend.all_gather_into_tensor = gather_by_broadcasts
+    TorchBackend.reduce_scatter_tensor = scatter_by_reduces

@@ -150,6 +150,58 @@ def test_zero3_optimizer_of_an_fp32_model_updates_the_parameter_shard_itself_ins
     assert finished.stdout.split()[-1] == "True"  # the master weights are the shard: no second fp32 copy
 
 
+GLOO_COLLECTIVES = """
+import sys, torch, deepspeed
+from deepspeed import comm
+from llmq.launch import gather_and_scatter_in_place_over_gloo
+deepspeed.init_distributed(dist_backend="gloo")
+rank = comm.get_rank()
+shard = torch.arange(15.0).view(3, 5) + 100 * rank
+gradient = torch.arange(16.0).view(8, 2) * (rank + 1)
+torch_gathered, torch_reduced = torch.empty(6, 5), torch.empty(4, 2)
+comm.allgather_fn(torch_gathered, shard)
+comm.reduce_scatter_fn(torch_reduced, gradient.clone())
+gather_and_scatter_in_place_over_gloo()
+gathered, gathered_async, reduced = torch.empty(6, 5), torch.empty(6, 5), torch.empty(4, 2)
+comm.allgather_fn(gathered, shard)
+comm.allgather_fn(gathered_async, shard, async_op=True).wait()
+comm.reduce_scatter_fn(reduced, gradient.clone())
+in_place = gradient.clone().view(-1)
+comm.reduce_scatter_fn(in_place.chunk(2)[rank], in_place)  # as ZeRO-3 calls it: the output is the input's chunk
+same = [
+    torch.equal(gathered, torch_gathered),
+    torch.equal(gathered_async, torch_gathered),
+    torch.equal(reduced, torch_reduced),
+    torch.equal(in_place.chunk(2)[rank].view(4, 2), torch_reduced),
+]
+print(rank, all(same), same, flush=True)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_gloo_gathers_and_reduce_scatters_in_place_give_torchs_results():
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (extra 'deepspeed')")
+    from llmq.launch import _free_port
+
+    common = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", GLOO_COLLECTIVES],
+            env=common | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank, process in enumerate(processes):
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        assert stdout.splitlines()[-1].split()[:2] == [str(rank), "True"], stdout
+
+
 ZERO3_SAVE = """
 import json, sys
 from pathlib import Path
