@@ -14,8 +14,8 @@
    64 tokens): greedy; N sampled answers (pass@k for every k ≤ N; pass@N is best-of-N by the verifier, the upper
    bound that reads the gold answer); best-of-N of those same answers by the QVM, and by the process reward model
    at ``--prm`` (min over its step scores) when one is given; Q* at each budget, with g ≡ 0
-   and with the rules' utility (−1 for a step with a false equation, min over the steps), or only those of
-   ``--utilities``;
+   and with the rules' utility (−1 for a step with a false equation, min over the steps), or those of
+   ``--utilities`` (also ``qvm``, the QVM's value of each step, and ``prm``, the PRM's step score);
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
    change from greedy (Newcombe); maj@N of the N sampled answers (self-consistency, the peer that needs no scorer)
    and each best-of-N's paired difference from it; for each Q* run the fraction of the greedy → pass@k gap it
@@ -52,7 +52,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="Q* expansions per question.")
     parser.add_argument("--candidates", type=int, default=4, help="Q* candidate steps per expansion.")
     parser.add_argument(
-        "--utilities", nargs="+", default=["none", "rules"], choices=["none", "rules"], help="Q*'s search_utility."
+        "--utilities",
+        nargs="+",
+        default=["none", "rules"],
+        choices=["none", "rules", "qvm", "prm"],
+        help="Q*'s search_utility (prm: the model at --prm).",
     )
     parser.add_argument(
         "--qvms", nargs="+", default=list(QVMS), choices=list(QVMS), help="QVMs to train and choose the search's from."
@@ -89,7 +93,10 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if "prm" in args.utilities and args.prm is None:
+        parser.error("--utilities prm needs --prm, the process reward model")
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.log"
@@ -142,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                 utility,
                 "--search_aggregate",
                 "min",
+                *(["--prm_path", args.prm] if utility == "prm" else []),
                 "--step_max_tokens",
                 "64",
                 "--search_max_depth",
