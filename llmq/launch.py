@@ -248,8 +248,8 @@ def gather_and_scatter_in_place_over_gloo() -> None:
     gather, scatter = TorchBackend.all_gather_into_tensor, TorchBackend.reduce_scatter_tensor
     distributed = torch.distributed
 
-    def on_gloo(group: object, *tensors: torch.Tensor) -> bool:
-        return distributed.get_backend(group) == "gloo" and all(tensor.is_contiguous() for tensor in tensors)
+    def on_gloo(group: object, *tensors: torch.Tensor) -> bool:  # and tensors that split into the ranks' chunks
+        return distributed.get_backend(group) == "gloo" and all(t.is_contiguous() and t.numel() > 0 for t in tensors)
 
     @functools.wraps(gather)
     def gather_by_broadcasts(self, output_tensor, input_tensor, group=None, async_op=False):

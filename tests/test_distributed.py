@@ -151,7 +151,7 @@ def test_zero3_optimizer_of_an_fp32_model_updates_the_parameter_shard_itself_ins
 
 
 GLOO_COLLECTIVES = """
-import sys, torch, deepspeed
+import torch, deepspeed
 from deepspeed import comm
 from llmq.launch import gather_and_scatter_in_place_over_gloo
 deepspeed.init_distributed(dist_backend="gloo")
