@@ -242,6 +242,7 @@ def gather_and_scatter_in_place_over_gloo() -> None:
     Other backends (NCCL) and asynchronous reduce-scatters keep torch's collectives. A reduce may leave partial sums in
     the input's other chunks; DeepSpeed frees the gradients it reduce-scatters right after.
     """
+    # DeepSpeed is an optional extra (llmq[deepspeed]), needed only by the processes of a DeepSpeed launch.
     from deepspeed.comm import ReduceOp
     from deepspeed.comm.torch import TorchBackend
 
