@@ -243,8 +243,7 @@ def gather_and_scatter_in_place_over_gloo() -> None:
     the input's other chunks; DeepSpeed frees the gradients it reduce-scatters right after.
     """
     # DeepSpeed is an optional extra (llmq[deepspeed]), needed only by the processes of a DeepSpeed launch.
-    from deepspeed.comm import ReduceOp
-    from deepspeed.comm.torch import TorchBackend
+    from deepspeed.comm.torch import ReduceOp, TorchBackend
 
     gather, scatter = TorchBackend.all_gather_into_tensor, TorchBackend.reduce_scatter_tensor
     distributed = torch.distributed
