@@ -93,3 +93,22 @@ def test_embedded_model_matches_its_gguf_and_answers_through_the_chat_template(e
     assert reply.finish_reason in ("stop", "length") and reply.token_ids
     # The 135M model answers in arithmetic form (it is weak at arithmetic: "12 + 7 = 8").
     assert "12" in reply.text and "7" in reply.text and "=" in reply.text, reply.text
+
+
+# Published parameter counts (the model cards'), in millions.
+PUBLISHED_SIZES = {"smollm2-135m": 134.5, "smollm2-1.7b": 1711.4, "qwen2.5-0.5b": 494.0, "cerebras-gpt-590m": 590.3}
+
+
+@pytest.mark.parametrize("architecture", sorted(PUBLISHED_SIZES))
+def test_public_architectures_have_their_published_size_and_train_deterministically(architecture):
+    from transformers import AutoModelForCausalLM
+
+    from llmq.models.registry import PUBLIC_CONFIGS
+
+    config = PUBLIC_CONFIGS[architecture]
+    with torch.device("meta"):  # no memory: only the shapes are counted
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(PUBLISHED_SIZES[architecture], abs=0.5)
+    # No dropout: the benchmarks compare the losses of 1 and N processes, which random masks would make differ.
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert getattr(config, "attention_dropout", 0.0) == 0.0  # Llama's and Qwen's, applied without a module

@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    GPT2Config,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -78,9 +79,9 @@ def _build_embedded(directory: Path) -> None:
 
 
 # Public architectures at their published sizes, for benchmarks of memory and speed without a download: the configs
-# of HuggingFaceTB/SmolLM2-135M-Instruct, HuggingFaceTB/SmolLM2-1.7B-Instruct and Qwen/Qwen2.5-0.5B-Instruct, with
-# random weights and the embedded model's tokenizer (SmolLM2's own; within Qwen's larger vocabulary, the extra rows are
-# never read).
+# of HuggingFaceTB/SmolLM2-135M-Instruct, HuggingFaceTB/SmolLM2-1.7B-Instruct, Qwen/Qwen2.5-0.5B-Instruct and
+# cerebras/Cerebras-GPT-590M, with random weights and the embedded model's tokenizer (SmolLM2's own; within Qwen's and
+# GPT-2's larger vocabularies, the extra rows are never read).
 PUBLIC_CONFIGS: dict[str, PretrainedConfig] = {
     "smollm2-135m": LlamaConfig(
         vocab_size=49152,
@@ -116,6 +117,21 @@ PUBLIC_CONFIGS: dict[str, PretrainedConfig] = {
         max_position_embeddings=32768,
         rope_theta=1000000.0,
         rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    # A 0.59B model whose tied embedding is 13% of its weights (Qwen2.5-0.5B's: 28%), for ZeRO-3's memory benchmark.
+    "cerebras-gpt-590m": GPT2Config(
+        vocab_size=50257,
+        n_embd=1536,
+        n_inner=6144,
+        n_layer=18,
+        n_head=12,
+        n_positions=2048,
+        activation_function="gelu",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         tie_word_embeddings=True,
     ),
 }
