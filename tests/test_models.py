@@ -95,8 +95,8 @@ def test_embedded_model_matches_its_gguf_and_answers_through_the_chat_template(e
     assert "12" in reply.text and "7" in reply.text and "=" in reply.text, reply.text
 
 
-# Published parameter counts (the model cards'), in millions.
-PUBLISHED_SIZES = {"smollm2-135m": 134.5, "smollm2-1.7b": 1711.4, "qwen2.5-0.5b": 494.0, "cerebras-gpt-590m": 590.3}
+# Parameter counts as the model cards give them (135M, 1.7B, 0.49B, 590M), in millions.
+PUBLISHED_SIZES = {"smollm2-135m": 135, "smollm2-1.7b": 1700, "qwen2.5-0.5b": 490, "cerebras-gpt-590m": 590}
 
 
 @pytest.mark.parametrize("architecture", sorted(PUBLISHED_SIZES))
@@ -108,7 +108,7 @@ def test_public_architectures_have_their_published_size_and_train_deterministica
     config = PUBLIC_CONFIGS[architecture]
     with torch.device("meta"):  # no memory: only the shapes are counted
         model = AutoModelForCausalLM.from_config(config)
-    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(PUBLISHED_SIZES[architecture], abs=0.5)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(PUBLISHED_SIZES[architecture], rel=0.02)
     # No dropout: the benchmarks compare the losses of 1 and N processes, which random masks would make differ.
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert getattr(config, "attention_dropout", 0.0) == 0.0  # Llama's and Qwen's, applied without a module
