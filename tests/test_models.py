@@ -4,10 +4,11 @@ import importlib.util
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from llmq.errors import UserError
 from llmq.models import check_model_reference, load_model, load_tokenizer, prepare_model, resolve_dtype
-from llmq.models.registry import EMBEDDED_INSTALL, is_prepared
+from llmq.models.registry import EMBEDDED_INSTALL, PUBLIC_CONFIGS, is_prepared
 
 
 def test_tiny_model_is_seeded_and_prepared_once(tmp_path, monkeypatch, tiny_model_dir):
@@ -101,10 +102,6 @@ PUBLISHED_SIZES = {"smollm2-135m": 135, "smollm2-1.7b": 1700, "qwen2.5-0.5b": 49
 
 @pytest.mark.parametrize("architecture", sorted(PUBLISHED_SIZES))
 def test_public_architectures_have_their_published_size_and_train_deterministically(architecture):
-    from transformers import AutoModelForCausalLM
-
-    from llmq.models.registry import PUBLIC_CONFIGS
-
     config = PUBLIC_CONFIGS[architecture]
     with torch.device("meta"):  # no memory: only the shapes are counted
         model = AutoModelForCausalLM.from_config(config)
