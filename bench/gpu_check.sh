@@ -14,6 +14,8 @@
 #      tokens/s, MFU = 6·N·tokens/s over the GPU's dense bf16 peak, peak memory;
 #    - guided/plain generation on random SmolLM2-1.7B with a same-size policy guide and with a SmolLM2-135M Q model
 #      (bench/guided_decoding.py);
+#    - Digi-Q on screens with random SmolVLM-256M in bf16: per-state scoring, an actor step, the screens recipe's
+#      expected time (bench/digiq_screens_cost.py; from the text run's trajectories, copied by prepare);
 #    - the test suite's gpu-marked tests (pytest -m gpu): their JUnit report beside the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +47,9 @@ prepare() {
         "$CARRY/cache/models/smollm2-135m-instruct/"
     local data=${LLMQ_DATA_DIR:-../shared/data}
     for split in train test; do head -n 64 "$data/gsm8k/$split.jsonl" > "$CARRY/data/gsm8k/$split.jsonl"; done
+    # The text run of Digi-Q on TextWorld gives the screens recipe's stage sizes (bench/digiq_screens_cost.py).
+    local text_run=outputs/digiq_textworld_smollm2
+    mkdir -p "$CARRY/digiq_text_run" && cp -r "$text_run/trajectories" "$text_run/summary.json" "$CARRY/digiq_text_run/"
     du -sh "$CARRY"
 }
 
@@ -61,6 +66,8 @@ run() {
         --new_tokens 128 --repeats 3 --output "$results/guided_policy.json"
     python3 bench/guided_decoding.py --model random-smollm2-1.7b --guide random-smollm2-135m --q_model --repeats 3 \
         --data_dir "$CARRY/data" --prompts 16 --new_tokens 128 --output "$results/guided_q_model.json"
+    python3 bench/digiq_screens_cost.py --device cuda --dtype bfloat16 --states 8 --text_run "$CARRY/digiq_text_run" \
+        --output "$results/digiq_screens_cost.json"
     python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$results/gpu_tests.xml" || true
     python3 - "$results" <<'EOF'
 import json
@@ -70,7 +77,8 @@ from pathlib import Path
 
 results = Path(sys.argv[1])
 suite = ElementTree.parse(results / "gpu_tests.xml").getroot().find("testsuite")
-report = {name: json.loads((results / f"{name}.json").read_text()) for name in ("shiq_vs_dpo", "guided_policy", "guided_q_model")}
+names = ("shiq_vs_dpo", "guided_policy", "guided_q_model", "digiq_screens_cost")
+report = {name: json.loads((results / f"{name}.json").read_text()) for name in names}
 report["gpu_tests"] = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
 (results / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 print(json.dumps(report["gpu_tests"]), "->", results / "gpu_check.json")

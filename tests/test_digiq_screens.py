@@ -1,5 +1,6 @@
 """Digi-Q on image observations: TextWorld states shown to a vision-language model as a rendering of the game's screen
-(the current observation) beside the text of the goal and previous actions; a tiny random LLaVA end to end."""
+(the current observation) beside the text of the goal and previous actions; tiny random LLaVA and Idefics3 (SmolVLM's
+architecture, whose processor splits a screen into tiles) end to end."""
 
 import json
 
@@ -11,8 +12,9 @@ pytest.importorskip("textworld", reason="TextWorld is not installed (the agents 
 
 from llmq.cli import main  # noqa: E402
 from llmq.envs.textworld import (  # noqa: E402
+    command_logprobs,
+    policy_prompt,
     render_state,
-    screen_command_logprobs,
     screen_image,
     screen_text,
 )
@@ -25,9 +27,12 @@ STATES = [
 ADMISSIBLE = [["take apple", "eat apple", "look"], ["look", "inventory"]]
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    return load_model("tiny-llava", dtype="float32"), load_tokenizer("tiny-llava")
+VLMS = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-idefics3": "Idefics3ForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=list(VLMS))
+def tiny_vlm(request):
+    return load_model(request.param, dtype="float32"), load_tokenizer(request.param)
 
 
 def test_the_screen_shows_the_observation_and_the_text_the_rest(tiny_vlm):
@@ -38,9 +43,7 @@ def test_the_screen_shows_the_observation_and_the_text_the_rest(tiny_vlm):
 
 def test_screen_command_scores_are_the_reply_log_likelihoods_beside_the_screen(tiny_vlm):
     model, processor = tiny_vlm
-    scores = screen_command_logprobs(model, processor, STATES, ADMISSIBLE, batch_size=2)
-    from llmq.envs.textworld import policy_prompt
-
+    scores = command_logprobs(model, processor, STATES, ADMISSIBLE, batch_size=2, screens=True)
     image = screen_image(STATES[0])
     prompt = processor.apply_chat_template(
         policy_prompt(STATES[0], ADMISSIBLE[0], screens=True), tokenize=False, add_generation_prompt=True
@@ -54,16 +57,17 @@ def test_screen_command_scores_are_the_reply_log_likelihoods_beside_the_screen(t
     ids = encoded["input_ids"][0]
     expected = sum(logp[t - 1, ids[t]].item() for t in range(prompt_length, len(ids)))
     assert scores[0][1] == pytest.approx(expected, abs=1e-4)
-    # the same text beside another screen: the same tokens, so any change comes from the image (the tiny model's
-    # 32×32 view of two text screens differs little, hence no tolerance)
-    other = screen_command_logprobs(model, processor, [STATES[1]], [ADMISSIBLE[0]])
+    # the same text beside another screen: the same tokens, so any change comes from the image (the tiny models'
+    # 32×32 views of two text screens differ little, hence no tolerance)
+    other = command_logprobs(model, processor, [STATES[1]], [ADMISSIBLE[0]], screens=True)
     assert all(a != b for a, b in zip(other[0], scores[0]))
 
 
 @pytest.mark.slow
-def test_llmq_train_digiq_runs_end_to_end_on_screens_with_a_vlm(tmp_path):
+@pytest.mark.parametrize("vlm", list(VLMS))
+def test_llmq_train_digiq_runs_end_to_end_on_screens_with_a_vlm(tmp_path, vlm):
     out = tmp_path / "digiq"
-    argv = ["train", "--method", "digiq", "--model_name_or_path", "tiny-llava", "--observations", "screen"]
+    argv = ["train", "--method", "digiq", "--model_name_or_path", vlm, "--observations", "screen"]
     argv += ["--output_dir", str(out), "--games_dir", str(tmp_path / "games"), "--train_games", "2"]
     argv += ["--test_games", "1", "--episode_steps", "3", "--episodes_per_game", "1", "--critic_steps", "10"]
     argv += ["--critic_batch_size", "4", "--critic_hidden_size", "16", "--threshold", "-1000", "--max_steps", "2"]
@@ -75,10 +79,10 @@ def test_llmq_train_digiq_runs_end_to_end_on_screens_with_a_vlm(tmp_path):
     extracted = datasets.load_from_disk(str(out / "extracted"))
     assert len(extracted) == summary["extraction"]["kept"] and extracted[0]["images"][0].size == (448, 336)
     assert extracted[0]["prompt"][-1]["content"][0] == {"type": "image", "text": None}
-    # the critic's features came from the VLM with the screens: one cache entry for states, one for (state, command)
-    assert len(list((out / "features").glob("*.safetensors"))) == 2
-    trained, initial = load_model(str(out), dtype="float32"), load_model("tiny-llava", dtype="float32")
-    assert type(trained).__name__ == "LlavaForConditionalGeneration"
+    # the critic's features came from the VLM with the screens, each state's screen read once for all its commands
+    assert len(list((out / "features").glob("*.safetensors"))) == 1
+    trained, initial = load_model(str(out), dtype="float32"), load_model(vlm, dtype="float32")
+    assert type(trained).__name__ == VLMS[vlm]
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
 
 

@@ -121,6 +121,44 @@ def test_continuations_scored_through_the_prefix_cache_match_full_forward_passes
     assert torch.equal(cached[0], prefix_features) and all(torch.equal(a, b) for a, b in zip(cached[2], logprobs))
 
 
+@pytest.mark.parametrize("vlm", ["tiny-llava", "tiny-idefics3"])
+def test_continuations_of_a_prefix_with_an_image_match_full_forward_passes_with_it(tmp_path, vlm):
+    """The prefix and its image run once, its KV cache serves the continuations: features and log-likelihoods
+    equal a full pass over prefix + continuation beside the image, and depend on the image."""
+    import numpy as np
+
+    from llmq.mdp import token_logprobs
+    from llmq.models import load_model, load_tokenizer
+    from llmq.models.features import score_continuations
+
+    model, processor = load_model(vlm, dtype="float32").eval(), load_tokenizer(vlm)
+    images = [np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8) for seed in range(2)]
+    prefixes = ["<image> the screen. Action:", "<image> the screen. Action:"]  # the same text, two images
+    continuations = [[" take apple", " look"], [" take apple", " look"]]
+    prefix_features, features, logprobs = score_continuations(
+        model, processor, prefixes, continuations, images=images, layer=-1, cache_dir=tmp_path, progress=False
+    )
+    for p, (prefix, options) in enumerate(zip(prefixes, continuations)):
+        prefix_length = processor(text=[prefix], images=[images[p]], return_tensors="pt")["input_ids"].shape[1]
+        for c, option in enumerate(options):
+            full = processor(text=[prefix + option], images=[images[p]], return_tensors="pt")
+            with torch.no_grad():
+                out = model(**full, output_hidden_states=True)
+            logp, _ = token_logprobs(out.logits, full["input_ids"])
+            torch.testing.assert_close(features[p][c], out.hidden_states[-1][0, -1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                prefix_features[p], out.hidden_states[-1][0, prefix_length - 1], atol=1e-5, rtol=0
+            )
+            assert logprobs[p][c].item() == pytest.approx(logp[0, prefix_length:].sum().item(), abs=1e-4)
+    assert not torch.allclose(features[0][0], features[1][0])  # the same text beside another image
+    swapped = score_continuations(  # the same texts, the images swapped: a cache miss
+        model, processor, prefixes, continuations, images=images[::-1], layer=-1, cache_dir=tmp_path, progress=False
+    )
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and torch.allclose(swapped[1][0], features[1])
+    with pytest.raises(ValueError, match="one image per prefix"):
+        score_continuations(model, processor, prefixes, continuations, images=images[:1], progress=False)
+
+
 def tiny_llava():
     """The registry's tiny random LLaVA and its processor (images: 32×32, 16 patches, each one ``<image>`` token)."""
     from llmq.models import load_model, load_tokenizer

@@ -4,7 +4,8 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from llmq.errors import UserError
 from llmq.models import check_model_reference, load_model, load_tokenizer, prepare_model, resolve_dtype
@@ -67,8 +68,6 @@ def test_missing_embedded_package_names_the_install_command(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_embedded_model_matches_its_gguf_and_answers_through_the_chat_template(embedded_model_dir):
-    from transformers import AutoModelForCausalLM
-
     from llmq.models.registry import EMBEDDED_GGUF, EMBEDDED_PACKAGE
     from llmq.rollout import HFEngine, SamplingParams
 
@@ -109,3 +108,19 @@ def test_public_architectures_have_their_published_size_and_train_deterministica
     # No dropout: the benchmarks compare the losses of 1 and N processes, which random masks would make differ.
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert getattr(config, "attention_dropout", 0.0) == 0.0  # Llama's and Qwen's, applied without a module
+
+
+@pytest.mark.slow
+def test_random_smolvlm_has_smolvlm_256ms_size_and_cuts_a_screen_into_its_13_tiles():
+    """The GPU recipe's model without a download: HuggingFaceTB/SmolVLM-256M-Instruct's 256M parameters, and its
+    processor's tiling (longest edge 2048 in 512×512 tiles, plus the whole image; 64 tokens each)."""
+    config = AutoConfig.from_pretrained(prepare_model("random-smolvlm-256m"))
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(256, rel=0.02)
+    processor = load_tokenizer("random-smolvlm-256m")
+    screen = Image.new("RGB", (448, 336), "white")  # llmq.envs.textworld's screen size
+    encoded = processor(text=["<image>What is on the screen?"], images=[screen], return_tensors="pt")
+    assert encoded["pixel_values"].shape[1:] == (13, 3, 512, 512)
+    assert (encoded["input_ids"] == config.image_token_id).sum().item() == 13 * 64
+    assert processor.tokenizer.eos_token == "<end_of_utterance>"

@@ -38,7 +38,6 @@ from typing import NamedTuple, Protocol
 
 import datasets
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 try:
@@ -529,55 +528,28 @@ def llm_policy(
     return policy
 
 
-def screen_command_logprobs(
-    model, processor, states: list[str], admissible: list[list[str]], batch_size: int = 8
-) -> list[list[float]]:
-    """:func:`command_logprobs` for a vision-language model with screen observations: the prompt is
-    :func:`policy_prompt` with ``screens``, each state's screen the image, and a state's commands are scored in
-    batches of full forward passes (one image per row)."""
-    processor.tokenizer.padding_side = "right"  # positions after the prompt are then the command's
-    end = processor.tokenizer.eos_token or ""
-    device = next(model.parameters()).device
-    scores = []
-    for state, commands in zip(states, admissible):
-        image = screen_image(state)
-        messages = policy_prompt(state, commands, screens=True)
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_length = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
-        state_scores: list[float] = []
-        for start in range(0, len(commands), batch_size):
-            chunk = commands[start : start + batch_size]
-            encoded = processor(
-                text=[prompt + command + end for command in chunk],
-                images=[image] * len(chunk),
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            with torch.no_grad():
-                logits = model(**encoded).logits.float()
-            ids = encoded["input_ids"]
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            scored = (torch.arange(1, ids.shape[1], device=device) >= prompt_length)[None]
-            state_scores += (logp * (scored & encoded["attention_mask"][:, 1:].bool())).sum(-1).tolist()
-        scores.append(state_scores)
-    return scores
-
-
 def command_logprobs(
-    model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8
+    model, tokenizer, states: list[str], admissible: list[list[str]], batch_size: int = 8, *, screens: bool = False
 ) -> list[list[float]]:
     """``log π(command ⊕ end-of-turn | chat prompt)`` of every admissible command of every state.
 
     The prompt is :func:`policy_prompt` through the chat template, read once
     per state (:func:`llmq.models.features.score_continuations`); the end-of-turn token makes a
-    command's score that of the whole reply, not of a prefix.
+    command's score that of the whole reply, not of a prefix.  With ``screens`` a vision-language model
+    (``tokenizer``: its processor) reads each state's screen with the prompt, also once per state.
     """
     prompts = [
-        tokenizer.apply_chat_template(policy_prompt(state, commands), tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            policy_prompt(state, commands, screens=screens), tokenize=False, add_generation_prompt=True
+        )
         for state, commands in zip(states, admissible)
     ]
-    replies = [[command + (tokenizer.eos_token or "") for command in commands] for commands in admissible]
-    _, _, logprobs = score_continuations(model, tokenizer, prompts, replies, batch_size=batch_size, progress=False)
+    end = getattr(tokenizer, "tokenizer", tokenizer).eos_token or ""
+    replies = [[command + end for command in commands] for commands in admissible]
+    images = [screen_image(state) for state in states] if screens else None
+    _, _, logprobs = score_continuations(
+        model, tokenizer, prompts, replies, images=images, batch_size=batch_size, progress=False
+    )
     return [scores.tolist() for scores in logprobs]
 
 
@@ -586,14 +558,14 @@ def likelihood_policy(
 ) -> Policy:
     """A TextWorld policy that picks an admissible command by the LM's likelihood of it:
     the most likely one (``temperature`` 0) or a sample from ``softmax(log π / temperature)``.  With ``screens`` a
-    vision-language model (``tokenizer``: its processor) scores the commands seeing each state's screen
-    (:func:`screen_command_logprobs`)."""
+    vision-language model (``tokenizer``: its processor) scores the commands seeing each state's screen."""
     rng = np.random.default_rng(seed)
-    scorer = screen_command_logprobs if screens else command_logprobs
 
     def policy(states: list[str], admissible: list[list[str]]) -> list[str]:
         chosen = []
-        for commands, scores in zip(admissible, scorer(model, tokenizer, states, admissible, batch_size)):
+        for commands, scores in zip(
+            admissible, command_logprobs(model, tokenizer, states, admissible, batch_size, screens=screens)
+        ):
             if temperature == 0:
                 chosen.append(commands[int(np.argmax(scores))])
             else:

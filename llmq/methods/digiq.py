@@ -42,7 +42,7 @@ from llmq.losses import best_of_n_advantages
 from llmq.methods import method_field
 from llmq.methods.stages import StageLedger, paired_change, write_summary
 from llmq.models import load_from_config
-from llmq.models.features import extract_features, score_continuations
+from llmq.models.features import score_continuations
 from llmq.rollout.engines import EngineConfig
 from llmq.trainers import SFTConfig
 from llmq.trainers.critic import CriticConfig, CriticTrainer, critic_config
@@ -388,28 +388,16 @@ class TransitionFeatures:
         texts = sorted(actions_of)
         options = [sorted(actions_of[text]) for text in texts]
         prompts = [actionability_prompts(tokenizer, t, c, screens=screens) for t, c in zip(texts, options)]
-        if not screens:
-            prefixes, continuations = zip(*prompts)
-            self.states, self.actions, _ = score_continuations(
-                backbone, tokenizer, list(prefixes), list(continuations), layer=layer, cache_dir=cache_dir
-            )
-        else:  # a vision-language model reads every prompt whole, with its state's screen
-            from llmq.envs.textworld import screen_image
+        if screens:
+            from llmq.envs.textworld import screen_image  # an optional extra (llmq[agents])
 
-            screens_of = [screen_image(text) for text in texts]
-            self.states = extract_features(
-                backbone, tokenizer, [p for p, _ in prompts], images=screens_of, layer=layer, cache_dir=cache_dir
-            )
-            pairs = [(p + c, image) for (p, cs), image in zip(prompts, screens_of) for c in cs]
-            features = extract_features(
-                backbone,
-                tokenizer,
-                [text for text, _ in pairs],
-                images=[image for _, image in pairs],
-                layer=layer,
-                cache_dir=cache_dir,
-            )
-            self.actions = list(features.split([len(commands) for commands in options]))
+            images = [screen_image(text) for text in texts]
+        else:
+            images = None
+        prefixes, continuations = zip(*prompts)
+        self.states, self.actions, _ = score_continuations(
+            backbone, tokenizer, list(prefixes), list(continuations), images=images, layer=layer, cache_dir=cache_dir
+        )
         self.state_row = {text: i for i, text in enumerate(texts)}
         self.action_row = {
             (text, command): (i, j)

@@ -145,6 +145,7 @@ def score_continuations(
     prefixes: list[str],
     continuations: list[list[str]],
     *,
+    images: list | None = None,
     layer: int | None = None,
     batch_size: int = 16,
     cache_dir: str | Path | None = None,
@@ -156,6 +157,10 @@ def score_continuations(
     and its KV cache serves every continuation, so scoring N actions of a 400-token state costs
     about one state, not N.  Prefix and continuations are tokenized separately (no special tokens
     added), so a token never straddles the boundary.
+
+    With ``images`` (one per prefix; ``tokenizer`` is then the VLM's processor and each prefix holds its image
+    placeholder) the image is encoded once with its prefix too: a screen of many tiles costs one pass per state,
+    not one per continuation.
 
     Returns:
         ``prefix_features`` ``[P, hidden]`` (last prefix token), and per prefix
@@ -169,12 +174,17 @@ def score_continuations(
             f"{len(continuations)} continuation lists for {len(prefixes)} prefixes: give one list (possibly empty) "
             "per prefix"
         )
+    if images is not None and len(images) != len(prefixes):
+        raise ValueError(f"{len(images)} images for {len(prefixes)} prefixes: give one image per prefix")
     index = feature_layer(model, layer)
     cache_file = None
     if cache_dir is not None:
         digest = hashlib.sha256("\0".join(prefixes).encode())
         for options in continuations:
             digest.update(("\1" + "\0".join(options)).encode())
+        for image in images or []:
+            pixels = np.asarray(image)
+            digest.update(str(pixels.shape).encode() + pixels.tobytes())
         key = json.dumps(
             {
                 "kind": "continuations",
@@ -197,24 +207,31 @@ def score_continuations(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps one
     prefix_features, continuation_features, continuation_logprobs = [], [], []
-    for prefix, options in tqdm(
-        list(zip(prefixes, continuations)), desc="features", unit="state", disable=not progress
+    for i, (prefix, options) in enumerate(
+        tqdm(list(zip(prefixes, continuations)), desc="features", unit="state", disable=not progress)
     ):
-        prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        head = model(input_ids=prefix_ids, output_hidden_states=True, use_cache=True)
+        if images is None:
+            prefix_inputs = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")
+        else:
+            prefix_inputs = tokenizer(text=[prefix], images=[images[i]], add_special_tokens=False, return_tensors="pt")
+        prefix_inputs = prefix_inputs.to(device)
+        prefix_ids = prefix_inputs["input_ids"]
+        head = model(**prefix_inputs, output_hidden_states=True, use_cache=True)
         prefix_features.append(head.hidden_states[index][0, -1].float().cpu())
         first_logp = torch.log_softmax(head.logits[0, -1].float(), dim=-1)
         cache_key = "cache" if hasattr(head, "cache") else "past_key_values"
         features, logprobs = [], []
         for start in range(0, len(options), batch_size):
             encoded = [
-                tokenizer(text, add_special_tokens=False)["input_ids"] for text in options[start : start + batch_size]
+                text_tokenizer(text, add_special_tokens=False)["input_ids"]
+                for text in options[start : start + batch_size]
             ]
             if any(not ids for ids in encoded):
                 raise ValueError(f"an empty continuation of prefix {prefix[:60]!r}")
             width, count = max(len(ids) for ids in encoded), len(encoded)
-            ids = torch.full((count, width), tokenizer.pad_token_id, dtype=torch.long)
+            ids = torch.full((count, width), text_tokenizer.pad_token_id, dtype=torch.long)
             real = torch.zeros((count, width), dtype=torch.long)
             for row, tokens in enumerate(encoded):
                 ids[row, : len(tokens)], real[row, : len(tokens)] = torch.tensor(tokens), 1

