@@ -18,7 +18,7 @@ of the recipe's games logged by a text run (``--text_run``: the same 40 train an
 counts one forward's FLOPs (``torch.utils.flop_counter``), and multiplies the costs by the recipe's stage sizes,
 counted from the text run's data: every logged step's commands scored in collection, every distinct state's commands
 read for the critic's features, the test games played before and after training, and the actor's steps.  Prints the
-expected time per stage for both ways of scoring, peak memory, and writes JSON.
+expected time with both ways of scoring, peak memory, and writes JSON.
 """
 
 from __future__ import annotations
