@@ -68,9 +68,9 @@ def peak_memory_gib(device: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     import datasets
-    import yaml
     from torch.utils.flop_counter import FlopCounterMode
 
+    from llmq.config import load_recipe_file
     from llmq.envs.textworld import command_logprobs, policy_example, policy_prompt, screen_image
     from llmq.models import load_model, load_tokenizer
     from llmq.models.features import extract_features
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data = datasets.load_from_disk(str(trajectories))
     text_summary = json.loads(summary_file.read_text())
-    recipe = yaml.safe_load(args.recipe.read_text())
+    recipe = load_recipe_file(args.recipe)
 
     processor = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype, device=args.device).eval()
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     logged_steps = len(data)
     distinct_states = len({*data["state"], *data["next_state"]})
     commands_per_step = sum(len(c) for c in data["admissible"]) / logged_steps
-    evaluated_states = round(20 * (text_summary["before"]["steps_mean"] + text_summary["after"]["steps_mean"]))
+    steps_per_game = text_summary["before"]["steps_mean"] + text_summary["after"]["steps_mean"]
+    evaluated_states = round(recipe["test_games"] * steps_per_game)
     actor_steps = int(text_summary["extraction"]["kept"]) // batch * recipe["num_train_epochs"]
     scored_states = logged_steps + distinct_states + evaluated_states
     expected = {

@@ -198,7 +198,6 @@ def _build_random_smolvlm(directory: Path) -> None:
         images,
         scale_factor=4,
         chat_template=SMOLVLM_CHAT_TEMPLATE,
-        tie_word_embeddings=False,
     )
 
 

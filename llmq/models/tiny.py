@@ -161,7 +161,6 @@ def save_random_idefics3(
     scale_factor: int,
     chat_template: str,
     seed: int = 0,
-    tie_word_embeddings: bool = True,
 ) -> None:
     """Write an Idefics3 with seeded random weights and its processor to ``directory``; each tile's
     ``(image_size / patch_size)²`` patches are pixel-shuffled by ``scale_factor`` into ``image_seq_len`` tokens."""
@@ -171,7 +170,7 @@ def save_random_idefics3(
         scale_factor=scale_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie_word_embeddings,
+        tie_word_embeddings=text.tie_word_embeddings,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -195,7 +194,8 @@ def build_tiny_idefics3(directory: Path, seed: int = 0) -> None:
     vision = Idefics3VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
-    text = _tiny_llama_config(tokenizer, max_position_embeddings=4096)  # screens are long in byte tokens
+    # screens are long in byte tokens
+    text = _tiny_llama_config(tokenizer, max_position_embeddings=4096, tie_word_embeddings=True)
     images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
     save_random_idefics3(
         directory, tokenizer, vision, text, images, scale_factor=2, chat_template=CHATML_IMAGE_TEMPLATE, seed=seed
