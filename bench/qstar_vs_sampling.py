@@ -5,15 +5,19 @@
     python bench/qstar_vs_sampling.py --limit 200 --qvms base_labels --engine vllm --batch_size 16 --seed 1 \
         --output_dir outputs/bench/qstar_vs_sampling/seed1 --tree_to outputs/bench/qstar_vs_sampling/seed1/tree.html \
         --prm outputs/prm_products_smollm2     # a PRM from examples/train_prm_with_trl.py
+    python bench/qstar_vs_sampling.py --task gsm8k --limit 128 --budgets 8 16 --engine vllm --batch_size 16 \
+        --output_dir outputs/bench/qstar_vs_sampling/gsm8k --tree_to outputs/bench/qstar_vs_sampling/gsm8k/tree.html
 
-1. trains the QVMs of ``recipes/qstar/products_smollm2.yaml`` (labels sampled by the base model) and
-   ``recipes/qstar/products_shiq_labels_smollm2.yaml`` (labels sampled by the online ShiQ policy), or only those of
-   ``--qvms``, unless they exist, and reads each one's positive-label rate and held-out within-question pairwise
-   accuracy; the QVM that ranks held-out train answers better is the one best-of-N and Q* use;
-2. runs ``llmq eval --engine ENGINE --seed SEED`` on the first ``--limit`` test questions (the base model, T 0.8,
-   64 tokens): greedy; N sampled answers (pass@k for every k ≤ N; pass@N is best-of-N by the verifier, the upper
-   bound that reads the gold answer); best-of-N of those same answers by the QVM, and by the process reward model
-   at ``--prm`` (min over its step scores) when one is given; Q* at each budget, with g ≡ 0
+1. trains the task's QVMs unless they exist: on products_3x1digit those of ``recipes/qstar/products_smollm2.yaml``
+   (labels sampled by the base model) and ``recipes/qstar/products_shiq_labels_smollm2.yaml`` (labels sampled by the
+   online ShiQ policy), on GSM8K that of ``recipes/qstar/gsm8k_smollm2.yaml``, or only those of ``--qvms``; reads
+   each one's positive-label rate and held-out within-question pairwise accuracy; the QVM that ranks held-out train
+   answers better is the one best-of-N and Q* use;
+2. runs ``llmq eval --engine ENGINE --seed SEED`` on the first ``--limit`` test questions (the base model, at the
+   temperature and answer length of that QVM's recipe: T 0.8 and 64 tokens on products_3x1digit): greedy; N sampled
+   answers (pass@k for every k ≤ N; pass@N is best-of-N by the verifier, the upper bound that reads the gold answer);
+   best-of-N of those same answers by the QVM, and by the process reward model at ``--prm`` (min over its step
+   scores) when one is given; Q* at each budget, with g ≡ 0
    and with the rules' utility (−1 for a step with a false equation, min over the steps), or those of
    ``--utilities`` (also ``qvm``, the QVM's value of each step, and ``prm``, the PRM's step score);
 3. prints and writes (``--output_dir/report.json``) each run's accuracy (Wilson interval), sampled tokens, paired
@@ -39,14 +43,23 @@ from llmq.config import load_recipe_file
 from llmq.decoding.best_of_n import majority_vote
 from llmq.stats import best_of_k, paired_difference, pass_at_k, proportion_summary
 
-QVMS = {
-    "base_labels": "recipes/qstar/products_smollm2.yaml",
-    "shiq_labels": "recipes/qstar/products_shiq_labels_smollm2.yaml",
+# Each task's QVM recipes (their sampling temperature and answer length are the decoding runs' too) and how deep
+# Q* may search: an answer to products_3x1digit takes one to three lines, one to GSM8K up to about ten.
+TASKS = {
+    "products_3x1digit": {
+        "qvms": {
+            "base_labels": "recipes/qstar/products_smollm2.yaml",
+            "shiq_labels": "recipes/qstar/products_shiq_labels_smollm2.yaml",
+        },
+        "max_depth": 4,
+    },
+    "gsm8k": {"qvms": {"base_labels": "recipes/qstar/gsm8k_smollm2.yaml"}, "max_depth": 12},
 }
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="products_3x1digit", choices=list(TASKS))
     parser.add_argument("--limit", type=int, default=100, help="First N test questions.")
     parser.add_argument("--samples", type=int, default=8, help="N: sampled answers per question (pass@k, best-of-N).")
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="Q* expansions per question.")
@@ -59,7 +72,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="Q*'s search_utility (prm: the model at --prm).",
     )
     parser.add_argument(
-        "--qvms", nargs="+", default=list(QVMS), choices=list(QVMS), help="QVMs to train and choose the search's from."
+        "--qvms",
+        nargs="+",
+        choices=["base_labels", "shiq_labels"],
+        help="QVMs to train and choose the search's from; default all of the task's.",
     )
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="llmq eval's engine for every run.")
     parser.add_argument("--seed", type=int, default=0, help="llmq eval's seed (the sampled answers and proposals).")
@@ -97,13 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "prm" in args.utilities and args.prm is None:
         parser.error("--utilities prm needs --prm, the process reward model")
+    task = TASKS[args.task]
+    names = args.qvms or list(task["qvms"])
+    if unknown := [name for name in names if name not in task["qvms"]]:
+        parser.error(f"--qvms {' '.join(unknown)}: task {args.task} has only {', '.join(task['qvms'])}")
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.log"
-    qvms = {}
-    for name in args.qvms:
-        recipe = QVMS[name]
-        directory = Path(load_recipe_file(recipe)["output_dir"])
+    qvms, recipes = {}, {}
+    for name in names:
+        recipe = task["qvms"][name]
+        recipes[name] = load_recipe_file(recipe)
+        directory = Path(recipes[name]["output_dir"])
         if not (directory / "summary.json").is_file():
             llmq("train", recipe, "--resume", log=log)
         summary = json.loads((directory / "summary.json").read_text())
@@ -114,17 +135,19 @@ def main(argv: list[str] | None = None) -> None:
             "heldout_ranking": summary["heldout_ranking"],
         }
 
-    common = ["eval", "--task", "products_3x1digit", "--limit", str(args.limit), "--max_new_tokens", "64"]
+    # The QVM that ranks held-out train answers better guides the search (chosen without the test split).
+    chosen = max(qvms, key=lambda name: qvms[name]["heldout_ranking"]["pairwise_accuracy"] or 0.0)
+    # Every run decodes as the chosen QVM's sampler did: its temperature and its answers' length.
+    max_new_tokens, temperature = recipes[chosen]["max_new_tokens"], recipes[chosen]["sampling_temperature"]
+    common = ["eval", "--task", args.task, "--limit", str(args.limit), "--max_new_tokens", str(max_new_tokens)]
     common += ["--engine", args.engine, "--seed", str(args.seed)]
     # The same batches and seeds: best-of-N scores the very answers of pass@N.
-    sampled = ["--temperature", "0.8", "--batch_size", str(args.batch_size)]
+    sampled = ["--temperature", str(temperature), "--batch_size", str(args.batch_size)]
     runs = {
         "greedy": [*common, "--decoding", "greedy", "--batch_size", "32"],
         f"sample{args.samples}": [*common, *sampled, "--num_samples", str(args.samples)],
         f"best_of_{args.samples}_qvm": [*common, *sampled, "--decoding", "best_of_n", "--scorer", "qvm"],
     }
-    # The QVM that ranks held-out train answers better guides the search (chosen without the test split).
-    chosen = max(qvms, key=lambda name: qvms[name]["heldout_ranking"]["pairwise_accuracy"] or 0.0)
     runs[f"best_of_{args.samples}_qvm"] += ["--qvm_path", qvms[chosen]["path"], "--num_candidates", str(args.samples)]
     scorers = ["qvm"]
     if args.prm is not None:
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--step_max_tokens",
                 "64",
                 "--search_max_depth",
-                "4",
+                str(task["max_depth"]),
             ]
     for name, command in runs.items():
         if not (out / name / "report.json").is_file():
@@ -222,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         for k in range(1, args.samples + 1)
     }
     report = {
+        "task": args.task,
         "questions": args.limit,
         "engine": args.engine,
         "seed": args.seed,

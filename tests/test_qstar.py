@@ -229,6 +229,39 @@ def test_llm_proposer_and_feature_qvm_drive_a_search_on_a_tiny_model(tiny_model_
     assert result.expansions <= 3 and result.best.state and len(result.best.state) <= 3
 
 
+def test_an_answer_the_search_left_unfinished_is_completed_by_the_policy_and_its_tokens_counted(
+    tiny_model_and_tokenizer,
+):
+    """The budget of one expansion ends the search at depth 1, before the random model ends its answer: with
+    finish_within the policy samples the rest, up to that many answer tokens in all, and those tokens count."""
+    import torch
+
+    from llmq.decoding.qstar import qstar_answer
+    from llmq.models.value_heads import CriticHeads
+    from llmq.rollout import HFEngine
+
+    model, tokenizer = tiny_model_and_tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True
+    )
+    torch.manual_seed(0)
+    heads = CriticHeads(64, 64, hidden_size=8, num_layers=1)
+    settings = dict(layer=-1, delimiter=" ", budget=1, num_candidates=2, lam=1.0, heuristic="inherited")
+    settings |= dict(max_depth=1, step_max_tokens=3, temperature=1.0, seed=0)
+    engine = HFEngine(model, tokenizer, progress=False)
+    path, path_tokens, searched = qstar_answer(model, tokenizer, engine, prompt, heads, **settings)
+    assert len(searched.best.state) == 1 and not searched.best.state[0].final
+    answer, tokens, finished = qstar_answer(model, tokenizer, engine, prompt, heads, **settings, finish_within=20)
+    assert finished.best.state == searched.best.state and answer.startswith(path) and len(answer) > len(path)
+    path_length = len(tokenizer(path, add_special_tokens=False)["input_ids"])
+    assert 0 < tokens - path_tokens <= 20 - path_length  # the rest's sampled tokens count, within the answer's 20
+    # An answer that already fills the budget is returned as the search left it.
+    assert qstar_answer(model, tokenizer, engine, prompt, heads, **settings, finish_within=1)[:2] == (
+        path,
+        path_tokens,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("label", ["rollout", "fqi"])
 def test_llmq_train_qvm_labels_steps_and_saves_loadable_heads(

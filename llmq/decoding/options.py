@@ -87,6 +87,16 @@ class DecodingOptions(EngineConfig):
         },
     )
     search_max_depth: int = dataclasses.field(default=12, metadata={"help": "decoding qstar: most steps per answer."})
+    search_finish: str = dataclasses.field(
+        default="rollout",
+        metadata={
+            "help": "decoding qstar: what becomes of an answer the search leaves unfinished (the budget ran out, or "
+            "search_max_depth was reached, before a step that ends the answer): rollout (the policy samples its rest "
+            "at the same temperature, up to max_new_tokens in all; those tokens count as sampled) or none (it is "
+            "scored as it is, unfinished).",
+            "choices": ["rollout", "none"],
+        },
+    )
     step_max_tokens: int = dataclasses.field(
         default=96, metadata={"help": "decoding qstar: tokens per reasoning step."}
     )

@@ -364,11 +364,14 @@ def qstar_answer(
     aggregate: Literal["min", "last", "sum"] = "min",
     prm: ProcessRewardModel | None = None,
     question: str = "",
+    finish_within: int | None = None,
 ) -> tuple[str, int, SearchResult]:
     """Answer one question by Q* search: steps proposed by ``engine`` (the policy), scored by the
     QVM ``heads`` on ``model``'s features; g aggregates the process utility ``utility`` of each step
-    (``prm`` scores steps after ``question``).  Returns the answer text, the tokens generated
-    while searching (every proposal, explored or not) and the search tree."""
+    (``prm`` scores steps after ``question``).  With ``finish_within``, an answer the search left
+    unfinished (its last step does not end the answer) is completed by one sample of the policy, up to
+    that many answer tokens in all.  Returns the answer text, the tokens generated (every proposal,
+    explored or not, and the completion) and the search tree."""
     proposer = LLMStepProposer(
         engine,
         prompt,
@@ -400,4 +403,14 @@ def qstar_answer(
         utility_max=UTILITY_MAX.get(utility),
         heuristic=heuristic,
     )
-    return "".join(step.text for step in result.best.state), proposer.generated_tokens, result
+    answer = "".join(step.text for step in result.best.state)
+    finished = bool(result.best.state) and result.best.state[-1].final
+    if finish_within is None or finished:
+        return answer, proposer.generated_tokens, result
+    # The budget ran out or max_depth was reached mid-answer: the policy writes the rest, as a rollout would.
+    left = finish_within - len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if left < 1:
+        return answer, proposer.generated_tokens, result
+    rest = SamplingParams(max_new_tokens=left, temperature=temperature, seed=proposer.sampling.seed)
+    completion = engine.generate([prompt + answer], n=1, sampling=rest)[0][0]
+    return answer + completion.text, proposer.generated_tokens + len(completion.token_ids), result

@@ -317,13 +317,14 @@ def _search_batch(
             aggregate=config.search_aggregate,
             prm=prm,
             question=question,
+            finish_within=sampling.max_new_tokens if config.search_finish == "rollout" else None,
         )
+        if config.search_finish == "rollout":  # unfinished only where the rollout ran into max_new_tokens
+            ended = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) < sampling.max_new_tokens
+        else:
+            ended = result.best.terminal
         outputs.append(
-            [
-                Completion(
-                    text=answer, token_ids=[], logprobs=[], finish_reason="stop" if result.best.terminal else "length"
-                )
-            ]
+            [Completion(text=answer, token_ids=[], logprobs=[], finish_reason="stop" if ended else "length")]
         )
         explored.append(tokens)
         tree = render_search_tree_html(
