@@ -74,7 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--qvms",
         nargs="+",
-        choices=["base_labels", "shiq_labels"],
+        choices=sorted({name for task in TASKS.values() for name in task["qvms"]}),
         help="QVMs to train and choose the search's from; default all of the task's.",
     )
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="llmq eval's engine for every run.")
