@@ -12,8 +12,9 @@ from typing import Any
 
 from reward_models.common import completion_text, math_equal
 
-# Thousands separators only in groups of three, so a list "1,2,3" is three numbers, not 123.
-_NUMBER = r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?"
+# Thousands separators only in groups of three, so a list "1,2,3" is three numbers, not 123; an exponent belongs to
+# its number, so "1.4E-08" is not 8.
+_NUMBER = r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?(?:/\d+)?"
 # Not inside a word or a decimal ("x2", "3-5" → 5, not -5).
 _FLEXIBLE = re.compile(r"(?<![\w.])" + _NUMBER)
 _STRICT_TAIL = re.compile(r"[\s*:]*(" + _NUMBER + ")")
@@ -22,7 +23,7 @@ _STRICT_TAIL = re.compile(r"[\s*:]*(" + _NUMBER + ")")
 def _normalise(number: str) -> str:
     """``$1,234.50`` → ``1234.5``, ``18.00`` → ``18``: the form used for exact match and votes."""
     number = number.replace(",", "").replace("$", "")
-    if "." in number and "/" not in number:
+    if "." in number and "/" not in number and not any(e in number for e in "eE"):
         number = number.rstrip("0").rstrip(".")
     return "0" if number == "-0" else number
 

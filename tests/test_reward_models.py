@@ -118,6 +118,8 @@ def test_extract_strict(text, expected):
         ("the list 1,2,3", "3"),  # commas not in groups of three separate numbers
         ("1,000 apples and 20", "20"),
         ("1,000", "1000"),
+        ("The final answer is: 1.4E-08", "1.4E-08"),  # the exponent is the number's, not a number 08
+        ("about 1.50e10 stars", "1.50e10"),  # no trailing zeros stripped before an exponent
         ("x2 + y", None),  # a digit inside a word is not a number
         ("I cannot solve this.", None),
         ("", None),
@@ -144,6 +146,7 @@ def test_extract_flexible(text, expected):
         ("#### 5\nWait, it is 7", "7", False, True, 0.0),  # a strict answer takes precedence
         ("#### 7\nsince 3 + 4 = 7 not 8", "7", True, False, 1.0),
         ("I cannot solve this.", "7", False, False, 0.0),
+        ("The final answer is: 1.4E-08", "8", False, False, 0.0),
         ("#### 1000", "Total: 10 * 100 = 1,000\n#### 1,000", True, True, 1.0),  # raw answer field as gold
     ],
 )
