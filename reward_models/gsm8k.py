@@ -23,7 +23,7 @@ _STRICT_TAIL = re.compile(r"[\s*:]*(" + _NUMBER + ")")
 def _normalise(number: str) -> str:
     """``$1,234.50`` → ``1234.5``, ``18.00`` → ``18``: the form used for exact match and votes."""
     number = number.replace(",", "").replace("$", "")
-    if "." in number and "/" not in number and not any(e in number for e in "eE"):
+    if "." in number and "/" not in number and "e" not in number.lower():
         number = number.rstrip("0").rstrip(".")
     return "0" if number == "-0" else number
 
